@@ -1,0 +1,56 @@
+"""Client-side callbacks: Lightning callbacks that also see client boundaries.
+
+The client runtime trains one or many clients inside one ``Trainer.fit``. A
+:class:`FederatedCallback` gets two extra hooks around each client's local work:
+
+* :meth:`FederatedCallback.on_client_start` after the client's weights are loaded and its
+  optimizer is fresh, before its first batch;
+* :meth:`FederatedCallback.on_client_end` after its last batch, before its weights are read.
+
+Both receive a :class:`ClientContext`: the task, the client's persistent state (kept by the
+transport across rounds, checkpointed with the run, never sent unless an algorithm says so), and
+``result_extras`` where a callback puts tensors to send back. Ordinary Lightning hooks
+(``on_before_optimizer_step`` ...) carry per-step work. Keep callbacks thin: math lives in
+``lightning_fedprune.core``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedprune.core.messages import ClientTask
+
+__all__ = ["ClientContext", "FederatedCallback"]
+
+
+@dataclass
+class ClientContext:
+    """Everything a callback may need about the client being trained.
+
+    Attributes:
+        task: the task being run.
+        state: the client's persistent state (mutable; saved by the transport after the client).
+        result_extras: tensors to add to the result's ``extras``.
+        result_config: JSON values to add to the result's ``config``.
+        num_steps: optimizer steps done so far for this client.
+    """
+
+    task: ClientTask
+    state: dict[str, Any]
+    result_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    result_config: dict[str, Any] = field(default_factory=dict)
+    num_steps: int = 0
+
+
+class FederatedCallback(pl.Callback):
+    """A Lightning callback with client-boundary hooks. Override only what you need."""
+
+    def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
+        """Called when a client's local work begins."""
+
+    def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
+        """Called when a client's local work is done (its trained weights are still in the module)."""

@@ -1,0 +1,404 @@
+"""The client runtime: the only place that calls ``Trainer.fit``.
+
+:class:`ClientRuntime` turns :class:`~lightning_fedprune.core.ClientTask` s into
+:class:`~lightning_fedprune.core.ClientResult` s by training the user's LightningModule with a
+Lightning ``Trainer``. Both transports use it: the simulation engine (many clients in one
+process) and a FedML client process (one client).
+
+Amortizing Lightning's fixed cost
+---------------------------------
+A ``Trainer.fit`` costs ~10-15 ms of set-up and tear-down whatever the work, which dominates small
+models trained by many clients. :meth:`ClientRuntime.run_many` therefore trains *all* the tasks it
+is given inside ONE ``fit``: every local epoch of every client is one Lightning epoch. An internal
+controller callback switches clients at epoch boundaries: it loads the next client's weights into
+the module in place, rebuilds the optimizers from ``configure_optimizers`` (fresh state per
+client), reseeds torch and points the data loader at that client's data; after the client's last
+epoch it reads the trained weights. The user's ``training_step``, ``configure_optimizers`` and
+callbacks run unchanged; ordinary callbacks see one Lightning epoch per local epoch.
+:class:`~lightning_fedprune.callbacks.FederatedCallback` s also get ``on_client_start`` /
+``on_client_end``. A client whose code raises is reported as a
+:class:`~lightning_fedprune.core.ClientFailure` and the remaining clients run in a new ``fit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedprune.callbacks import ClientContext, FederatedCallback, make_client_callbacks
+from lightning_fedprune.core.client_store import ClientStore
+from lightning_fedprune.core.messages import ClientFailure, ClientMetrics, ClientResult, ClientTask
+from lightning_fedprune.core.seeding import derive_seed
+from lightning_fedprune.errors import ConfigError, FedPruneError
+from lightning_fedprune.evaluation import evaluate
+from lightning_fedprune.module import FederatedModuleMixin
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClientRuntime", "ClientError", "count_flops_per_example"]
+
+_LOCAL_STATE_KEY = "module.local"
+_RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
+
+
+class ClientError(FedPruneError, RuntimeError):
+    """A client's local training failed (raised by :meth:`ClientRuntime.run`)."""
+
+
+def count_flops_per_example(module: torch.nn.Module, example: Any) -> float:
+    """Forward FLOPs of ONE example (2 x multiply-accumulates), measured with torch-pruning.
+
+    Modules may provide ``federated_forward_flops(example)`` to override the count (e.g. LSTMs,
+    which torch-pruning's counter gets wrong).
+    """
+    custom = getattr(module, "federated_forward_flops", None)
+    if callable(custom):
+        return float(custom(example))
+    import torch_pruning as tp
+
+    was_training = module.training
+    try:
+        macs, _ = tp.utils.count_ops_and_params(module, example_inputs=example)
+    finally:
+        module.train(was_training)
+    batch = example.shape[0] if isinstance(example, torch.Tensor) and example.dim() > 0 else 1
+    return 2.0 * float(macs) / max(1, batch)
+
+
+@dataclass
+class _Segment:
+    task_index: int
+    epoch: int  # local epoch index within the client
+    first: bool
+    last: bool
+
+
+@dataclass
+class _Running:
+    task: ClientTask
+    ctx: ClientContext
+    cpu_start: float
+    losses: list[float] = field(default_factory=list)
+    epoch_of_loss: list[int] = field(default_factory=list)
+    examples: int = 0
+
+
+class _ScheduledBatches:
+    """The iterable handed to ``Trainer.fit``: each ``iter()`` yields the current segment's batches."""
+
+    def __init__(self) -> None:
+        self.current: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # lazy: Lightning calls iter() once just to check the object is iterable; creating the
+        # DataLoader iterator there would draw from its shuffling generator and change the order
+        if self.current is not None:
+            yield from self.current
+
+
+class _RoundController(pl.Callback):
+    """Switches clients at epoch boundaries inside one ``fit`` (see module docstring)."""
+
+    def __init__(self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore) -> None:
+        self.runtime = runtime
+        self.tasks = list(tasks)
+        self.store = store
+        self.schedule: list[_Segment] = []
+        for i, task in enumerate(self.tasks):
+            n = task.local_epochs if task.local_epochs is not None else 1
+            for e in range(n):
+                self.schedule.append(_Segment(i, e, e == 0, e == n - 1))
+        self.loader = _ScheduledBatches()
+        self.results: dict[int, ClientResult] = {}
+        self.running: _Running | None = None
+        self._pending_end = False
+        self._need_flops = False
+        self._epoch = 0
+        if self.schedule:
+            self._point_loader(0)
+
+    @property
+    def current_task(self) -> ClientTask | None:
+        return self.running.task if self.running is not None else None
+
+    # -------------------------------------------------------------- Lightning hooks
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_end:
+            self._end_client(trainer, pl_module)
+        seg = self.schedule[self._epoch]
+        task = self.tasks[seg.task_index]
+        if seg.first:
+            self._begin_client(trainer, pl_module, task)
+        if self._epoch > 0:
+            # Lightning calls iter() on the loader after this hook, except for the very first
+            # epoch, whose iterator is made (and one batch prefetched) before fit's loop starts
+            self._point_loader(self._epoch)
+
+    def _point_loader(self, epoch: int) -> None:
+        seg = self.schedule[epoch]
+        task = self.tasks[seg.task_index]
+        data = self.runtime.data
+        if task.local_steps is not None:
+            self.loader.current = data.train_steps(task.client_id, task.local_steps, run_seed=self.runtime.seed, rnd=task.round)
+        else:
+            self.loader.current = data.train_batches(task.client_id, run_seed=self.runtime.seed, rnd=task.round, epoch=seg.epoch)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._need_flops:
+            self.runtime._measure_flops(pl_module, batch)
+            self._need_flops = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        run = self.running
+        assert run is not None
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            run.losses.append(float(loss))
+            run.epoch_of_loss.append(self.schedule[self._epoch].epoch)
+        run.ctx.num_steps += 1
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        run.examples += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seg = self.schedule[self._epoch]
+        self._epoch += 1
+        # finish at the next epoch start (or at train end) so the module's own epoch-end hooks ran
+        self._pending_end = seg.last
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_end:
+            self._end_client(trainer, pl_module)
+
+    # -------------------------------------------------------------- client boundaries
+    def _begin_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: ClientTask) -> None:
+        rt = self.runtime
+        torch.manual_seed(derive_seed(rt.seed, "torch", task.round, task.client_id))
+        state = self.store.get(task.client_id)
+        rt._load_task(pl_module, task, state)
+        pl_module.train()
+        trainer.strategy.setup_optimizers(trainer)
+        ctx = ClientContext(task=task, state=state)
+        self._need_flops = rt._shape_key(pl_module) not in rt._flops_cache
+        self.running = _Running(task=task, ctx=ctx, cpu_start=time.process_time())
+        for cb in rt._federated_callbacks(trainer):
+            cb.on_client_start(trainer, pl_module, ctx)
+
+    def _end_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending_end = False
+        run = self.running
+        assert run is not None
+        rt = self.runtime
+        for cb in rt._federated_callbacks(trainer):
+            cb.on_client_end(trainer, pl_module, run.ctx)
+        compute = time.process_time() - run.cpu_start
+        task = run.task
+        weights = {k: v.clone() for k, v in pl_module.federated_state().items()}
+        local = pl_module.local_state()
+        if local:
+            run.ctx.state[_LOCAL_STATE_KEY] = local
+        self.store.put(task.client_id, run.ctx.state)
+        extra: dict[str, float] = {}
+        test_loader = rt.data.local_test_loader(task.client_id) if rt.evaluate_local else None
+        if test_loader is not None:
+            ev = evaluate(pl_module, test_loader)
+            extra["local_test_acc"] = ev["accuracy"]
+            extra["local_test_loss"] = ev["loss"]
+        before, after = _loss_before_after(run.losses, run.epoch_of_loss)
+        metrics = ClientMetrics(
+            num_samples=rt.data.num_train_samples(task.client_id),
+            num_steps=run.ctx.num_steps,
+            num_examples=run.examples,
+            loss_before=before,
+            loss_after=after,
+            compute_seconds=compute,
+            flops=3.0 * rt._flops_per_example(pl_module) * run.examples,
+            extra=extra,
+        )
+        self.results[task.client_id] = ClientResult(
+            round=task.round,
+            client_id=task.client_id,
+            weights=weights,
+            metrics=metrics,
+            extras=dict(run.ctx.result_extras),
+            config=dict(run.ctx.result_config),
+        )
+        self.running = None
+
+
+def _loss_before_after(losses: list[float], epochs: list[int]) -> tuple[float, float]:
+    """First local epoch vs last local epoch; first half vs second half for a single epoch."""
+    if not losses:
+        return math.nan, math.nan
+    first_epoch, last_epoch = epochs[0], epochs[-1]
+    if first_epoch != last_epoch:
+        a = [v for v, e in zip(losses, epochs) if e == first_epoch]
+        b = [v for v, e in zip(losses, epochs) if e == last_epoch]
+    else:
+        half = max(1, len(losses) // 2)
+        a, b = losses[:half], losses[-half:]
+    return sum(a) / len(a), sum(b) / len(b)
+
+
+class ClientRuntime:
+    """Trains clients' tasks with a Lightning Trainer.
+
+    Args:
+        module: the LightningModule to train; it must use :class:`FederatedModuleMixin`.
+        data: where clients' data comes from (a :class:`~lightning_fedprune.data.FederatedDataset`
+            or anything with ``num_train_samples``, ``train_batches``, ``train_steps`` and
+            ``local_test_loader``).
+        seed: run seed; data order and torch RNG of client ``c`` in round ``r`` derive from it.
+        client_callbacks: names of strategy-requested client callbacks (``strategy.client_callbacks``).
+        callbacks: further Lightning callbacks added to every local training.
+        trainer_kwargs: further ``Trainer`` arguments (e.g. ``gradient_clip_val``, ``precision``).
+            Epoch / step limits and callbacks are set by the runtime and may not be given here.
+        evaluate_local: evaluate each trained client model on the client's local test split.
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        *,
+        data: Any,
+        seed: int = 0,
+        client_callbacks: Sequence[str] = (),
+        callbacks: Sequence[pl.Callback] = (),
+        trainer_kwargs: dict[str, Any] | None = None,
+        evaluate_local: bool = True,
+    ) -> None:
+        if not isinstance(module, FederatedModuleMixin):
+            raise ConfigError(
+                f"{type(module).__name__} is not federatable: add FederatedModuleMixin to its bases, e.g. "
+                f"`class {type(module).__name__}(FederatedModuleMixin, LightningModule)`"
+            )
+        trainer_kwargs = dict(trainer_kwargs or {})
+        bad = [k for k in _RESERVED_TRAINER_KWARGS if k in trainer_kwargs]
+        if bad:
+            raise ConfigError(f"trainer_kwargs may not set {bad}: the runtime sets local work from each task")
+        self.module = module
+        self.data = data
+        self.seed = int(seed)
+        self.callbacks = [*make_client_callbacks(tuple(client_callbacks)), *callbacks]
+        self.trainer_kwargs = trainer_kwargs
+        self.evaluate_local = bool(evaluate_local)
+        self._initial_local = module.local_state()
+        self._flops_cache: dict[tuple, float] = {}
+
+    # -------------------------------------------------------------- public API
+    def run(self, task: ClientTask, store: ClientStore | None = None) -> ClientResult:
+        """Run one task; raise :class:`ClientError` if the client's training fails."""
+        out = self.run_many([task], store if store is not None else ClientStore())[0]
+        if isinstance(out, ClientFailure):
+            raise ClientError(out.reason)
+        return out
+
+    def run_many(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[ClientResult | ClientFailure]:
+        """Run several tasks in as few ``Trainer.fit`` calls as possible (one if none fails).
+
+        Returns one outcome per task, in order: a result, or a failure whose reason holds the
+        exception's type, message and the innermost frame.
+        """
+        ids = [t.client_id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
+        outcomes: dict[int, ClientResult | ClientFailure] = {}
+        pending = list(tasks)
+        while pending:
+            ctrl = _RoundController(self, pending, store)
+            try:
+                trainer = self._make_trainer(ctrl)
+                with _quiet_lightning(), warnings.catch_warnings():
+                    # the runtime disables validation on purpose; torch's pytree notice is not the user's
+                    warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+                    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+                    trainer.fit(self.module, train_dataloaders=ctrl.loader)
+            except Exception as err:  # a client's code failed: count it, go on with the others
+                failed = ctrl.current_task
+                if failed is None:
+                    raise
+                tb = traceback.extract_tb(err.__traceback__)
+                where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+                reason = f"{type(err).__name__}: {err}{where}"
+                log.warning("client %d failed in round %d: %s", failed.client_id, failed.round, reason)
+                outcomes[failed.client_id] = ClientFailure(failed.round, failed.client_id, "error", reason)
+            outcomes.update(ctrl.results)
+            pending = [t for t in pending if t.client_id not in outcomes]
+        return [outcomes[t.client_id] for t in tasks]
+
+    # -------------------------------------------------------------- internals
+    def _make_trainer(self, ctrl: _RoundController) -> pl.Trainer:
+        kwargs: dict[str, Any] = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1_000_000,
+        }
+        kwargs.update(self.trainer_kwargs)
+        kwargs["max_epochs"] = len(ctrl.schedule)
+        kwargs["callbacks"] = [ctrl, *self.callbacks]
+        with _quiet_lightning():
+            return pl.Trainer(**kwargs)
+
+    def _federated_callbacks(self, trainer: pl.Trainer) -> list[FederatedCallback]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, FederatedCallback)]
+
+    def _load_task(self, module: Any, task: ClientTask, state: dict[str, Any]) -> None:
+        module.load_federated_state(task.weights)
+        local = state.get(_LOCAL_STATE_KEY) or self._initial_local
+        if local:
+            module.load_federated_state(local, strict=False)
+
+    def _shape_key(self, module: torch.nn.Module) -> tuple:
+        return tuple(tuple(p.shape) for p in module.parameters())
+
+    def _measure_flops(self, module: Any, batch: Any) -> None:
+        key = self._shape_key(module)
+        if key not in self._flops_cache:
+            try:
+                example = module.federated_example_input(batch)
+                self._flops_cache[key] = count_flops_per_example(module, example)
+            except Exception as err:  # FLOPs are an estimate for the clock; never fail training on them
+                log.warning("could not count FLOPs of %s (%s); charging 2 x parameters per example", type(module).__name__, err)
+                self._flops_cache[key] = 2.0 * sum(p.numel() for p in module.parameters())
+
+    def _flops_per_example(self, module: Any) -> float:
+        key = self._shape_key(module)
+        if key not in self._flops_cache:
+            example = module.federated_example_input()
+            self._flops_cache[key] = count_flops_per_example(module, example)
+        return self._flops_cache[key]
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer info lines ("GPU available: ...") while building one."""
+    names = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.signal_connector",
+    )
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
