@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from lightning_fedprune.core.aggregation import weighted_average
-from lightning_fedprune.core.seeding import derive_seed
 from lightning_fedprune.data import load_dataset, make_partition
 from lightning_fedprune.data.federated import FederatedDataset
 from lightning_fedprune.models.modules import ClassifierModule
@@ -49,7 +48,6 @@ def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, l
     for rnd in range(rounds):
         states, weights = [], []
         for cid in range(fd.num_clients):
-            torch.manual_seed(derive_seed(seed, "torch", rnd, cid))
             model.load_state_dict(global_state)
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=lr)

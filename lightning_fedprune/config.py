@@ -226,6 +226,11 @@ def _type_name(hint: Any) -> str:
     if get_origin(hint) is list:
         (arg,) = get_args(hint) or (Any,)
         return f"a list of {_type_name(arg).removeprefix('a ').removeprefix('an ')}s"
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+        return "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
@@ -261,6 +266,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise _type_error(key, hint, value)
         (arg,) = get_args(hint) or (Any,)
         return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # only in strategy options (checked, never stored as a tuple)
+        args = get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, hint, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if args and len(args) != len(value):
+            raise _type_error(key, hint, value)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or (Any,) * len(value))))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -346,11 +360,20 @@ def strategy_options(name: str) -> dict[str, inspect.Parameter]:
     from lightning_fedprune.strategies import STRATEGIES
 
     _check_choice(name, "strategy.name", sorted(STRATEGIES))
-    params: dict[str, inspect.Parameter] = {}
-    for klass in STRATEGIES[name].__mro__:
+    return {k: p for k, (p, _) in _strategy_params(STRATEGIES[name]).items()}
+
+
+def _strategy_params(strategy_cls: type) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """name -> (parameter, resolved type hint or Any) along the ``**kwargs`` chain of the MRO."""
+    params: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for klass in strategy_cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
+        try:
+            hints = get_type_hints(init)
+        except Exception:  # unresolvable annotations: check names only
+            hints = {}
         forwards = False
         for p in inspect.signature(init).parameters.values():
             if p.name == "self" or p.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -358,10 +381,16 @@ def strategy_options(name: str) -> dict[str, inspect.Parameter]:
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 forwards = True
                 continue
-            params.setdefault(p.name, p)
+            params.setdefault(p.name, (p, hints.get(p.name, Any)))
         if not forwards:
             break
     return params
+
+
+def _strategy_class(name: str) -> type:
+    from lightning_fedprune.strategies import STRATEGIES
+
+    return STRATEGIES[name]
 
 
 def _check_span(value: float | list[float], key: str) -> None:
@@ -420,6 +449,9 @@ def _validate(cfg: RecipeConfig) -> None:
                 f"unknown key `strategy.options.{key}` for strategy {s.name!r}; valid options: "
                 f"{', '.join(choices) or 'none'}.{_suggest(key, choices)}"
             )
+    hints = _strategy_params(_strategy_class(s.name))
+    for key, value in s.options.items():
+        _coerce(value, hints[key][1], f"strategy.options.{key}")  # type check only; the value is kept as given
     if "momentum" in valid and "momentum" in s.options and s.options["momentum"] != m.momentum:
         raise ConfigError(
             f"`strategy.options.momentum` ({s.options['momentum']!r}) differs from `model.momentum` ({m.momentum!r}); "

@@ -318,7 +318,7 @@ def _decode(
         raise PayloadError(f"payload has no {_META_KEY!r} header: not a lightning_fedprune message")
     try:
         header = json.loads(meta[_META_KEY])
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: a crafted header whose value is not a string
         raise PayloadError(f"message header is not JSON: {err}") from None
     if not isinstance(header, dict):
         raise PayloadError("message header is not a JSON object")

@@ -101,7 +101,11 @@ def loads_state(data: bytes) -> Any:
         raise PayloadError(f"not a valid safetensors payload: {err}") from err
     if _META_KEY not in meta:
         raise PayloadError(f"payload has no {_META_KEY!r} metadata: not written by lightning_fedprune")
-    return unflatten_state(json.loads(meta[_META_KEY]), tensors)
+    try:
+        skeleton = json.loads(meta[_META_KEY])
+    except (TypeError, ValueError) as err:
+        raise PayloadError(f"state skeleton is not JSON: {err}") from None
+    return unflatten_state(skeleton, tensors)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -115,6 +119,8 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8 : 8 + n])
     except ValueError as err:
         raise PayloadError(f"safetensors header is not JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise PayloadError(f"safetensors header is not a JSON object, got {type(header).__name__}")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise PayloadError("safetensors __metadata__ is not a mapping")

@@ -9,6 +9,7 @@ from lightning_fedprune.data.datasets import (
     load_dataset,
     register_dataset,
 )
+from lightning_fedprune.data.federated import FederatedDataset
 from lightning_fedprune.data.loaders import StepsLoader, client_batches, steps_loader
 from lightning_fedprune.data.partition import (
     PARTITION_SCHEMES,
@@ -23,6 +24,7 @@ from lightning_fedprune.data.partition import (
 )
 
 __all__ = [
+    "FederatedDataset",
     "DATA_ROOT_ENV",
     "PARTITION_SCHEMES",
     "ClientSplit",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -10,34 +10,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_fedprune.core.seeding import derive_seed
+from lightning_fedprune.data.loaders import StepsLoader, client_batches
 from lightning_fedprune.errors import DataError
 
-__all__ = ["FederatedDataset", "StepBatches"]
-
-
-class StepBatches:
-    """Exactly ``num_steps`` batches from one client, cycling over reshuffled passes."""
-
-    def __init__(self, make_pass: Any, num_steps: int) -> None:
-        self._make_pass = make_pass
-        self.num_steps = int(num_steps)
-
-    def __len__(self) -> int:
-        return self.num_steps
-
-    def __iter__(self) -> Iterator[Any]:
-        done, epoch = 0, 0
-        while done < self.num_steps:
-            produced = 0
-            for batch in self._make_pass(epoch):
-                yield batch
-                produced += 1
-                done += 1
-                if done >= self.num_steps:
-                    return
-            if produced == 0:
-                raise DataError("a client's data loader yielded no batch: the client has no training data")
-            epoch += 1
+__all__ = ["FederatedDataset"]
 
 
 class FederatedDataset:
@@ -83,7 +59,6 @@ class FederatedDataset:
         if client_test is not None and len(client_test) != len(self._train_idx):
             raise DataError(f"client_test has {len(client_test)} entries for {len(self._train_idx)} clients")
         self._test_idx = [np.asarray(ix, dtype=np.int64) for ix in client_test] if client_test is not None else None
-        self._subsets = [Subset(train, ix.tolist()) for ix in self._train_idx]
 
     @classmethod
     def from_partition(cls, splits: Any, partition: Any, **kwargs: Any) -> FederatedDataset:
@@ -105,20 +80,21 @@ class FederatedDataset:
         return len(self._train_idx[client_id])
 
     def train_pass(self, client_id: int, *, seed: int) -> DataLoader:
-        """One shuffled pass over the client's training data."""
+        """One shuffled pass over the client's training data (a plain DataLoader)."""
         gen = torch.Generator()
         gen.manual_seed(seed)
-        return DataLoader(
-            self._subsets[client_id], batch_size=self.batch_size, shuffle=True, generator=gen, drop_last=self.drop_last
+        return client_batches(
+            self.train, self._train_idx[client_id], batch_size=self.batch_size, shuffle=True, generator=gen,
+            drop_last=self.drop_last,
         )
 
     def train_batches(self, client_id: int, *, run_seed: int, rnd: int, epoch: int) -> DataLoader:
         """Local epoch ``epoch`` of round ``rnd``."""
         return self.train_pass(client_id, seed=derive_seed(run_seed, "data", rnd, client_id, epoch))
 
-    def train_steps(self, client_id: int, num_steps: int, *, run_seed: int, rnd: int) -> StepBatches:
-        """Exactly ``num_steps`` batches (passes reshuffled as in :meth:`train_batches`)."""
-        return StepBatches(lambda e: self.train_batches(client_id, run_seed=run_seed, rnd=rnd, epoch=e), num_steps)
+    def train_steps(self, client_id: int, num_steps: int, *, run_seed: int, rnd: int) -> StepsLoader:
+        """Exactly ``num_steps`` batches, cycling over passes reshuffled by one seeded generator."""
+        return StepsLoader(self.train_pass(client_id, seed=derive_seed(run_seed, "data", rnd, client_id, 0)), num_steps)
 
     def local_test_loader(self, client_id: int) -> DataLoader | None:
         if self._test_idx is None or len(self._test_idx[client_id]) == 0:

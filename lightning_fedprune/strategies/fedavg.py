@@ -222,7 +222,12 @@ class Scaffold(FedAvg):
         if not results:
             return {"num_results": 0.0}
         x = self.global_state
-        dys = [state_sub(r.weights, x) for r in results]
+        # integer tensors (e.g. num_batches_tracked) need real deltas too: state_sub copies them,
+        # and scaffold_update averages x + dy_i for them
+        dys = [
+            {k: d if d.is_floating_point() else r.weights[k].double() - x[k].double() for k, d in state_sub(r.weights, x).items()}
+            for r in results
+        ]
         dcs = [{n: r.extras[SCAFFOLD_DELTA + n] for n in self._control} for r in results]
         new_x, new_c = scaffold_update(
             x, self._control, dys, dcs, num_clients_total=self.num_clients, server_lr=self.server_lr

@@ -370,3 +370,21 @@ def test_torch_save_payload_is_rejected_without_running_code(tmp_path):
     with pytest.raises(PayloadError):
         decode_result(buf.getvalue())
     assert not marker.exists()
+
+
+def _raw_safetensors(header: object) -> bytes:
+    """Bytes with a hand-written safetensors header (no tensors), bypassing the library's checks."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+def test_message_header_value_that_is_not_a_string_is_rejected():
+    blob = _raw_safetensors({"__metadata__": {"lfp_message": 5}})
+    with pytest.raises(PayloadError, match="message header is not JSON"):
+        decode_result(blob)
+
+
+def test_safetensors_metadata_that_is_not_a_mapping_is_rejected():
+    blob = _raw_safetensors({"__metadata__": [1, 2]})
+    with pytest.raises(PayloadError, match="__metadata__ is not a mapping"):
+        decode_task(blob)
