@@ -9,7 +9,10 @@ weights, SGD and sample-weighted averaging, and evaluate the global model every 
 loop does nothing else; the engine additionally encodes/decodes every message, counts FLOPs and
 bytes, runs the simulated clock and trains through Lightning. Printed: CPU seconds per round of
 each, their ratio, final accuracies and the largest per-round accuracy difference (0.0 means the
-trajectories are identical). The last line is machine-readable::
+trajectories are identical). ``lightning_floor`` is the cost of the bare minimum any FedAvg driven by Lightning's
+``Trainer`` pays (one fit per round, one epoch per client, weights swapped, nothing else): the part
+of the ratio that is Lightning's own per-step cost rather than the engine's. The last line is
+machine-readable::
 
     engine_overhead mlp_ratio=<x> cnn_ratio=<y>
 
@@ -69,6 +72,44 @@ def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, l
     return accs
 
 
+def lightning_floor(module: _Federated, fd: FederatedDataset, *, rounds: int, seed: int) -> None:
+    """The least any Lightning-driven FedAvg can cost: one fit per round, one epoch per client,
+    weights swapped at epoch boundaries, nothing else (no messages, clock, metrics or evaluation).
+    """
+    import lightning.pytorch as pl
+
+    class Swap(pl.Callback):
+        def __init__(self, global_state):
+            self.global_state, self.states, self.epoch = global_state, [], 0
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.load_state_dict(self.global_state)
+            trainer.strategy.setup_optimizers(trainer)
+            loader.current = fd.train_batches(self.epoch, run_seed=seed, rnd=0, epoch=0)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+            self.epoch += 1
+
+    class Loader:
+        current = None
+
+        def __iter__(self):
+            if self.current is not None:
+                yield from self.current
+
+    loader = Loader()
+    global_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    for _ in range(rounds):
+        swap = Swap(global_state)
+        trainer = pl.Trainer(
+            max_epochs=fd.num_clients, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[swap],
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        global_state = weighted_average(swap.states, [fd.num_train_samples(c) for c in range(fd.num_clients)])
+
+
 def engine_fedavg(module: _Federated, fd: FederatedDataset, *, rounds: int, seed: int) -> list[float]:
     strategy = FedAvg(seed=seed)
     runtime = ClientRuntime(module, data=fd, seed=seed, evaluate_local=False)
@@ -79,7 +120,7 @@ def engine_fedavg(module: _Federated, fd: FederatedDataset, *, rounds: int, seed
 
 
 def measure(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, repeats: int) -> float:
-    plain_times, engine_times = [], []
+    plain_times, engine_times, floor_times = [], [], []
     for _ in range(repeats):
         module = make_module()
         reference = copy.deepcopy(module.model)
@@ -89,11 +130,14 @@ def measure(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: fl
         t0 = time.process_time()
         engine_acc = engine_fedavg(module, fd, rounds=rounds, seed=seed)
         engine_times.append((time.process_time() - t0) / rounds)
-    p, e = float(np.median(plain_times)), float(np.median(engine_times))
+        t0 = time.process_time()
+        lightning_floor(make_module(), fd, rounds=rounds, seed=seed)
+        floor_times.append((time.process_time() - t0) / rounds)
+    p, e, f = float(np.median(plain_times)), float(np.median(engine_times)), float(np.median(floor_times))
     diff = max(abs(a - b) for a, b in zip(plain_acc, engine_acc))
     print(
         f"[{name}] rounds={rounds} plain={p:.4f} cpu-s/round engine={e:.4f} cpu-s/round ratio={e / p:.3f} "
-        f"final_acc plain={plain_acc[-1]:.4f} engine={engine_acc[-1]:.4f} max_round_acc_diff={diff:.2e}"
+        f"lightning_floor={f:.4f} cpu-s/round (ratio {f / p:.3f}) final_acc plain={plain_acc[-1]:.4f} engine={engine_acc[-1]:.4f} max_round_acc_diff={diff:.2e}"
     )
     return e / p
 

@@ -18,6 +18,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from lightning_fedprune.errors import AllClientsFailedError, ConfigError, DataError, ModelError
 
@@ -78,42 +80,85 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-_handler: logging.Handler | None = None
+class _RichLogging:
+    """Route log records through ``console`` (the progress bar's) while a command runs, so they
+    print above the bar; the logging setup is restored afterwards (``main`` may be called in-process)."""
 
+    def __init__(self, console, quiet: bool) -> None:
+        from rich.logging import RichHandler
 
-def _setup_logging(console, quiet: bool) -> None:
-    """Route log records through ``console`` (the progress bar's), so they print above the bar."""
-    global _handler
-    from rich.logging import RichHandler
+        self.handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.level = logging.WARNING if quiet else logging.INFO
 
-    root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
-    _handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(_handler)
-    level = logging.WARNING if quiet else logging.INFO
-    logging.getLogger("lightning_fedprune").setLevel(level)
-    if root.level == logging.NOTSET or root.level > level:
-        root.setLevel(level)
+    def __enter__(self) -> None:
+        root, pkg = logging.getLogger(), logging.getLogger("lightning_fedprune")
+        self._saved = (root.level, pkg.level)
+        root.addHandler(self.handler)
+        pkg.setLevel(self.level)
+        if root.level > self.level:
+            root.setLevel(self.level)
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self._saved[0])
+        logging.getLogger("lightning_fedprune").setLevel(self._saved[1])
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    console = Console()
+    with _RichLogging(console, args.quiet):
+        return _run(args, console)
+
+
+def _run(args: argparse.Namespace, console) -> int:
     from lightning_fedprune.config import build_run
     from lightning_fedprune.reporting import MetricsWriter, PlotWriter, RichProgress
+    from lightning_fedprune.simulation import CHECKPOINT_NAME
 
-    console = Console()
-    _setup_logging(console, args.quiet)
     cfg = _load(args)
     run_dir = cfg.resolved_run_dir()
     listeners = [] if args.quiet else [RichProgress(console=console)]
     engine, rounds = build_run(cfg, listeners=[*listeners, MetricsWriter(run_dir), PlotWriter(run_dir)])
+    if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
+        log.warning("%s holds an earlier run; starting afresh and overwriting it (add --resume to continue it)", run_dir)
+    if args.resume:
+        _warn_changed_config(run_dir / "config.yaml", cfg.to_dict())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     engine.run(rounds, resume=args.resume)
     return 0
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _warn_changed_config(saved_path: Path, current: dict[str, Any]) -> None:
+    """Warn (once) when a resumed run's recipe differs from the one it started with."""
+    import yaml
+
+    if not saved_path.is_file():
+        return
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return
+    now = _flatten(current)
+    changed = sorted(k for k in set(saved) | set(now) if k != "rounds" and saved.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "resuming with settings that differ from %s: %s; the checkpoint was made with the old ones",
+            saved_path, ", ".join(changed),
+        )
 
 
 def _error(message: str) -> None:

@@ -734,6 +734,12 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
     }
     if "momentum" in strategy_options(s.name) and "momentum" not in s.options:
         strategy_kwargs["momentum"] = m.momentum
+    if s.name == "scaffold" and m.optimizer == "sgd" and m.momentum > 0:
+        log.warning(
+            "strategy scaffold with model.momentum=%g: SCAFFOLD's control variates are estimated for plain SGD "
+            "and momentum can make training diverge; set model.momentum: 0.0 (and raise model.lr instead)",
+            m.momentum,
+        )
     try:
         strategy = STRATEGIES[s.name](**strategy_kwargs)
     except (ConfigError, TypeError, ValueError) as err:

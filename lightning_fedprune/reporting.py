@@ -424,6 +424,8 @@ def plot_comparison(
 class PlotWriter:
     """Calls :func:`plot_history` at run end (covering earlier sessions of a resumed run).
 
+    Language-model runs (records with ``test_perplexity``) also get ``perplexity_vs_*.png``.
+
     Args:
         run_dir: folder of the run.
         metric: the record key to plot (``"test_accuracy"``; ``"test_perplexity"`` for
@@ -450,6 +452,8 @@ class PlotWriter:
             earlier = [r for r in read_metrics(self.run_dir) if _finite(r.get("round")) and r["round"] < self._start]
             records = earlier + records
         self.paths = plot_history(records, self.run_dir, metric=self.metric, target_accuracy=summary.get("target_accuracy"))
+        if self.metric != "test_perplexity" and any(_finite(r.get("test_perplexity")) for r in records):
+            self.paths += plot_history(records, self.run_dir, metric="test_perplexity")
         log.debug("wrote plots %s", [str(p) for p in self.paths])
 
 
@@ -509,7 +513,7 @@ class RichProgress:
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
-            auto_refresh=False,  # redrawn once per round: a round is the only event
+            refresh_per_second=1,  # only the elapsed time moves between rounds; each round redraws at once
         )
         self._progress.start()
         self._task = self._progress.add_task(self._strategy or "rounds", total=self._total, completed=self._start, stats="")

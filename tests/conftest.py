@@ -22,7 +22,7 @@ IN_DIM, HIDDEN, NUM_CLASSES = 8, 16, 4
 
 
 class TinyNet(FederatedModuleMixin, pl.LightningModule):
-    """Linear 8 -> 16 -> 4 with an int64 step-counter buffer.
+    """Linear 8 -> 16 -> 4 with an int64 step-counter buffer (optional dropout and SGD momentum).
 
     ``fail_clients``: ids of clients whose ``training_step`` raises. The client being trained is
     written into ``current_client`` by :class:`tests.conftest.ClientIdProbe` (a FederatedCallback),
@@ -31,10 +31,11 @@ class TinyNet(FederatedModuleMixin, pl.LightningModule):
 
     federated_example_input_shape = (IN_DIM,)
 
-    def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, *, lr: float = 0.1, momentum: float = 0.0, dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.body = nn.Linear(IN_DIM, HIDDEN)
+        self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(HIDDEN, NUM_CLASSES)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.int64))
         self.lr = lr
@@ -43,7 +44,7 @@ class TinyNet(FederatedModuleMixin, pl.LightningModule):
         self.current_client: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.relu(self.body(x)))
+        return self.classifier(self.drop(torch.relu(self.body(x))))
 
     def training_step(self, batch, batch_idx):
         if self.current_client in self.fail_clients:

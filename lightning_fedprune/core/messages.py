@@ -133,6 +133,9 @@ class ClientMetrics:
     def from_json(cls, data: Any) -> ClientMetrics:
         if not isinstance(data, dict):
             raise PayloadError(f"metrics must be a JSON object, got {type(data).__name__}")
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise PayloadError(f"metrics.extra must be a JSON object, got {type(extra).__name__}")
         try:
             out = cls(
                 num_samples=_int(data["num_samples"], "num_samples", minimum=0),
@@ -142,7 +145,7 @@ class ClientMetrics:
                 loss_after=_float(data.get("loss_after"), "loss_after"),
                 compute_seconds=_float(data.get("compute_seconds", 0.0), "compute_seconds", minimum=0.0),
                 flops=_float(data.get("flops", 0.0), "flops", minimum=0.0),
-                extra={str(k): _float(v, f"extra.{k}") for k, v in dict(data.get("extra", {})).items()},
+                extra={str(k): _float(v, f"extra.{k}") for k, v in extra.items()},
             )
         except KeyError as err:
             raise PayloadError(f"metrics lack the field {err.args[0]!r}") from None
@@ -373,7 +376,10 @@ def _float(value: Any, name: str, *, minimum: float | None = None) -> float:
     if value is None:
         return float("nan")
     if isinstance(value, dict) and set(value) == {"__float__"}:
-        value = float(value["__float__"])
+        try:
+            value = float(value["__float__"])
+        except (TypeError, ValueError):
+            raise PayloadError(f"{name} must be a number, got {value!r}") from None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PayloadError(f"{name} must be a number, got {value!r}")
     value = float(value)

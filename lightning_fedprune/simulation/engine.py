@@ -159,9 +159,11 @@ class SimulationEngine:
             rnd = self.next_round
             record = self.run_round(rnd, last=(rnd == num_rounds - 1))
             stopped_early = self._reached_target()
+            # listeners first: if the process dies before the checkpoint, the resumed run redoes
+            # this round and the metric writers drop what they wrote for it
+            self._emit("on_round_end", record)
             if self.run_dir is not None and ((rnd + 1) % self.checkpoint_every == 0 or rnd == num_rounds - 1 or stopped_early):
                 self.save_checkpoint()
-            self._emit("on_round_end", record)
         summary = self.summary(stopped_early=stopped_early)
         self._emit("on_run_end", summary)
         return summary

@@ -388,3 +388,45 @@ def test_safetensors_metadata_that_is_not_a_mapping_is_rejected():
     blob = _raw_safetensors({"__metadata__": [1, 2]})
     with pytest.raises(PayloadError, match="__metadata__ is not a mapping"):
         decode_task(blob)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"extra": [1, 2]}, "metrics.extra must be a JSON object, got list"),
+        ({"extra": "ab"}, "metrics.extra must be a JSON object, got str"),
+        ({"extra": {"acc": "high"}}, "extra.acc must be a number, got 'high'"),
+        ({"loss_before": {"__float__": "abc"}}, "loss_before must be a number"),
+        ({"loss_after": {"__float__": None}}, "loss_after must be a number"),
+        ({"num_examples": None}, "num_examples must be an integer, got None"),
+        ({"num_steps": 1.0}, "num_steps must be an integer, got 1.0"),
+    ],
+)
+def test_malformed_metrics_are_rejected(metrics, message):
+    header = _result_header(metrics={"num_samples": 1, "num_steps": 1, **metrics})
+    with pytest.raises(PayloadError, match=message):
+        decode_result(_craft(header))
+
+
+def test_metrics_that_are_not_an_object_are_rejected():
+    with pytest.raises(PayloadError, match="metrics must be a JSON object, got NoneType"):
+        decode_result(_craft(_result_header(metrics=None)))
+
+
+def test_malformed_task_header_is_rejected():
+    header = {"kind": "task", "version": MESSAGE_VERSION, "round": 0, "client_id": 0, "local_epochs": "2", "config": {}}
+    with pytest.raises(PayloadError, match="local work must be a positive int, got '2'"):
+        decode_task(_craft(json.dumps(header)))
+    with pytest.raises(PayloadError, match="config must be a JSON object, got list"):
+        decode_task(_craft(json.dumps({**header, "local_epochs": 1, "config": []})))
+
+
+def test_unsupported_dtype_is_rejected():
+    blob = _craft(_result_header(), {"weights/w": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+    with pytest.raises(PayloadError, match="'weights/w' has unsupported dtype torch.float8_e4m3fn"):
+        decode_result(blob)
+
+
+def test_tensor_with_empty_name_is_rejected():
+    with pytest.raises(PayloadError, match="a tensor with an empty name"):
+        decode_result(_craft(_result_header(), {"weights/": torch.zeros(1)}))
