@@ -124,7 +124,9 @@ class ClientMetrics:
             "num_examples": self.num_examples,
             "loss_before": _json_float(self.loss_before),
             "loss_after": _json_float(self.loss_after),
-            "compute_seconds": self.compute_seconds,
+            # a measured time: written at fixed width so payload sizes (which the simulated
+            # network charges) do not depend on how many digits the measurement happened to have
+            "compute_seconds": f"{float(self.compute_seconds):.9e}",
             "flops": self.flops,
             "extra": {k: _json_float(v) for k, v in self.extra.items()},
         }
@@ -143,7 +145,7 @@ class ClientMetrics:
                 num_examples=_int(data.get("num_examples", 0), "num_examples", minimum=0),
                 loss_before=_float(data.get("loss_before"), "loss_before"),
                 loss_after=_float(data.get("loss_after"), "loss_after"),
-                compute_seconds=_float(data.get("compute_seconds", 0.0), "compute_seconds", minimum=0.0),
+                compute_seconds=_float(_fixed(data.get("compute_seconds", 0.0), "compute_seconds"), "compute_seconds", minimum=0.0),
                 flops=_float(data.get("flops", 0.0), "flops", minimum=0.0),
                 extra={str(k): _float(v, f"extra.{k}") for k, v in extra.items()},
             )
@@ -385,6 +387,16 @@ def _float(value: Any, name: str, *, minimum: float | None = None) -> float:
     value = float(value)
     if minimum is not None and not (math.isfinite(value) and value >= minimum):
         raise PayloadError(f"{name} must be a finite number >= {minimum}, got {value}")
+    return value
+
+
+def _fixed(value: Any, name: str) -> Any:
+    """Parse a fixed-width decimal string written by :meth:`ClientMetrics.to_json`."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise PayloadError(f"{name} must be a number, got {value!r}") from None
     return value
 
 

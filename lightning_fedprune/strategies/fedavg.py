@@ -63,7 +63,7 @@ class FedAvg(Strategy):
         if (local_epochs is None) == (local_steps is None):
             raise ConfigError("set exactly one of `local_epochs` and `local_steps`")
         for name, v in (("local_epochs", local_epochs), ("local_steps", local_steps)):
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"`{name}` must be a positive int, got {v!r}")
         if local_epochs_range is not None:
             lo, hi = local_epochs_range

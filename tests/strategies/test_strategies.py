@@ -260,6 +260,7 @@ def test_fedavg_state_dict_round_trip():
         (lambda: FedAvg(local_epochs=None), "set exactly one of `local_epochs` and `local_steps`"),
         (lambda: FedAvg(local_steps=0), "`local_steps` must be a positive int, got 0"),
         (lambda: FedAvg(local_epochs=1.5), "`local_epochs` must be a positive int, got 1.5"),
+        (lambda: FedAvg(local_epochs=True), "`local_epochs` must be a positive int, got True"),
         (lambda: FedAvg(local_epochs_range=(3, 2)), r"`local_epochs_range` must be \(lo, hi\) with 1 <= lo <= hi, got \(3, 2\)"),
         (lambda: FedAvg(local_epochs_range=(0, 2)), "`local_epochs_range` must be"),
         (lambda: FedProx(mu=-0.1), "`mu` must be a finite number >= 0, got -0.1"),
