@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # the floor's Trainers are not quiet
+    warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec).*")
 
     # (a) digits MLP
     splits = load_dataset("digits")
