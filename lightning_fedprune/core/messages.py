@@ -298,13 +298,9 @@ def _encode(header: dict[str, Any], weights: Mapping[str, torch.Tensor], extras:
         for name, t in group.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{prefix}{name} is a {type(t).__name__}, not a tensor")
-            # clone views: safetensors needs contiguous storage and a view must not drag its base along
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            if not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes:
-                t = t.contiguous().clone()
-            tensors[prefix + name] = t
+            # safetensors writes only a tensor's own bytes (a sliced view never drags its base
+            # storage along, a test pins it); it needs them contiguous and on the CPU
+            tensors[prefix + name] = t.detach().cpu().contiguous()
     return st_save(tensors, metadata={_META_KEY: json.dumps(header, allow_nan=False)})
 
 

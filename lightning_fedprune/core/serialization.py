@@ -90,8 +90,6 @@ def dumps_state(obj: Any) -> bytes:
 
 def loads_state(data: bytes) -> Any:
     """Decode bytes written by :func:`dumps_state`. Raises PayloadError on anything else."""
-    from safetensors import safe_open  # noqa: F401  (keeps the dependency explicit)
-
     try:
         tensors = st_load(data)
         meta = _read_metadata(data)
