@@ -28,7 +28,7 @@ import math
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,7 +203,10 @@ class _RoundController(pl.Callback):
             cb.on_client_end(trainer, pl_module, run.ctx)
         compute = time.process_time() - run.cpu_start
         task = run.task
-        weights = {k: v.clone() for k, v in pl_module.federated_state().items()}
+        if run.ctx.result_weights is not None:
+            weights = dict(run.ctx.result_weights)
+        else:
+            weights = {k: v.clone() for k, v in pl_module.federated_state().items()}
         local = pl_module.local_state()
         if local:
             run.ctx.state[_LOCAL_STATE_KEY] = local
@@ -359,10 +362,21 @@ class ClientRuntime:
         return [cb for cb in trainer.callbacks if isinstance(cb, FederatedCallback)]
 
     def _load_task(self, module: Any, task: ClientTask, state: dict[str, Any]) -> None:
-        module.load_federated_state(task.weights)
+        module.load_federated_state(self._task_weights(module, task))
         local = state.get(_LOCAL_STATE_KEY) or self._initial_local
         if local:
             module.load_federated_state(local, strict=False)
+
+    def _task_weights(self, module: Any, task: ClientTask) -> Mapping[str, torch.Tensor]:
+        """The task's weights as full tensors for ``module``, decoding packed formats.
+
+        ``task.config["weights_format"]`` names the format (default ``"dense"``: the tensors as
+        they are).
+        """
+        fmt = task.config.get("weights_format", "dense")
+        if fmt == "dense":
+            return task.weights
+        raise ClientError(f"task of client {task.client_id} has an unknown weights_format {fmt!r}")
 
     def _shape_key(self, module: torch.nn.Module) -> tuple:
         return tuple(tuple(p.shape) for p in module.parameters())

@@ -37,6 +37,9 @@ class ClientContext:
         result_extras: tensors to add to the result's ``extras``.
         result_config: JSON values to add to the result's ``config``.
         num_steps: optimizer steps done so far for this client.
+        result_weights: when a callback sets it (in ``on_client_end``), these tensors are sent as
+            the result's ``weights`` instead of the module's communicated state (e.g. an upload
+            compressed into ``result_extras`` sends ``{}`` here).
     """
 
     task: ClientTask
@@ -44,6 +47,7 @@ class ClientContext:
     result_extras: dict[str, torch.Tensor] = field(default_factory=dict)
     result_config: dict[str, Any] = field(default_factory=dict)
     num_steps: int = 0
+    result_weights: dict[str, torch.Tensor] | None = None
 
 
 class FederatedCallback(pl.Callback):
