@@ -45,7 +45,7 @@ from lightning_fedprune.module import FederatedModuleMixin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClientRuntime", "ClientError", "count_flops_per_example"]
+__all__ = ["ClientRuntime", "ClientError", "count_flops_per_example", "build_planner"]
 
 _LOCAL_STATE_KEY = "module.local"
 _RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
@@ -73,6 +73,21 @@ def count_flops_per_example(module: torch.nn.Module, example: Any) -> float:
         module.train(was_training)
     batch = example.shape[0] if isinstance(example, torch.Tensor) and example.dim() > 0 else 1
     return 2.0 * float(macs) / max(1, batch)
+
+
+def build_planner(module: Any, example: Any = None) -> Any:
+    """A :class:`~lightning_fedprune.core.plans.Planner` for a federated module.
+
+    The graph is traced once on ``module`` with ``example`` (default: the module's
+    :meth:`~lightning_fedprune.module.FederatedModuleMixin.federated_example_input`); the layers in
+    ``module.federated_unprunable`` are never pruned. Keys are the module's ``state_dict`` keys,
+    the same names the round messages carry.
+    """
+    from lightning_fedprune.core.plans import Planner
+
+    if example is None:
+        example = module.federated_example_input()
+    return Planner.from_module(module, example, unprunable=tuple(getattr(module, "federated_unprunable", ())))
 
 
 @dataclass
@@ -362,7 +377,22 @@ class ClientRuntime:
         return [cb for cb in trainer.callbacks if isinstance(cb, FederatedCallback)]
 
     def _load_task(self, module: Any, task: ClientTask, state: dict[str, Any]) -> None:
-        module.load_federated_state(self._task_weights(module, task))
+        weights = self._task_weights(module, task)
+        own = module.state_dict(keep_vars=True)
+        changed = {k: tuple(v.shape) for k, v in weights.items() if k in own and own[k].shape != v.shape}
+        if changed:
+            if task.config.get("weights_format") != "submodel":
+                bad = next(iter(changed))
+                raise ClientError(
+                    f"task of client {task.client_id}: tensor {bad!r} has shape {changed[bad]}, the module has "
+                    f"{tuple(own[bad].shape)} (only weights_format='submodel' tasks may change shapes)"
+                )
+            from lightning_fedprune.core.plans import resize_module
+
+            # a structured sub-model: reshape the network to the received tensors (new Parameters;
+            # the optimizer is rebuilt right after this by the caller)
+            resize_module(module, changed)
+        module.load_federated_state(weights)
         local = state.get(_LOCAL_STATE_KEY) or self._initial_local
         if local:
             module.load_federated_state(local, strict=False)
@@ -370,11 +400,11 @@ class ClientRuntime:
     def _task_weights(self, module: Any, task: ClientTask) -> Mapping[str, torch.Tensor]:
         """The task's weights as full tensors for ``module``, decoding packed formats.
 
-        ``task.config["weights_format"]`` names the format (default ``"dense"``: the tensors as
-        they are).
+        ``task.config["weights_format"]`` names the format: ``"dense"`` (default: the tensors as
+        they are) or ``"submodel"`` (a structured sub-model: the module is reshaped to the tensors).
         """
         fmt = task.config.get("weights_format", "dense")
-        if fmt == "dense":
+        if fmt in ("dense", "submodel"):
             return task.weights
         raise ClientError(f"task of client {task.client_id} has an unknown weights_format {fmt!r}")
 

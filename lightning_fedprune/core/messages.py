@@ -164,6 +164,9 @@ class ClientResult:
     metrics: ClientMetrics
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: seconds from the task's dispatch to this result's arrival, set by the transport that received
+    #: it (the simulated clock, or a real clock in a deployment); never sent by the client
+    completion_time: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,19 @@ A round::
     metrics    = strategy.aggregate(round, results, failures)
     clock     += max over delivered results of (download + compute + upload time)
 
+Round modes (``mode=``):
+
+* ``"sync"``: the round ends when the slowest participant delivers (FedAvg, FedMP's Eq. 6).
+* ``"deadline"``: FedMP's fault-tolerant rounds: ``d`` is the time by which a fraction
+  (``deadline_fraction``, 85%) of the selected clients delivered; the deadline is
+  ``deadline_factor * d`` (1.5 d). Later results are dropped for that round (failures of kind
+  ``"deadline"``) and their clients sit out ``deadline_backoff`` rounds before they are asked again.
+* ``"async"``: FedMP's Algorithm 2: every idle client gets a task; a round aggregates the first
+  ``async_m`` arrivals; the others keep training and arrive in later rounds, with their staleness
+  (aggregation round minus the round their task was issued in) recorded.
+
+Clients may join mid-training (``join_rounds``: client -> first round it is available).
+
 A run can be checkpointed after any round and resumed: the resumed run ends bit-identical to an
 uninterrupted one, because every random choice derives from (seed, round, client).
 """
@@ -22,13 +35,17 @@ uninterrupted one, because every random choice derives from (seed, round, client
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.messages import (
@@ -52,6 +69,20 @@ __all__ = ["SimulationEngine", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _CHECKPOINT_FORMAT = 1
+MODES = ("sync", "deadline", "async")
+
+
+@dataclass
+class _Flight:
+    """A task on its way (async mode): issued at ``issue`` (sim seconds), arrives at ``arrival``."""
+
+    round: int
+    client_id: int
+    issue: float
+    arrival: float
+    bytes_up: int
+    blob: bytes | None  # the validated encoded result; None for a failure
+    failure: ClientFailure | None = None
 
 
 class SimulationEngine:
@@ -71,6 +102,12 @@ class SimulationEngine:
             ``on_run_end(summary)`` methods (progress bars, metric writers, plots).
         perplexity: report perplexity too (language models).
         max_message_bytes: reject results larger than this (default: no limit).
+        mode: ``"sync"``, ``"deadline"`` or ``"async"`` (see the module docstring).
+        deadline_fraction: deadline mode: the fraction of selected clients whose arrival sets ``d``.
+        deadline_factor: deadline mode: the deadline is this times ``d``.
+        deadline_backoff: deadline mode: rounds a late client sits out before it is asked again.
+        async_m: async mode: results aggregated per round (the first ``m`` arrivals).
+        join_rounds: client id -> the first round in which the client exists (joins mid-training).
     """
 
     def __init__(
@@ -88,7 +125,23 @@ class SimulationEngine:
         listeners: Sequence[Any] = (),
         perplexity: bool = False,
         max_message_bytes: int | None = None,
+        mode: str = "sync",
+        deadline_fraction: float = 0.85,
+        deadline_factor: float = 1.5,
+        deadline_backoff: int = 1,
+        async_m: int | None = None,
+        join_rounds: Mapping[int, int] | None = None,
     ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if not 0.0 < deadline_fraction <= 1.0:
+            raise ConfigError(f"`deadline_fraction` must be in (0, 1], got {deadline_fraction}")
+        if not (math.isfinite(deadline_factor) and deadline_factor >= 1.0):
+            raise ConfigError(f"`deadline_factor` must be >= 1, got {deadline_factor}")
+        if deadline_backoff < 0:
+            raise ConfigError(f"`deadline_backoff` must be >= 0, got {deadline_backoff}")
+        if mode == "async" and (async_m is None or async_m < 1):
+            raise ConfigError(f"async mode needs `async_m` >= 1 (results aggregated per round), got {async_m}")
         if eval_every < 1:
             raise ConfigError(f"`eval_every` must be >= 1, got {eval_every}")
         if checkpoint_every < 1:
@@ -110,12 +163,30 @@ class SimulationEngine:
         self.listeners = list(listeners)
         self.perplexity = bool(perplexity)
         self.max_message_bytes = max_message_bytes
+        self.mode = mode
+        self.deadline_fraction = float(deadline_fraction)
+        self.deadline_factor = float(deadline_factor)
+        self.deadline_backoff = int(deadline_backoff)
+        self.async_m = int(async_m) if async_m is not None else None
+        self.join_rounds = {int(c): int(r) for c, r in (join_rounds or {}).items()}
+        bad = [c for c in self.join_rounds if not 0 <= c < self.num_clients]
+        if bad:
+            raise ConfigError(f"`join_rounds` names clients {bad} outside 0..{self.num_clients - 1}")
         self.store = ClientStore()
         self.eval_module = copy.deepcopy(runtime.module)
         if getattr(strategy, "_global", None) is None:
             module = runtime.module
+            planner = None
+            if getattr(strategy, "requires_planner", False):
+                from lightning_fedprune.runtime import build_planner
+
+                planner = build_planner(module, _example_input(module, data))
             strategy.initialize(
-                ModelSpec(state={k: v.clone() for k, v in module.federated_state().items()}, trainable=module.trainable_names()),
+                ModelSpec(
+                    state={k: v.clone() for k, v in module.federated_state().items()},
+                    trainable=module.trainable_names(),
+                    planner=planner,
+                ),
                 num_clients=self.num_clients,
             )
         self.history: list[dict[str, Any]] = []
@@ -125,6 +196,8 @@ class SimulationEngine:
         self._cpu = 0.0
         self._cum_up = 0
         self._cum_down = 0
+        self._benched: dict[int, int] = {}  # deadline mode: client -> first round it is asked again
+        self._inflight: dict[int, _Flight] = {}  # async mode: client -> its task in progress
 
     # ------------------------------------------------------------------ running
     def run(self, num_rounds: int, *, resume: bool = False) -> dict[str, Any]:
@@ -173,61 +246,37 @@ class SimulationEngine:
         if rnd != self.next_round:
             raise ConfigError(f"round {rnd} requested but the next round is {self.next_round}")
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        up_draw = rng_for(self.seed, "avail", rnd).random(self.num_clients)
-        available = [c for c in range(self.num_clients) if up_draw[c] < self.devices[c].availability]
+        available = self._available(rnd)
+        if self.mode == "async":
+            available = [c for c in available if c not in self._inflight]
         tasks = self.strategy.configure_round(rnd, available)
         bad = [t.client_id for t in tasks if t.client_id not in set(available) or t.round != rnd]
         if bad:
             raise ConfigError(f"{type(self.strategy).__name__} built tasks for unavailable clients or another round: {bad}")
 
-        failures: list[ClientFailure] = []
-        bytes_down: dict[int, int] = {}
-        bytes_up: dict[int, int] = {}
-        to_run = []
-        sent = {}
-        for task in tasks:
-            blob = encode_task(task)
-            bytes_down[task.client_id] = len(blob)
-            dev = self.devices[task.client_id]
-            if dev.failure_prob > 0 and rng_for(self.seed, "dropout", rnd, task.client_id).random() < dev.failure_prob:
-                failures.append(ClientFailure(rnd, task.client_id, "dropout", f"device dropped out (simulated, p={dev.failure_prob:g})"))
-                continue
-            received = decode_task(blob, expect_round=rnd, expect_client=task.client_id)
-            to_run.append(received)
-            sent[task.client_id] = task
+        failures, bytes_down, rejected_up, arrivals = self._execute(rnd, tasks)
+        extra: dict[str, Any] = {}
+        if self.mode == "async":
+            results, failures, bytes_up, round_sim, extra = self._async_collect(rnd, tasks, failures, arrivals)
+            bytes_up.update(rejected_up)
+        else:
+            results = [res for res, _, _ in arrivals]
+            bytes_up = {res.client_id: b for res, b, _ in arrivals}
+            bytes_up.update(rejected_up)  # a rejected upload still crossed the network
+            times = {res.client_id: t for res, _, t in arrivals}
+            round_sim = max(times.values()) if times else 0.0
+            if self.mode == "deadline" and times:
+                results, failures, round_sim, extra = self._apply_deadline(rnd, len(tasks), results, failures, times)
+            results = [dataclasses.replace(r, completion_time=times[r.client_id]) for r in results]
 
-        outcomes = self.runtime.run_many(to_run, self.store) if to_run else []
-        results: list[ClientResult] = []
-        client_time: dict[int, float] = {}
-        for task, out in zip(to_run, outcomes):
-            cid = task.client_id
-            if isinstance(out, ClientFailure):
-                failures.append(out)
-                continue
-            blob = encode_result(out)
-            bytes_up[cid] = len(blob)
-            w_spec, x_spec = self.strategy.expected_result(sent[cid])
-            try:
-                res = decode_result(
-                    blob, expect_round=rnd, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
-                    max_bytes=self.max_message_bytes,
-                )
-            except PayloadError as err:
-                log.warning("round %d: result of client %d rejected: %s", rnd, cid, err)
-                failures.append(ClientFailure(rnd, cid, "rejected", str(err)))
-                continue
-            results.append(res)
-            client_time[cid] = round_time(self.devices[cid], flops=res.metrics.flops, bytes_down=bytes_down[cid], bytes_up=bytes_up[cid])
-
-        if tasks and not results:
+        if tasks and not results and not (self.mode == "async" and self._inflight):
             reasons = "; ".join(f"client {f.client_id}: {f.kind}: {f.reason}" for f in failures[:5])
             more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
             raise AllClientsFailedError(f"round {rnd}: all {len(tasks)} selected clients failed, nothing to aggregate. {reasons}{more}")
-        if not tasks:
+        if not tasks and not results:
             log.warning("round %d: no client available or selected; the global model is unchanged", rnd)
 
-        agg = self.strategy.aggregate(rnd, results, failures) if results else {}
-        round_sim = max(client_time.values()) if client_time else 0.0
+        agg = self.strategy.aggregate(rnd, results, failures) if (results or failures) else {}
         self._clock += round_sim
         up, down = sum(bytes_up.values()), sum(bytes_down.values())
         self._cum_up += up
@@ -245,6 +294,7 @@ class SimulationEngine:
             "num_failures": len(failures),
             "failures": [{"client_id": f.client_id, "kind": f.kind, "reason": f.reason} for f in failures],
         }
+        record.update(extra)
         record.update(self._evaluate_global(rnd, last))
         local = [r.metrics.extra["local_test_acc"] for r in results if "local_test_acc" in r.metrics.extra]
         local = [v for v in local if math.isfinite(v)]
@@ -260,6 +310,114 @@ class SimulationEngine:
         self.history.append(record)
         self.next_round = rnd + 1
         return record
+
+    # ------------------------------------------------------------------ round pieces
+    def _available(self, rnd: int) -> list[int]:
+        """Clients that exist (joined), are up (seeded draw) and are not sitting out a deadline miss."""
+        up_draw = rng_for(self.seed, "avail", rnd).random(self.num_clients)
+        return [
+            c
+            for c in range(self.num_clients)
+            if up_draw[c] < self.devices[c].availability
+            and self.join_rounds.get(c, 0) <= rnd
+            and self._benched.get(c, 0) <= rnd
+        ]
+
+    def _execute(
+        self, rnd: int, tasks: Sequence[Any]
+    ) -> tuple[list[ClientFailure], dict[int, int], dict[int, int], list[tuple[ClientResult, int, float]]]:
+        """Send tasks (encoded), draw dropouts, train, receive and validate results.
+
+        Returns the failures, bytes sent per client, bytes of rejected uploads, and
+        ``(result, bytes_up, seconds)`` per valid result (seconds: download + compute + upload on
+        the client's device).
+        """
+        failures: list[ClientFailure] = []
+        bytes_down: dict[int, int] = {}
+        to_run = []
+        sent = {}
+        for task in tasks:
+            blob = encode_task(task)
+            bytes_down[task.client_id] = len(blob)
+            dev = self.devices[task.client_id]
+            if dev.failure_prob > 0 and rng_for(self.seed, "dropout", rnd, task.client_id).random() < dev.failure_prob:
+                failures.append(ClientFailure(rnd, task.client_id, "dropout", f"device dropped out (simulated, p={dev.failure_prob:g})"))
+                continue
+            received = decode_task(blob, expect_round=rnd, expect_client=task.client_id)
+            to_run.append(received)
+            sent[task.client_id] = task
+
+        outcomes = self.runtime.run_many(to_run, self.store) if to_run else []
+        arrivals: list[tuple[ClientResult, int, float]] = []
+        rejected_up: dict[int, int] = {}
+        for task, out in zip(to_run, outcomes):
+            cid = task.client_id
+            if isinstance(out, ClientFailure):
+                failures.append(out)
+                continue
+            blob = encode_result(out)
+            w_spec, x_spec = self.strategy.expected_result(sent[cid])
+            try:
+                res = decode_result(
+                    blob, expect_round=rnd, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
+                    max_bytes=self.max_message_bytes,
+                )
+            except PayloadError as err:
+                log.warning("round %d: result of client %d rejected: %s", rnd, cid, err)
+                failures.append(ClientFailure(rnd, cid, "rejected", str(err)))
+                rejected_up[cid] = len(blob)
+                continue
+            seconds = round_time(self.devices[cid], flops=res.metrics.flops, bytes_down=bytes_down[cid], bytes_up=len(blob))
+            if self.mode == "async":
+                self._inflight[cid] = _Flight(rnd, cid, self._clock, self._clock + seconds, len(blob), blob)
+            arrivals.append((res, len(blob), seconds))
+        return failures, bytes_down, rejected_up, arrivals
+
+    def _apply_deadline(
+        self, rnd: int, num_selected: int, results: list[ClientResult], failures: list[ClientFailure], times: dict[int, float]
+    ) -> tuple[list[ClientResult], list[ClientFailure], float, dict[str, Any]]:
+        """FedMP's deadline: ``d`` = arrival of the ceil(85%)-th selected client, deadline = 1.5 d.
+
+        When fewer than that fraction delivered at all, ``d`` is the last arrival.
+        """
+        order = sorted(times.values())
+        k = max(1, math.ceil(self.deadline_fraction * num_selected - 1e-9))
+        d = order[k - 1] if len(order) >= k else order[-1]
+        deadline = self.deadline_factor * d
+        kept, late = [], []
+        for r in results:
+            (late if times[r.client_id] > deadline else kept).append(r)
+        failures = list(failures)
+        for r in late:
+            failures.append(ClientFailure(rnd, r.client_id, "deadline", f"arrived at {times[r.client_id]:.3f}s, after the deadline {deadline:.3f}s"))
+            self._benched[r.client_id] = rnd + 1 + self.deadline_backoff
+        round_sim = deadline if late else max(times[r.client_id] for r in kept)
+        return kept, failures, round_sim, {"deadline": deadline, "num_late": len(late)}
+
+    def _async_collect(
+        self, rnd: int, tasks: Sequence[Any], failures: list[ClientFailure], arrivals: list[tuple[ClientResult, int, float]]
+    ) -> tuple[list[ClientResult], list[ClientFailure], dict[int, int], float, dict[str, Any]]:
+        """Take the first ``async_m`` arrivals among all tasks in flight (ties: lower client id)."""
+        assert self.async_m is not None
+        flights = sorted(self._inflight.values(), key=lambda f: (f.arrival, f.client_id))
+        chosen = flights[: self.async_m]
+        results: list[ClientResult] = []
+        bytes_up: dict[int, int] = {}
+        now = self._clock
+        for f in chosen:
+            del self._inflight[f.client_id]
+            assert f.blob is not None
+            res = decode_result(f.blob, expect_round=f.round, expect_client=f.client_id)
+            results.append(dataclasses.replace(res, completion_time=f.arrival - f.issue))
+            bytes_up[f.client_id] = f.bytes_up
+            now = max(now, f.arrival)
+        stale = [rnd - r.round for r in results]
+        extra = {
+            "staleness_mean": sum(stale) / len(stale) if stale else math.nan,
+            "staleness_max": float(max(stale)) if stale else math.nan,
+            "num_in_flight": len(self._inflight),
+        }
+        return results, failures, bytes_up, now - self._clock, extra
 
     def _evaluate_global(self, rnd: int, last: bool) -> dict[str, float]:
         out = {"test_loss": math.nan, "test_accuracy": math.nan}
@@ -314,6 +472,17 @@ class SimulationEngine:
             "cum_bytes_up": self._cum_up,
             "cum_bytes_down": self._cum_down,
             "history": self.history,
+            "benched": {str(c): r for c, r in self._benched.items()},
+            "inflight": {
+                str(f.client_id): {
+                    "round": f.round,
+                    "issue": f.issue,
+                    "arrival": f.arrival,
+                    "bytes_up": f.bytes_up,
+                    "blob": torch.frombuffer(bytearray(f.blob), dtype=torch.uint8) if f.blob else torch.zeros(0, dtype=torch.uint8),
+                }
+                for f in self._inflight.values()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -331,6 +500,11 @@ class SimulationEngine:
         self._cum_up = int(state["cum_bytes_up"])
         self._cum_down = int(state["cum_bytes_down"])
         self.history = list(state["history"])
+        self._benched = {int(c): int(r) for c, r in state.get("benched", {}).items()}
+        self._inflight = {
+            int(c): _Flight(int(f["round"]), int(c), float(f["issue"]), float(f["arrival"]), int(f["bytes_up"]), f["blob"].numpy().tobytes())
+            for c, f in state.get("inflight", {}).items()
+        }
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write the run state (safetensors + JSON, atomically); default ``run_dir/checkpoint.safetensors``."""
@@ -342,3 +516,13 @@ class SimulationEngine:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_state(path))
+
+
+def _example_input(module: Any, data: Any) -> Any:
+    """The module's example input, or the first sample of the first client's data."""
+    try:
+        return module.federated_example_input()
+    except ConfigError:
+        for batch in data.train_batches(0, run_seed=0, rnd=0, epoch=0):
+            return module.federated_example_input(batch)
+        raise

@@ -32,10 +32,19 @@ __all__ = ["Strategy", "ModelSpec", "sample_clients"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a strategy knows about the model: its communicated state and which names are trainable."""
+    """What a strategy knows about the model.
+
+    Attributes:
+        state: the communicated tensors of the initial global model.
+        trainable: names of the trainable parameters among them.
+        planner: a :class:`~lightning_fedprune.core.plans.Planner` built once on the model's
+            dependency graph, for strategies that send structured sub-models
+            (``Strategy.requires_planner``); transports build it, strategies only use it.
+    """
 
     state: dict[str, torch.Tensor]
     trainable: tuple[str, ...]
+    planner: Any = None
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.trainable if n not in self.state]
@@ -69,9 +78,12 @@ class Strategy(abc.ABC):
     Attributes:
         client_callbacks: names of the client-side callbacks this strategy needs (resolved by the
             client runtime, e.g. ``("fedprox",)``); plain data so it crosses process boundaries.
+        requires_planner: the transport must pass a pruning planner in :class:`ModelSpec`.
     """
 
     client_callbacks: tuple[str, ...] = ()
+    #: whether :meth:`initialize` needs ``ModelSpec.planner`` (structured sub-model strategies)
+    requires_planner: bool = False
 
     def __init__(self) -> None:
         self._global: dict[str, torch.Tensor] | None = None

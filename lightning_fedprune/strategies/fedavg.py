@@ -24,7 +24,7 @@ from lightning_fedprune.core.seeding import rng_for
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
 
-__all__ = ["FedAvg", "FedProx", "FedNova", "Scaffold"]
+__all__ = ["FedAvg", "FedProx", "FedNova", "Scaffold", "capability_local_steps"]
 
 
 
@@ -127,18 +127,35 @@ class FedProx(FedAvg):
     The proximal gradient is added on the client by the ``"fedprox"`` callback
     (:class:`lightning_fedprune.callbacks.FedProxCallback`), so ``training_step`` stays unchanged.
 
+    FedProx lets workers do different amounts of local work according to their capabilities
+    (the baseline of FedMP's evaluation): give ``client_local_steps`` (e.g. from
+    :func:`capability_local_steps`) and each client runs that many local iterations.
+
     Args:
         mu: proximal coefficient (>= 0).
+        client_local_steps: client id -> local optimizer steps per round (clients not listed use
+            ``local_epochs`` / ``local_steps``).
         **fedavg_kwargs: as :class:`FedAvg`.
     """
 
     client_callbacks = ("fedprox",)
 
-    def __init__(self, *, mu: float = 0.01, **fedavg_kwargs: Any) -> None:
+    def __init__(self, *, mu: float = 0.01, client_local_steps: Mapping[int, int] | None = None, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         if not (math.isfinite(mu) and mu >= 0):
             raise ConfigError(f"`mu` must be a finite number >= 0, got {mu}")
         self.mu = float(mu)
+        steps = {}
+        for c, v in (client_local_steps or {}).items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"`client_local_steps[{c}]` must be a positive int, got {v!r}")
+            steps[int(c)] = v
+        self.client_local_steps = steps
+
+    def local_work(self, rnd: int, client_id: int) -> dict[str, int | None]:
+        if client_id in self.client_local_steps:
+            return {"local_epochs": None, "local_steps": self.client_local_steps[client_id]}
+        return super().local_work(rnd, client_id)
 
     def task_config(self, rnd: int, client_id: int) -> dict[str, Any]:
         return {"prox_mu": self.mu}
@@ -256,3 +273,20 @@ def _result_metrics(results: Sequence[ClientResult]) -> dict[str, float]:
         if vals:
             out[f"train_{key}"] = sum(v * w for v, w in vals) / (sum(w for _, w in vals) or n)
     return out
+
+
+def capability_local_steps(speeds: Mapping[int, float], *, base_steps: int, min_steps: int = 1) -> dict[int, int]:
+    """Local iterations proportional to each worker's speed: the fastest does ``base_steps``.
+
+    ``speeds`` maps client ids to any positive measure of capability (e.g. FLOP/s of the device),
+    so that every worker's local computation takes about the same time.
+    """
+    if not speeds:
+        raise ConfigError("`speeds` is empty")
+    if base_steps < 1 or min_steps < 1:
+        raise ConfigError(f"`base_steps` and `min_steps` must be >= 1, got {base_steps}, {min_steps}")
+    bad = {c: v for c, v in speeds.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ConfigError(f"speeds must be positive and finite, got {bad}")
+    fastest = max(speeds.values())
+    return {int(c): max(min_steps, int(round(base_steps * v / fastest))) for c, v in speeds.items()}
