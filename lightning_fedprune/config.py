@@ -13,6 +13,7 @@ A recipe is a YAML file whose sections mirror the objects of a run::
     model: {name: mlp, lr: 0.05}                                               # ModelConfig
     strategy: {name: fedavg, local_epochs: 1, options: {}}                     # StrategyConfig
     devices: {compute_gflops: [1.0, 10.0]}                                     # DevicesConfig
+    engine: {mode: sync}                                                       # EngineConfig
     trainer: {}                                                                # extra Trainer kwargs
 
 Every key is checked when the recipe is loaded: an unknown key, a value of the wrong type or an
@@ -55,6 +56,7 @@ __all__ = [
     "ModelConfig",
     "StrategyConfig",
     "DevicesConfig",
+    "EngineConfig",
     "RecipeConfig",
     "FederatedClassifier",
     "FederatedLanguageModel",
@@ -166,11 +168,15 @@ class StrategyConfig:
     """Feeds the strategy constructor ``STRATEGIES[name](...)``.
 
     Attributes:
-        name: ``fedavg``, ``fedprox``, ``fednova`` or ``scaffold``.
+        name: a key of ``lightning_fedprune.strategies.STRATEGIES``: ``fedavg`` (Syn-FL),
+            ``fedprox``, ``fednova``, ``scaffold``, ``fedmp``, ``upfl``, ``flexcom``, ...
         fraction_fit: fraction of clients sampled per round.
         min_fit_clients: at least this many clients per round.
         local_epochs: local epochs per round (ignored when ``local_steps`` is set).
         local_steps: local optimizer steps per round instead of epochs.
+        local_work_by_capability: each client's local iterations are scaled by its device speed
+            (the fastest does ``local_steps``, or ``local_epochs`` over its data): FedProx as the
+            FedMP paper runs it. Needs a strategy with ``client_local_steps`` (``fedprox``).
         options: further keyword arguments of the strategy, e.g. ``{mu: 0.01}`` for ``fedprox``
             or ``{local_epochs_range: [1, 3]}``. A strategy taking ``momentum`` (``fednova``)
             gets ``model.momentum`` unless it is set here. The strategy's seed is the recipe's.
@@ -181,6 +187,7 @@ class StrategyConfig:
     min_fit_clients: int = 1
     local_epochs: int = 1
     local_steps: int | None = None
+    local_work_by_capability: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -189,6 +196,10 @@ class DevicesConfig:
     """Feeds ``make_devices``: a number is a constant, ``[lo, hi]`` a log-uniform range.
 
     Attributes:
+        scenario: instead of the ranges below, FedMP's heterogeneity scenarios built from the
+            paper's Jetson TX2 clusters: ``low`` (10 from cluster A), ``medium`` (5 A + 5 B) or
+            ``high`` (3 A + 3 B + 4 C); ``data.num_clients`` must match.
+        clusters: instead of ``scenario``, cluster counts, e.g. ``{A: 10, B: 10}``.
         compute_gflops: device speed in GFLOP/s.
         uplink_mbps: upload bandwidth in megabit/s.
         downlink_mbps: download bandwidth in megabit/s.
@@ -196,11 +207,36 @@ class DevicesConfig:
         failure_prob: probability a selected device drops out of the round.
     """
 
+    scenario: str | None = None
+    clusters: dict[str, int] = field(default_factory=dict)
     compute_gflops: float | list[float] = field(default_factory=lambda: [1.0, 10.0])
     uplink_mbps: float | list[float] = field(default_factory=lambda: [1.0, 10.0])
     downlink_mbps: float | list[float] = field(default_factory=lambda: [5.0, 50.0])
     availability: float = 1.0
     failure_prob: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    """How rounds end (feeds :class:`~lightning_fedprune.simulation.SimulationEngine`).
+
+    Attributes:
+        mode: ``sync`` (the slowest participant ends the round), ``deadline`` (FedMP's 1.5 x the
+            time 85% arrived; late clients dropped for the round) or ``async`` (aggregate the first
+            ``async_m`` arrivals; the others keep training).
+        async_m: results per round in ``async`` mode.
+        deadline_fraction: ``deadline`` mode: the fraction whose arrival sets ``d``.
+        deadline_factor: ``deadline`` mode: deadline = factor x ``d``.
+        deadline_backoff: ``deadline`` mode: rounds a late client sits out.
+        join_rounds: client id -> first round it takes part in (clients joining mid-training).
+    """
+
+    mode: str = "sync"
+    async_m: int | None = None
+    deadline_fraction: float = 0.85
+    deadline_factor: float = 1.5
+    deadline_backoff: int = 1
+    join_rounds: dict[int, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,10 +293,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 continue
         raise _type_error(key, hint, value)
     origin = get_origin(hint)
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
             raise _type_error(key, hint, value)
-        return dict(value)
+        k_hint, v_hint = get_args(hint) or (str, Any)
+        out = {}
+        for k, v in value.items():
+            if k_hint is int and isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)  # keys given on the command line arrive as strings
+            out[_coerce(k, k_hint, f"{key} key {k!r}")] = _coerce(v, v_hint, f"{key}.{k}")
+        return out
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, hint, value)
@@ -458,11 +500,36 @@ def _validate(cfg: RecipeConfig) -> None:
             f"{s.name} needs the clients' momentum: drop the option (it defaults to model.momentum) or make them equal"
         )
 
+    if s.local_work_by_capability:
+        _check(
+            "client_local_steps" in valid, "strategy.local_work_by_capability",
+            "false for a strategy without `client_local_steps` (use fedprox)", s.local_work_by_capability,
+        )
+
     v = cfg.devices
+    if v.scenario is not None or v.clusters:
+        from lightning_fedprune.simulation.devices import fedmp_device_specs
+
+        _check(v.scenario is None or not v.clusters, "devices.clusters", "empty when `devices.scenario` is set", v.clusters)
+        specs = fedmp_device_specs(v.scenario if v.scenario is not None else v.clusters, seed=cfg.seed)
+        _check(
+            len(specs) == d.num_clients, "data.num_clients",
+            f"{len(specs)} to match devices.{'scenario' if v.scenario is not None else 'clusters'}", d.num_clients,
+        )
     for key in ("compute_gflops", "uplink_mbps", "downlink_mbps"):
         _check_span(getattr(v, key), f"devices.{key}")
     _check(0.0 < v.availability <= 1.0, "devices.availability", "a number in (0, 1]", v.availability)
     _check(0.0 <= v.failure_prob < 1.0, "devices.failure_prob", "a number in [0, 1)", v.failure_prob)
+
+    e = cfg.engine
+    _check_choice(e.mode, "engine.mode", ["sync", "deadline", "async"])
+    if e.mode == "async":
+        _check(e.async_m is not None and e.async_m >= 1, "engine.async_m", "an integer >= 1 in async mode", e.async_m)
+    _check(0.0 < e.deadline_fraction <= 1.0, "engine.deadline_fraction", "a number in (0, 1]", e.deadline_fraction)
+    _check(e.deadline_factor >= 1.0, "engine.deadline_factor", "a number >= 1", e.deadline_factor)
+    _check(e.deadline_backoff >= 0, "engine.deadline_backoff", "an integer >= 0", e.deadline_backoff)
+    for c, r in e.join_rounds.items():
+        _check(0 <= c < d.num_clients and r >= 0, f"engine.join_rounds.{c}", "a client id below data.num_clients -> round >= 0", r)
 
     reserved = [k for k in cfg.trainer if k in RESERVED_TRAINER_KEYS]
     if reserved:
@@ -503,7 +570,7 @@ class RecipeConfig:
         target_accuracy: stop once the global test accuracy reaches it (``null``: never).
         eval_every: evaluate the global model every this many rounds (and after the last).
         checkpoint_every: checkpoint every this many rounds.
-        data, model, strategy, devices: the sections above.
+        data, model, strategy, devices, engine: the sections above.
         trainer: extra ``lightning.pytorch.Trainer`` arguments (e.g. ``gradient_clip_val``).
     """
 
@@ -518,6 +585,7 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
 
     # -------------------------------------------------------------- construction
@@ -696,6 +764,7 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
     from lightning_fedprune.data.federated import FederatedDataset
     from lightning_fedprune.runtime import ClientRuntime
     from lightning_fedprune.simulation import SimulationEngine, make_devices
+    from lightning_fedprune.simulation.devices import fedmp_devices
     from lightning_fedprune.strategies import STRATEGIES
 
     torch.set_num_threads(1)
@@ -724,6 +793,25 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
     else:
         module.federated_example_input_shape = tuple(int(v) for v in splits.input_shape)
 
+    v = cfg.devices
+    if v.scenario is not None or v.clusters:
+        devices = fedmp_devices(
+            v.scenario if v.scenario is not None else dict(v.clusters),
+            seed=cfg.seed,
+            availability=v.availability,
+            failure_prob=v.failure_prob,
+        )
+    else:
+        devices = make_devices(
+            d.num_clients,
+            seed=cfg.seed,
+            compute_gflops=v.compute_gflops,
+            uplink_mbps=v.uplink_mbps,
+            downlink_mbps=v.downlink_mbps,
+            availability=v.availability,
+            failure_prob=v.failure_prob,
+        )
+
     strategy_kwargs: dict[str, Any] = {
         "fraction_fit": s.fraction_fit,
         "min_fit_clients": s.min_fit_clients,
@@ -732,8 +820,13 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
         "seed": cfg.seed,
         **s.options,
     }
-    if "momentum" in strategy_options(s.name) and "momentum" not in s.options:
+    valid = strategy_options(s.name)
+    if "momentum" in valid and "momentum" not in s.options:
         strategy_kwargs["momentum"] = m.momentum
+    if s.local_work_by_capability:
+        strategy_kwargs["client_local_steps"] = _capability_steps(s, fed_data, devices, d.batch_size)
+    if "client_uplink" in valid and "client_uplink" not in s.options and "keep_ratios" not in s.options:
+        strategy_kwargs["client_uplink"] = {c: dev.uplink_bytes_per_second for c, dev in enumerate(devices)}
     if s.name == "scaffold" and m.optimizer == "sgd" and m.momentum > 0:
         log.warning(
             "strategy scaffold with model.momentum=%g: SCAFFOLD's control variates are estimated for plain SGD "
@@ -748,16 +841,7 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
     runtime = ClientRuntime(
         module, data=fed_data, seed=cfg.seed, client_callbacks=strategy.client_callbacks, trainer_kwargs=dict(cfg.trainer)
     )
-    v = cfg.devices
-    devices = make_devices(
-        d.num_clients,
-        seed=cfg.seed,
-        compute_gflops=v.compute_gflops,
-        uplink_mbps=v.uplink_mbps,
-        downlink_mbps=v.downlink_mbps,
-        availability=v.availability,
-        failure_prob=v.failure_prob,
-    )
+    e = cfg.engine
     engine = SimulationEngine(
         strategy=strategy,
         runtime=runtime,
@@ -770,6 +854,22 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
         checkpoint_every=cfg.checkpoint_every,
         listeners=list(listeners) if listeners is not None else default_listeners(run_dir),
         perplexity=language_model,
+        mode=e.mode,
+        async_m=e.async_m,
+        deadline_fraction=e.deadline_fraction,
+        deadline_factor=e.deadline_factor,
+        deadline_backoff=e.deadline_backoff,
+        join_rounds=dict(e.join_rounds),
     )
     log.info("built run %r: %s, %d clients, %s on %s", cfg.name, s.name, d.num_clients, m.name, d.name)
     return engine, cfg.rounds
+
+
+def _capability_steps(s: StrategyConfig, fed_data: Any, devices: Sequence[Any], batch_size: int) -> dict[int, int]:
+    """Local iterations per client scaled by device speed (the fastest does its full local work)."""
+    fastest = max(dev.flops_per_second for dev in devices)
+    out = {}
+    for c, dev in enumerate(devices):
+        full = s.local_steps if s.local_steps is not None else s.local_epochs * max(1, math.ceil(fed_data.num_train_samples(c) / batch_size))
+        out[c] = max(1, int(round(full * dev.flops_per_second / fastest)))
+    return out

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
+from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
 from lightning_fedprune.errors import ConfigError
@@ -11,6 +12,7 @@ from lightning_fedprune.errors import ConfigError
 CLIENT_CALLBACKS: dict[str, Callable[[], FederatedCallback]] = {
     "fedprox": FedProxCallback,
     "scaffold": ScaffoldCallback,
+    "topk_upload": TopKUploadCallback,
 }
 
 
@@ -27,6 +29,7 @@ __all__ = [
     "FederatedCallback",
     "FedProxCallback",
     "ScaffoldCallback",
+    "TopKUploadCallback",
     "CLIENT_CALLBACKS",
     "make_client_callbacks",
 ]

@@ -1,5 +1,17 @@
-"""Framework-agnostic math and data structures: messages, aggregation, seeding, serialization."""
+"""Framework-agnostic math and data structures: messages, aggregation, seeding, serialization,
+pruning plans, the E-UCB bandit, upload compression."""
 
+from lightning_fedprune.core.bandit import EUCB, EUCBAgent, LeafStats, eucb_reward
+from lightning_fedprune.core.compression import (
+    TOPK_PREFIX,
+    compress_upload,
+    decode_topk_result,
+    index_dtype,
+    keep_ratio_for_bandwidth,
+    topk_compress,
+    topk_count,
+    topk_decompress,
+)
 from lightning_fedprune.core.messages import (
     ClientFailure,
     ClientMetrics,
@@ -23,4 +35,16 @@ __all__ = [
     "decode_result",
     "derive_seed",
     "rng_for",
+    "EUCB",
+    "EUCBAgent",
+    "LeafStats",
+    "eucb_reward",
+    "TOPK_PREFIX",
+    "compress_upload",
+    "decode_topk_result",
+    "index_dtype",
+    "keep_ratio_for_bandwidth",
+    "topk_compress",
+    "topk_count",
+    "topk_decompress",
 ]

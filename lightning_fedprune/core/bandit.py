@@ -1,0 +1,492 @@
+"""E-UCB: FedMP's continuous-arm bandit that picks one pruning ratio per worker and round.
+
+This is Algorithm 1 of the FedMP paper (Section IV-C), one :class:`EUCBAgent` per worker, and
+:class:`EUCB`, which keeps the agents of all workers and turns the workers' outcomes into the
+rewards of Eq. 8. Nothing here knows about devices: an agent only sees the ratios it chose and the
+rewards they earned.
+
+Conventions:
+    * The arm space ``[low, high)`` (default ``[0, 1)``; pruning ratios must be ``< 1``) is
+      partitioned into half-open leaves ``[a, b)``; ``P_0 = {[low, high)}``.
+    * Round ``k``'s decision (Lines 3-10): for every leaf ``P``
+
+          N_k(P)   = sum_{s<k} lambda^(k-s) 1{alpha_s in P}                         (Eq. 9)
+          mean_k(P) = sum_{s<k} lambda^(k-s) R_s 1{alpha_s in P} / N_k(P)           (Eq. 9)
+          n_k      = sum_P N_k(P)
+          U_k(P)   = mean_k(P) + sqrt(2 max(log n_k, 0) / N_k(P))                   (Eqs. 10, 11)
+
+      where the sums run over the rounds ``s`` whose reward has been observed. A leaf with no
+      observed reward (``N = 0``) has ``U = +inf``; in a synchronous run this is exactly "a leaf
+      never chosen". The leaf with the largest ``U`` is chosen (ties: the lowest left edge, so the
+      lowest unexplored leaf goes first), the ratio is drawn uniformly inside it with a generator
+      seeded by ``(seed, "eucb", worker, round)``, and when the leaf's diameter ``b - a`` exceeds
+      ``theta`` it is split at the drawn ratio into ``[a, alpha)`` and ``[alpha, b)``.
+    * Guard of the padding (Eq. 10): with a discount ``lambda`` the total discounted count
+      ``n_k`` is below 1 in the first rounds (at most ``lambda / (1 - lambda)`` ever), where
+      ``log n_k <= 0`` and the square root is undefined or meaningless. The padding uses
+      ``max(log n_k, 0)``: it is 0 while ``n_k <= 1``, so the choice is then the best mean.
+    * Splits are exact: each child's statistics are those of the past observations whose ratio
+      lies inside the child (each agent keeps the observation list of every leaf).
+    * Lazy decay: a leaf stores its sums ``n, r`` as of a reference round ``t`` (``n = sum
+      lambda^(t-s)``); at round ``k`` its count is ``n * lambda^(k-t)`` and its mean ``r / n``.
+      A decision costs O(leaves), an observation O(log leaves), a split O(observations in the
+      leaf).
+    * Asynchrony: a reward may be observed after later rounds were decided (stale results). It is
+      recorded for the round it was *decided* in, so its weight at a later decision round ``k`` is
+      ``lambda^(k-s)`` with ``s`` the decision round, and it lands in whatever leaf now contains
+      its ratio.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_fedprune.core.seeding import rng_for
+from lightning_fedprune.errors import ConfigError
+
+__all__ = ["EUCB", "EUCBAgent", "LeafStats", "eucb_reward"]
+
+_STATE_VERSION = 1
+
+
+def _check_config(low: float, high: float, theta: float, discount: float) -> tuple[float, float, float, float]:
+    """Validate the shared hyper-parameters; return them as floats."""
+    for name, value in (("low", low), ("high", high), ("theta", theta), ("discount", discount)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"`{name}` must be a finite number, got {value!r}")
+    if not 0.0 <= low < high:
+        raise ConfigError(f"`low` and `high` must satisfy 0 <= low < high, got low={low}, high={high}")
+    if high > 1.0:
+        raise ConfigError(f"`high` must be <= 1 (pruning ratios lie in [0, 1)), got {high}")
+    if theta <= 0:
+        raise ConfigError(f"`theta` (the split granularity) must be > 0, got {theta}")
+    if not 0.0 < discount < 1.0:
+        raise ConfigError(f"`discount` (lambda) must be in (0, 1), got {discount}")
+    return float(low), float(high), float(theta), float(discount)
+
+
+def _check_round(rnd: Any, what: str) -> int:
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        raise ConfigError(f"`{what}` must be an int >= 0, got {rnd!r}")
+    return rnd
+
+
+def eucb_reward(delta_loss: float, completion_time: float, mean_time: float, *, eps: float = 1e-3) -> float:
+    """The reward of Eq. 8: ``delta_loss / |completion_time - mean_time|``.
+
+    Guard: a worker whose time equals the mean (always the case when one worker reports alone)
+    would divide by zero. The denominator is ``max(|completion_time - mean_time|, eps *
+    mean_time)``: a gap smaller than ``eps`` (relative, default 0.1 %) of the mean round time
+    counts as that small gap, so the reward stays finite and the best possible fit is still the
+    largest reward.
+
+    Args:
+        delta_loss: the worker's contribution to convergence (e.g. training loss before minus after
+            its local work; larger is better, may be negative).
+        completion_time: the worker's round time ``T_n`` (seconds, >= 0).
+        mean_time: ``(1/N) sum_n' T_n'`` over the workers that reported in the same round (> 0).
+        eps: relative floor of the denominator (> 0).
+
+    Raises:
+        ConfigError: a non-finite input, a negative time, ``mean_time <= 0`` or ``eps <= 0``.
+    """
+    for name, value in (("delta_loss", delta_loss), ("completion_time", completion_time), ("mean_time", mean_time), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"eucb_reward: `{name}` must be a finite number, got {value!r}")
+    if completion_time < 0:
+        raise ConfigError(f"eucb_reward: `completion_time` must be >= 0, got {completion_time}")
+    if mean_time <= 0:
+        raise ConfigError(f"eucb_reward: `mean_time` must be > 0, got {mean_time}")
+    if eps <= 0:
+        raise ConfigError(f"eucb_reward: `eps` must be > 0, got {eps}")
+    gap = max(abs(float(completion_time) - float(mean_time)), float(eps) * float(mean_time))
+    return float(delta_loss) / gap
+
+
+@dataclass(frozen=True)
+class LeafStats:
+    """One leaf's statistics at a decision round (see the module docstring for the formulas)."""
+
+    low: float
+    high: float
+    count: float
+    mean: float
+    padding: float
+    ucb: float
+
+
+class _Leaf:
+    """A leaf ``[a, b)`` with lazily decayed sums and the observations that fell inside it."""
+
+    __slots__ = ("a", "b", "ref", "n", "r", "obs")
+
+    def __init__(self, a: float, b: float) -> None:
+        self.a = a
+        self.b = b
+        self.ref = 0  # the round the sums n, r refer to
+        self.n = 0.0  # sum over observations of lambda^(ref - s)
+        self.r = 0.0  # sum over observations of lambda^(ref - s) * R_s
+        self.obs: list[tuple[int, float, float]] = []  # (decision round, ratio, reward)
+
+    def add(self, rnd: int, ratio: float, reward: float, discount: float) -> None:
+        if not self.obs:
+            self.ref, self.n, self.r = rnd, 1.0, reward
+        else:
+            t = max(self.ref, rnd)
+            decay = discount ** (t - self.ref)
+            w = discount ** (t - rnd)
+            self.n = self.n * decay + w
+            self.r = self.r * decay + w * reward
+            self.ref = t
+        self.obs.append((rnd, ratio, reward))
+
+    def rebuild(self, ref: int, discount: float) -> None:
+        """Recompute the sums exactly from the observation list, as of round ``ref``."""
+        self.ref = ref
+        self.n = 0.0
+        self.r = 0.0
+        for s, _, reward in self.obs:
+            w = discount ** (ref - s)
+            self.n += w
+            self.r += w * reward
+
+    def count(self, rnd: int, discount: float) -> float:
+        """``N_rnd(lambda, P)`` (0 when nothing was observed)."""
+        if not self.obs:
+            return 0.0
+        return self.n * discount ** (rnd - self.ref)
+
+
+class EUCBAgent:
+    """One worker's E-UCB agent (Algorithm 1 of FedMP).
+
+    Args:
+        low: smallest ratio of the arm space.
+        high: end of the arm space (exclusive, ``<= 1``).
+        theta: a leaf is split only while its diameter exceeds ``theta`` (the paper uses
+            ``theta`` in ``[0.01, 0.05]``).
+        discount: the discount factor ``lambda`` in ``(0, 1)`` (the paper uses 0.95).
+        seed: run seed; the ratio drawn in round ``k`` depends only on ``(seed, worker, k)`` and
+            the agent's history.
+        worker: the worker's id (part of the draw's seed).
+
+    Decisions must come in increasing rounds (:meth:`choose`); each decision is observed at most
+    once (:meth:`observe`) or dropped (:meth:`discard`).
+
+    Raises:
+        ConfigError: a bad argument, named.
+    """
+
+    def __init__(
+        self,
+        *,
+        low: float = 0.0,
+        high: float = 1.0,
+        theta: float = 0.05,
+        discount: float = 0.95,
+        seed: int = 0,
+        worker: int = 0,
+    ) -> None:
+        self.low, self.high, self.theta, self.discount = _check_config(low, high, theta, discount)
+        self.seed = int(seed)
+        self.worker = int(worker)
+        self._leaves: list[_Leaf] = [_Leaf(self.low, self.high)]
+        self._edges: list[float] = [self.low]  # left edges, sorted (for bisect)
+        self._pending: dict[int, float] = {}  # decision round -> ratio, not yet observed
+        self._last_round: int | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def leaves(self) -> list[tuple[float, float]]:
+        """The current partition as ``[(a, b), ...]`` in increasing order (a copy)."""
+        return [(leaf.a, leaf.b) for leaf in self._leaves]
+
+    @property
+    def pending(self) -> dict[int, float]:
+        """Decisions not observed yet: ``{decision round: ratio}`` (a copy)."""
+        return dict(self._pending)
+
+    @property
+    def last_round(self) -> int | None:
+        """The round of the latest decision (``None`` before the first one)."""
+        return self._last_round
+
+    def statistics(self, rnd: int) -> list[LeafStats]:
+        """Every leaf's ``N``, mean, padding and ``U`` as they would be at decision round ``rnd``.
+
+        ``rnd`` must be later than every observed decision round (``s < k`` in Eq. 9).
+        """
+        rnd = _check_round(rnd, "rnd")
+        latest = max((leaf.ref for leaf in self._leaves if leaf.obs), default=-1)
+        if rnd <= latest:
+            raise ConfigError(f"statistics at round {rnd} would include the reward of round {latest} (needs s < k)")
+        return self._stats(rnd)
+
+    def _stats(self, rnd: int) -> list[LeafStats]:
+        counts = [leaf.count(rnd, self.discount) for leaf in self._leaves]
+        total = sum(counts)
+        log_n = max(math.log(total), 0.0) if total > 0 else 0.0
+        out = []
+        for leaf, count in zip(self._leaves, counts):
+            if count > 0:
+                mean = leaf.r / leaf.n
+                pad = math.sqrt(2.0 * log_n / count)
+                out.append(LeafStats(leaf.a, leaf.b, count, mean, pad, mean + pad))
+            else:
+                out.append(LeafStats(leaf.a, leaf.b, 0.0, math.nan, math.inf, math.inf))
+        return out
+
+    # ------------------------------------------------------------------ Algorithm 1
+    def choose(self, rnd: int) -> float:
+        """Decide the ratio of round ``rnd`` (Lines 3-10) and grow the tree.
+
+        Returns:
+            a ratio in ``[low, high)``.
+
+        Raises:
+            ConfigError: ``rnd`` is not later than the previous decision's round.
+        """
+        rnd = _check_round(rnd, "rnd")
+        if self._last_round is not None and rnd <= self._last_round:
+            raise ConfigError(
+                f"worker {self.worker}: decisions must come in increasing rounds; round {rnd} after round {self._last_round}"
+            )
+        # Lines 3-5: the argmax of U; strict '>' keeps the lowest left edge on ties
+        best, best_u = 0, -math.inf
+        counts = [leaf.count(rnd, self.discount) for leaf in self._leaves]
+        total = sum(counts)
+        log_n = max(math.log(total), 0.0) if total > 0 else 0.0
+        for j, (leaf, count) in enumerate(zip(self._leaves, counts)):
+            if count <= 0:
+                u = math.inf
+            else:
+                u = leaf.r / leaf.n + math.sqrt(2.0 * log_n / count)
+            if u > best_u:
+                best, best_u = j, u
+                if u == math.inf:
+                    break  # the lowest unexplored leaf
+        leaf = self._leaves[best]
+        # Line 6: uniformly inside the chosen leaf [a, b)
+        alpha = float(rng_for(self.seed, "eucb", self.worker, rnd).uniform(leaf.a, leaf.b))
+        if alpha >= leaf.b:  # uniform() may round up to b
+            alpha = math.nextafter(leaf.b, leaf.a)
+        alpha = max(alpha, leaf.a)
+        # Lines 7-10: split while the leaf is coarser than theta (a draw on the left edge cannot split)
+        if leaf.b - leaf.a > self.theta and alpha > leaf.a:
+            self._split(best, alpha)
+        self._pending[rnd] = alpha
+        self._last_round = rnd
+        return alpha
+
+    def _split(self, index: int, alpha: float) -> None:
+        leaf = self._leaves[index]
+        left, right = _Leaf(leaf.a, alpha), _Leaf(alpha, leaf.b)
+        for ob in leaf.obs:
+            (left if ob[1] < alpha else right).obs.append(ob)
+        for child in (left, right):
+            if child.obs:
+                child.rebuild(leaf.ref, self.discount)
+        self._leaves[index : index + 1] = [left, right]
+        self._edges[index : index + 1] = [left.a, right.a]
+
+    def observe(self, rnd: int, ratio: float, reward: float) -> None:
+        """Record the reward of the ratio decided in round ``rnd`` (Line 12).
+
+        Args:
+            rnd: the round the ratio was *decided* in (for a stale asynchronous result, the
+                earlier round).
+            ratio: the ratio that was returned by :meth:`choose` for ``rnd``.
+            reward: its reward (e.g. :func:`eucb_reward`), finite.
+
+        Raises:
+            ConfigError: no pending decision in ``rnd``, another ratio, or a non-finite reward.
+        """
+        rnd = _check_round(rnd, "rnd")
+        if rnd not in self._pending:
+            raise ConfigError(f"worker {self.worker} was not asked for a ratio in round {rnd} (or it was already observed)")
+        if float(ratio) != self._pending[rnd]:
+            raise ConfigError(f"worker {self.worker}: round {rnd} decided ratio {self._pending[rnd]!r}, observed {ratio!r}")
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise ConfigError(f"worker {self.worker}: `reward` must be a finite number, got {reward!r}")
+        alpha = self._pending.pop(rnd)
+        j = bisect.bisect_right(self._edges, alpha) - 1
+        self._leaves[j].add(rnd, alpha, float(reward), self.discount)
+
+    def discard(self, rnd: int) -> None:
+        """Forget the decision of round ``rnd`` (its worker failed; no reward will come)."""
+        self._pending.pop(rnd, None)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, JSON-able (floats round-trip exactly through ``json``)."""
+        return {
+            "version": _STATE_VERSION,
+            "config": {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed, "worker": self.worker},
+            "leaves": [
+                {"a": leaf.a, "b": leaf.b, "ref": leaf.ref, "n": leaf.n, "r": leaf.r, "obs": [list(o) for o in leaf.obs]}
+                for leaf in self._leaves
+            ],
+            "pending": {str(k): v for k, v in self._pending.items()},
+            "last_round": self._last_round,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` exactly.
+
+        Raises:
+            ConfigError: the state was written with other hyper-parameters, or is malformed.
+        """
+        try:
+            config = state["config"]
+            mine = {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed, "worker": self.worker}
+            for key, value in mine.items():
+                if config.get(key) != value:
+                    raise ConfigError(f"E-UCB state was saved with {key}={config.get(key)!r}, this agent has {key}={value!r}")
+            leaves = []
+            for item in state["leaves"]:
+                leaf = _Leaf(float(item["a"]), float(item["b"]))
+                leaf.ref, leaf.n, leaf.r = int(item["ref"]), float(item["n"]), float(item["r"])
+                leaf.obs = [(int(s), float(x), float(rw)) for s, x, rw in item["obs"]]
+                leaves.append(leaf)
+            pending = {int(k): float(v) for k, v in state.get("pending", {}).items()}
+            last = state.get("last_round")
+            last = None if last is None else int(last)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"malformed E-UCB agent state: {err!r}") from None
+        if not leaves or leaves[0].a != self.low or leaves[-1].b != self.high or any(p.b != q.a for p, q in zip(leaves, leaves[1:])):
+            raise ConfigError(f"malformed E-UCB agent state: the leaves do not partition [{self.low}, {self.high})")
+        self._leaves = leaves
+        self._edges = [leaf.a for leaf in leaves]
+        self._pending = pending
+        self._last_round = last
+
+
+class EUCB:
+    """E-UCB for all workers: one :class:`EUCBAgent` per worker, created on first use.
+
+    Workers may join at any round; the server needs no knowledge of their devices.
+
+    Args:
+        low / high / theta / discount / seed: as for :class:`EUCBAgent` (shared by all agents).
+
+    Raises:
+        ConfigError: a bad argument, named.
+    """
+
+    def __init__(
+        self, *, low: float = 0.0, high: float = 1.0, theta: float = 0.05, discount: float = 0.95, seed: int = 0
+    ) -> None:
+        self.low, self.high, self.theta, self.discount = _check_config(low, high, theta, discount)
+        self.seed = int(seed)
+        self._agents: dict[int, EUCBAgent] = {}
+
+    @property
+    def workers(self) -> list[int]:
+        """Ids of the workers that have an agent, sorted."""
+        return sorted(self._agents)
+
+    def agent(self, worker: int) -> EUCBAgent:
+        """The agent of ``worker`` (created on first use)."""
+        worker = int(worker)
+        agent = self._agents.get(worker)
+        if agent is None:
+            agent = EUCBAgent(low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=worker)
+            self._agents[worker] = agent
+        return agent
+
+    def decide(self, rnd: int, workers: Iterable[int]) -> dict[int, float]:
+        """One ratio per worker for round ``rnd`` (each from its own agent)."""
+        return {int(w): self.agent(w).choose(rnd) for w in workers}
+
+    def observe(
+        self,
+        rnd: int,
+        outcomes: Mapping[int, tuple[float, float]],
+        *,
+        decision_rounds: Mapping[int, int] | None = None,
+        eps: float = 1e-3,
+    ) -> dict[int, float]:
+        """Turn the outcomes of workers that reported together into rewards (Eq. 8) and record them.
+
+        Args:
+            rnd: the round the ratios were decided in.
+            outcomes: ``worker -> (delta_loss, completion_time)`` for the workers whose results
+                arrived together; Eq. 8's mean time is taken over exactly these workers.
+            decision_rounds: for asynchronous runs, ``worker -> decision round`` of workers whose
+                result is stale (decided in an earlier round than ``rnd``); others use ``rnd``.
+            eps: the reward's denominator floor (see :func:`eucb_reward`).
+
+        Returns:
+            ``worker -> reward``.
+
+        Raises:
+            ConfigError: a worker was not asked for a ratio in its decision round (nothing is
+                recorded then), or an outcome is not finite.
+        """
+        rnd = _check_round(rnd, "rnd")
+        decision_rounds = dict(decision_rounds or {})
+        unknown = sorted(set(decision_rounds) - set(outcomes))
+        if unknown:
+            raise ConfigError(f"`decision_rounds` names workers {unknown} that have no outcome")
+        plan: list[tuple[EUCBAgent, int, float, float]] = []
+        for w, outcome in outcomes.items():
+            dr = _check_round(decision_rounds.get(w, rnd), f"decision_rounds[{w}]")
+            agent = self._agents.get(int(w))
+            if agent is None or dr not in agent._pending:
+                raise ConfigError(f"worker {w} was not asked for a ratio in round {dr} (or it was already observed)")
+            try:
+                delta_loss, completion = (float(v) for v in outcome)
+            except (TypeError, ValueError):
+                raise ConfigError(f"outcome of worker {w} must be (delta_loss, completion_time), got {outcome!r}") from None
+            if not (math.isfinite(delta_loss) and math.isfinite(completion) and completion >= 0):
+                raise ConfigError(f"outcome of worker {w} must be finite with completion_time >= 0, got {outcome!r}")
+            plan.append((agent, dr, delta_loss, completion))
+        if not plan:
+            return {}
+        mean_time = sum(p[3] for p in plan) / len(plan)
+        rewards: dict[int, float] = {}
+        for agent, dr, delta_loss, completion in plan:
+            reward = eucb_reward(delta_loss, completion, mean_time, eps=eps)
+            agent.observe(dr, agent._pending[dr], reward)
+            rewards[agent.worker] = reward
+        return rewards
+
+    def discard(self, rnd: int, workers: Iterable[int]) -> None:
+        """Forget the decisions of round ``rnd`` for workers that failed (no reward will come)."""
+        for w in workers:
+            agent = self._agents.get(int(w))
+            if agent is not None:
+                agent.discard(rnd)
+
+    def state_dict(self) -> dict[str, Any]:
+        """All agents' states, JSON-able."""
+        return {
+            "version": _STATE_VERSION,
+            "config": {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed},
+            "agents": {str(w): a.state_dict() for w, a in sorted(self._agents.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` exactly (agents not in ``state`` are dropped).
+
+        Raises:
+            ConfigError: the state was written with other hyper-parameters, or is malformed.
+        """
+        if not isinstance(state, Mapping) or "agents" not in state:
+            raise ConfigError("malformed E-UCB state: no 'agents'")
+        config = state.get("config", {})
+        for key, value in (("low", self.low), ("high", self.high), ("theta", self.theta), ("discount", self.discount), ("seed", self.seed)):
+            if config.get(key) != value:
+                raise ConfigError(f"E-UCB state was saved with {key}={config.get(key)!r}, this bandit has {key}={value!r}")
+        agents: dict[int, EUCBAgent] = {}
+        for w, agent_state in state["agents"].items():
+            agent = EUCBAgent(low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=int(w))
+            agent.load_state_dict(agent_state)
+            agents[int(w)] = agent
+        self._agents = agents

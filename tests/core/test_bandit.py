@@ -1,0 +1,356 @@
+"""E-UCB (FedMP Algorithm 1, Eqs. 8-11): hand-computed statistics, splits, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from lightning_fedprune.core.bandit import EUCB, EUCBAgent, eucb_reward
+from lightning_fedprune.errors import ConfigError
+
+
+def _brute_force(history: list[tuple[int, float, float]], a: float, b: float, k: int, lam: float) -> tuple[float, float]:
+    """Eq. 9 straight from its definition: N_k(P) and the discounted mean over [a, b)."""
+    count = sum(lam ** (k - s) for s, x, _ in history if a <= x < b and s < k)
+    total = sum(lam ** (k - s) * r for s, x, r in history if a <= x < b and s < k)
+    return count, (total / count if count > 0 else math.nan)
+
+
+# ----------------------------------------------------------------------------- Eq. 8
+
+
+def test_reward_by_hand():
+    # |3 - 5| = 2 -> 1.5 / 2; a negative delta loss gives a negative reward
+    assert eucb_reward(1.5, 3.0, 5.0) == 0.75
+    assert eucb_reward(-1.0, 7.0, 5.0) == -0.5
+    # guard: the gap is floored at eps * mean = 1e-3 * 5
+    assert eucb_reward(1.0, 5.0, 5.0) == pytest.approx(1.0 / 0.005)
+    assert eucb_reward(1.0, 5.001, 5.0) == pytest.approx(1.0 / 0.005)
+    assert eucb_reward(1.0, 5.0, 5.0, eps=0.1) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((float("nan"), 1.0, 1.0), "`delta_loss` must be a finite number"),
+        ((1.0, float("inf"), 1.0), "`completion_time` must be a finite number"),
+        ((1.0, -1.0, 1.0), "`completion_time` must be >= 0, got -1.0"),
+        ((1.0, 1.0, 0.0), "`mean_time` must be > 0, got 0.0"),
+    ],
+)
+def test_reward_rejects_bad_inputs(args, message):
+    with pytest.raises(ConfigError, match=message):
+        eucb_reward(*args)
+
+
+# ----------------------------------------------------------------------------- Eqs. 9-11 by hand
+
+
+def test_single_leaf_three_round_history_by_hand():
+    # Prepare: theta = 1 -> the leaf [0, 1) (diameter 1, not > theta) is never split
+    agent = EUCBAgent(theta=1.0, discount=0.9, seed=3)
+    rewards = [1.0, 2.0, 4.0]
+    # Execute
+    for k, r in enumerate(rewards):
+        x = agent.choose(k)
+        assert 0.0 <= x < 1.0
+        agent.observe(k, x, r)
+    (stats,) = agent.statistics(3)
+    # Assert: N_3 = .9^3 + .9^2 + .9 = 2.439; mean = (.729 * 1 + .81 * 2 + .9 * 4) / 2.439
+    assert agent.leaves == [(0.0, 1.0)]
+    assert stats.count == pytest.approx(2.439)
+    assert stats.mean == pytest.approx(5.949 / 2.439)
+    assert stats.padding == pytest.approx(math.sqrt(2 * math.log(2.439) / 2.439))
+    assert stats.ucb == pytest.approx(5.949 / 2.439 + math.sqrt(2 * math.log(2.439) / 2.439))
+
+
+def test_two_leaves_three_round_history_by_hand():
+    # Prepare: seed 7's first draw is 0.381; theta = 0.7 splits [0, 1) there into [0, .381) and
+    # [.381, 1), both no wider than theta, so the partition then stays fixed
+    agent = EUCBAgent(theta=0.7, discount=0.9, seed=7)
+    a0 = agent.choose(0)
+    assert 0.3 < a0 < 0.7
+    assert agent.leaves == [(0.0, a0), (a0, 1.0)]
+    agent.observe(0, a0, 1.0)
+    # round 1: the left leaf was never observed -> U = inf -> chosen
+    a1 = agent.choose(1)
+    assert 0.0 <= a1 < a0
+    agent.observe(1, a1, 0.5)
+    # round 2 by hand: N(L) = .9, N(R) = .81, n = 1.71
+    left, right = agent.statistics(2)
+    assert (left.count, right.count) == (pytest.approx(0.9), pytest.approx(0.81))
+    pad = lambda n: math.sqrt(2 * math.log(1.71) / n)  # noqa: E731
+    assert left.ucb == pytest.approx(0.5 + pad(0.9))  # 1.5919
+    assert right.ucb == pytest.approx(1.0 + pad(0.81))  # 2.1510 -> the right leaf wins
+    a2 = agent.choose(2)
+    assert a0 <= a2 < 1.0
+    agent.observe(2, a2, 2.0)
+    # round 3 by hand: N(L) = .81 (round 1); N(R) = .729 + .9 (rounds 0 and 2); n = 2.439
+    left, right = agent.statistics(3)
+    assert left.count == pytest.approx(0.81) and left.mean == pytest.approx(0.5)
+    assert right.count == pytest.approx(1.629) and right.mean == pytest.approx((0.729 * 1 + 0.9 * 2) / 1.629)
+    assert left.ucb == pytest.approx(0.5 + math.sqrt(2 * math.log(2.439) / 0.81))  # 1.9837
+    assert right.ucb == pytest.approx(2.529 / 1.629 + math.sqrt(2 * math.log(2.439) / 1.629))  # 2.5988
+    assert a0 <= agent.choose(3) < 1.0
+    assert agent.leaves == [(0.0, a0), (a0, 1.0)]
+
+
+def test_padding_is_zero_while_the_discounted_total_is_at_most_one():
+    # lambda = .5: after one observation n_1 = .5 -> log n < 0 -> padding 0 (the documented guard)
+    agent = EUCBAgent(theta=1.0, discount=0.5)
+    agent.observe(0, agent.choose(0), 3.0)
+    (stats,) = agent.statistics(1)
+    assert (stats.count, stats.mean, stats.padding, stats.ucb) == (0.5, 3.0, 0.0, 3.0)
+
+
+def test_unobserved_leaves_go_first_lowest_edge_first():
+    agent = EUCBAgent(theta=0.05, seed=0)
+    a0 = agent.choose(0)
+    agent.observe(0, a0, 100.0)
+    # the leaf [0, a0) has no observation: U = inf beats any finite reward
+    assert agent.statistics(1)[0].ucb == math.inf
+    a1 = agent.choose(1)
+    assert 0.0 <= a1 < a0
+    # two fresh leaves now: [0, a1) and [a1, a0) (after observing nothing) -> the lower one
+    a2 = agent.choose(2)
+    assert 0.0 <= a2 < a1
+
+
+def test_stale_observation_counts_with_its_decision_round():
+    # decided in round 0 and 1, observed in reverse order (an asynchronous straggler)
+    in_order, reversed_ = EUCBAgent(theta=1.0, discount=0.8), EUCBAgent(theta=1.0, discount=0.8)
+    xs = [in_order.choose(0), in_order.choose(1)]
+    assert [reversed_.choose(0), reversed_.choose(1)] == xs
+    in_order.observe(0, xs[0], 1.0)
+    in_order.observe(1, xs[1], 3.0)
+    reversed_.observe(1, xs[1], 3.0)
+    reversed_.observe(0, xs[0], 1.0)
+    for agent in (in_order, reversed_):
+        (stats,) = agent.statistics(2)
+        assert stats.count == pytest.approx(0.64 + 0.8)
+        assert stats.mean == pytest.approx((0.64 * 1 + 0.8 * 3) / 1.44)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_splits_happen_exactly_when_the_leaf_is_wider_than_theta_and_children_stats_are_exact():
+    theta, lam = 0.1, 0.9
+    agent = EUCBAgent(theta=theta, discount=lam, seed=11)
+    noise = np.random.default_rng(0)
+    history: list[tuple[int, float, float]] = []
+    splits_of_observed_leaves = no_split_rounds = 0
+    for k in range(80):
+        before = agent.leaves
+        x = agent.choose(k)
+        (j,) = [i for i, (a, b) in enumerate(before) if a <= x < b]
+        a, b = before[j]
+        if b - a > theta:
+            assert agent.leaves == before[:j] + [(a, x), (x, b)] + before[j + 1 :]
+            splits_of_observed_leaves += any(a <= hx < b for _, hx, _ in history)
+        else:
+            assert agent.leaves == before
+            no_split_rounds += 1
+        r = float(noise.normal(1.0 - abs(x - 0.3), 0.1))
+        agent.observe(k, x, r)
+        history.append((k, x, r))
+        # every leaf's statistics equal Eq. 9 recomputed from the whole history
+        for st in agent.statistics(k + 1):
+            count, mean = _brute_force(history, st.low, st.high, k + 1, lam)
+            assert st.count == pytest.approx(count, rel=1e-12, abs=1e-300)
+            if count > 0:
+                assert st.mean == pytest.approx(mean, rel=1e-12)
+            else:
+                assert st.ucb == math.inf
+    # both branches were exercised: leaves with history got split, narrow leaves were reused
+    assert splits_of_observed_leaves >= 3 and no_split_rounds >= 10
+    leaves = agent.leaves
+    assert leaves[0][0] == 0.0 and leaves[-1][1] == 1.0
+    assert all(p[1] == q[0] for p, q in zip(leaves, leaves[1:]))
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_same_seed_same_choices_other_seed_other_choices():
+    def run(seed: int) -> list[float]:
+        agent = EUCBAgent(seed=seed, worker=4)
+        out = []
+        for k in range(30):
+            x = agent.choose(k)
+            agent.observe(k, x, eucb_reward(1.0 - x, 10 * (1 - x), 5.0))
+            out.append(x)
+        return out
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    # the worker id is part of the draw
+    assert EUCBAgent(seed=1, worker=0).choose(0) != EUCBAgent(seed=1, worker=1).choose(0)
+
+
+def test_agent_concentrates_on_the_ratio_whose_time_matches_the_mean():
+    # Synthetic worker: its round time falls linearly with the ratio, 10 * (1 - x) seconds, and
+    # the others' mean is 4 s, so Eq. 8's reward peaks at x = 0.6; pruning costs a little loss
+    medians = []
+    for seed in range(10):
+        agent = EUCBAgent(seed=seed)
+        noise = np.random.default_rng(seed)
+        chosen = []
+        for k in range(130):
+            x = agent.choose(k)
+            delta_loss = 1.0 - 0.3 * x + 0.05 * float(noise.standard_normal())
+            agent.observe(k, x, eucb_reward(delta_loss, 10.0 * (1.0 - x), 4.0))
+            chosen.append(x)
+        medians.append(statistics.median(chosen[-30:]))
+    close = [abs(m - 0.6) <= 0.1 for m in medians]
+    assert sum(close) >= 9, medians
+    assert abs(statistics.median(medians) - 0.6) <= 0.03, medians
+
+
+def test_eucb_observe_uses_the_mean_time_of_the_reporting_workers():
+    bandit = EUCB(seed=0)
+    ratios = bandit.decide(0, [0, 1, 2])
+    assert set(ratios) == {0, 1, 2} and all(0.0 <= r < 1.0 for r in ratios.values())
+    # times 2, 4, 9 -> mean 5 -> gaps 3, 1, 4
+    rewards = bandit.observe(0, {0: (0.3, 2.0), 1: (0.5, 4.0), 2: (-0.4, 9.0)})
+    assert rewards == {0: pytest.approx(0.1), 1: pytest.approx(0.5), 2: pytest.approx(-0.1)}
+    for w in (0, 1, 2):
+        (observed,) = [s for s in bandit.agent(w).statistics(1) if s.count > 0]
+        assert observed.mean == pytest.approx(rewards[w]) and observed.count == pytest.approx(0.95)
+
+
+def test_eucb_rejects_workers_that_were_not_asked_and_records_nothing():
+    bandit = EUCB(seed=0)
+    bandit.decide(0, [0, 1])
+    with pytest.raises(ConfigError, match="worker 5 was not asked for a ratio in round 0"):
+        bandit.observe(0, {0: (1.0, 1.0), 5: (1.0, 2.0)})
+    with pytest.raises(ConfigError, match="worker 1 was not asked for a ratio in round 3"):
+        bandit.observe(3, {1: (1.0, 1.0)})
+    # the failed call recorded nothing: worker 0's decision is still pending, no reward counted
+    assert list(bandit.agent(0).pending) == [0]
+    assert all(s.count == 0 for s in bandit.agent(0).statistics(1))
+    bandit.observe(0, {0: (1.0, 1.0)})
+    with pytest.raises(ConfigError, match="already observed"):
+        bandit.observe(0, {0: (1.0, 1.0)})
+
+
+def test_eucb_async_stale_results_and_joining_workers():
+    bandit = EUCB(seed=2)
+    r0 = bandit.decide(0, [0, 1])
+    bandit.observe(0, {0: (1.0, 2.0)})  # worker 1 is a straggler
+    r1 = bandit.decide(1, [0, 7])  # worker 7 joins
+    rewards = bandit.observe(1, {0: (1.0, 2.0), 1: (1.0, 6.0), 7: (1.0, 4.0)}, decision_rounds={1: 0})
+    # mean of 2, 6, 4 = 4 over the three that arrived together
+    assert rewards == {0: pytest.approx(0.5), 1: pytest.approx(0.5), 7: pytest.approx(1e3 / 4)}
+    assert bandit.workers == [0, 1, 7]
+    assert bandit.agent(1).pending == {} and r0[1] != r1[0]
+    # worker 1's reward counts with its decision round 0: at round 2 its weight is .95^2
+    (observed,) = [s for s in bandit.agent(1).statistics(2) if s.count > 0]
+    assert observed.count == pytest.approx(0.95**2)
+
+
+def test_decisions_must_increase_and_discard_drops_a_pending_one():
+    agent = EUCBAgent()
+    agent.choose(3)
+    with pytest.raises(ConfigError, match="increasing rounds; round 3 after round 3"):
+        agent.choose(3)
+    agent.discard(3)
+    assert agent.pending == {}
+    with pytest.raises(ConfigError, match="not asked for a ratio in round 3"):
+        agent.observe(3, 0.5, 1.0)
+
+
+def test_observe_checks_ratio_and_reward():
+    agent = EUCBAgent()
+    x = agent.choose(0)
+    with pytest.raises(ConfigError, match="round 0 decided ratio"):
+        agent.observe(0, x + 0.01, 1.0)
+    with pytest.raises(ConfigError, match="`reward` must be a finite number"):
+        agent.observe(0, x, float("nan"))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_mid_run_gives_identical_choices():
+    rng = np.random.default_rng(0)
+    outcomes = [{w: (float(rng.random()), float(1 + 3 * rng.random())) for w in range(4)} for _ in range(40)]
+    straight = EUCB(seed=9, theta=0.03)
+    for k in range(40):
+        straight.decide(k, range(4))
+        straight.observe(k, outcomes[k])
+    first = EUCB(seed=9, theta=0.03)
+    for k in range(20):
+        first.decide(k, range(4))
+        first.observe(k, outcomes[k])
+    first.decide(20, range(4))  # a pending decision crosses the checkpoint too
+    blob = json.dumps(first.state_dict())  # JSON-able
+    resumed = EUCB(seed=9, theta=0.03)
+    resumed.load_state_dict(json.loads(blob))
+    resumed.observe(20, outcomes[20])
+    for k in range(21, 40):
+        resumed.decide(k, range(4))
+        resumed.observe(k, outcomes[k])
+    assert resumed.state_dict() == straight.state_dict()
+    assert resumed.decide(40, range(4)) == straight.decide(40, range(4))
+
+
+def test_load_state_checks_hyper_parameters():
+    state = EUCB(theta=0.05).state_dict()
+    with pytest.raises(ConfigError, match="saved with theta=0.05, this bandit has theta=0.02"):
+        EUCB(theta=0.02).load_state_dict(state)
+    agent_state = EUCBAgent(worker=1).state_dict()
+    with pytest.raises(ConfigError, match="saved with worker=1, this agent has worker=2"):
+        EUCBAgent(worker=2).load_state_dict(agent_state)
+
+
+# ----------------------------------------------------------------------------- speed and arguments
+
+
+def test_one_hundred_workers_decide_and_observe_fast():
+    bandit = EUCB(seed=0)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    start = time.perf_counter()
+    for k in range(200):
+        t0 = time.perf_counter()
+        ratios = bandit.decide(k, range(100))
+        bandit.observe(k, {w: (float(rng.random()), float(1.0 + x)) for w, x in ratios.items()})
+        worst = max(worst, time.perf_counter() - t0)
+    per_round = (time.perf_counter() - start) / 200
+    print(f"E-UCB 100 workers: {per_round * 1e3:.2f} ms per round (worst {worst * 1e3:.2f} ms)")
+    assert per_round < 1.0 and worst < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"theta": 0.0}, r"`theta` \(the split granularity\) must be > 0, got 0.0"),
+        ({"theta": -0.1}, "`theta`"),
+        ({"discount": 1.0}, r"`discount` \(lambda\) must be in \(0, 1\), got 1.0"),
+        ({"discount": 0.0}, "`discount`"),
+        ({"low": 0.5, "high": 0.5}, "`low` and `high` must satisfy 0 <= low < high"),
+        ({"high": 1.5}, r"`high` must be <= 1 \(pruning ratios lie in \[0, 1\)\), got 1.5"),
+        ({"low": float("nan")}, "`low` must be a finite number"),
+    ],
+)
+@pytest.mark.parametrize("cls", [EUCB, EUCBAgent])
+def test_bad_arguments_are_named(cls, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        cls(**kwargs)
+
+
+def test_ratios_stay_inside_a_custom_range():
+    agent = EUCBAgent(low=0.2, high=0.5, theta=0.01, seed=4)
+    xs = []
+    for k in range(60):
+        x = agent.choose(k)
+        agent.observe(k, x, -abs(x - 0.3))
+        xs.append(x)
+    assert all(0.2 <= x < 0.5 for x in xs)
+    assert agent.leaves[0][0] == 0.2 and agent.leaves[-1][1] == 0.5
