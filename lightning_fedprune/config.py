@@ -83,26 +83,11 @@ class FederatedClassifier(FederatedModuleMixin, ClassifierModule):
 class FederatedLanguageModel(FederatedModuleMixin, LanguageModelModule):
     """:class:`~lightning_fedprune.models.LanguageModelModule` that takes part in federated training.
 
-    FLOPs are counted analytically (torch-pruning's counter is wrong for ``batch_first`` LSTMs):
-    per token, ``2 * 4 * H * (in + H)`` per LSTM layer and direction plus ``2 * in * out`` per
-    ``Linear``; embeddings are lookups (0 FLOPs).
+    The embedding and the output layer are never pruned. FLOPs are counted by
+    :func:`lightning_fedprune.core.flops.forward_flops`, which counts LSTMs analytically.
     """
 
     federated_unprunable = ("classifier", "embedding")
-
-    def federated_forward_flops(self, example: torch.Tensor) -> float:
-        """Forward FLOPs of ONE sequence of ``example`` (``(B, T)`` token ids, batch first)."""
-        seq_len = int(example.shape[-1]) if example.dim() > 1 else int(example.numel())
-        per_token = 0.0
-        for m in self.model.modules():
-            if isinstance(m, nn.LSTM):
-                dirs = 2 if m.bidirectional else 1
-                for layer in range(m.num_layers):
-                    inp = m.input_size if layer == 0 else m.hidden_size * dirs
-                    per_token += dirs * 2.0 * 4 * m.hidden_size * (inp + m.hidden_size)
-            elif isinstance(m, nn.Linear):
-                per_token += 2.0 * m.in_features * m.out_features
-        return per_token * seq_len
 
 
 # --------------------------------------------------------------------------------------------

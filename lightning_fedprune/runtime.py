@@ -56,23 +56,17 @@ class ClientError(FedPruneError, RuntimeError):
 
 
 def count_flops_per_example(module: torch.nn.Module, example: Any) -> float:
-    """Forward FLOPs of ONE example (2 x multiply-accumulates), measured with torch-pruning.
+    """Forward FLOPs of ONE example (2 x multiply-accumulates) of the module at its current shape.
 
-    Modules may provide ``federated_forward_flops(example)`` to override the count (e.g. LSTMs,
-    which torch-pruning's counter gets wrong).
+    Counted by :func:`lightning_fedprune.core.flops.forward_flops` (torch-pruning's per-layer rules,
+    LSTMs analytically). Modules may provide ``federated_forward_flops(example)`` to override it.
     """
     custom = getattr(module, "federated_forward_flops", None)
     if callable(custom):
         return float(custom(example))
-    import torch_pruning as tp
+    from lightning_fedprune.core.flops import forward_flops
 
-    was_training = module.training
-    try:
-        macs, _ = tp.utils.count_ops_and_params(module, example_inputs=example)
-    finally:
-        module.train(was_training)
-    batch = example.shape[0] if isinstance(example, torch.Tensor) and example.dim() > 0 else 1
-    return 2.0 * float(macs) / max(1, batch)
+    return forward_flops(module, example, per_example=True)
 
 
 def build_planner(module: Any, example: Any = None) -> Any:
@@ -401,11 +395,17 @@ class ClientRuntime:
         """The task's weights as full tensors for ``module``, decoding packed formats.
 
         ``task.config["weights_format"]`` names the format: ``"dense"`` (default: the tensors as
-        they are) or ``"submodel"`` (a structured sub-model: the module is reshaped to the tensors).
+        they are), ``"submodel"`` (a structured sub-model: the module is reshaped to the tensors) or
+        ``"coo"`` (PruneFL's packed masked weights, :func:`lightning_fedprune.core.sparse.pack_state`).
         """
         fmt = task.config.get("weights_format", "dense")
         if fmt in ("dense", "submodel"):
             return task.weights
+        if fmt == "coo":
+            # PruneFL: pruned layers packed as COO (or dense + bit mask), validated against the module
+            from lightning_fedprune.core.sparse import unpack_state
+
+            return unpack_state(task.weights, {k: tuple(v.shape) for k, v in module.federated_state().items()})
         raise ClientError(f"task of client {task.client_id} has an unknown weights_format {fmt!r}")
 
     def _shape_key(self, module: torch.nn.Module) -> tuple:

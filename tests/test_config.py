@@ -233,10 +233,11 @@ def test_build_run_bad_strategy_value_names_strategy(tmp_path):
 
 def test_language_model_flops_are_analytic():
     # 1-layer LSTM(4 -> 3) + Linear(3 -> 5) on sequences of 7 tokens:
-    # per token 2*4*3*(4+3) = 168 (LSTM) + 2*3*5 = 30 (Linear) -> 198 * 7 = 1386 per sequence
-    net = torch.nn.Module()
-    net.embedding = torch.nn.Embedding(5, 4)
-    net.lstm = torch.nn.LSTM(4, 3, batch_first=True)
-    net.classifier = torch.nn.Linear(3, 5)
+    # per token 2*4*3*(4+3) = 168 (LSTM) + 2*3*5 = 30 (Linear) -> 198 * 7 = 1386 per sequence,
+    # plus torch-pruning's count for the embedding table (5 rows: 2 * 5)
+    from lightning_fedprune.models import create_model
+    from lightning_fedprune.runtime import count_flops_per_example
+
+    net = create_model("lstm_lm", vocab_size=5, embed_dim=4, hidden_size=3, num_layers=1, dropout=0.0)
     module = FederatedLanguageModel(net)
-    assert module.federated_forward_flops(torch.zeros((1, 7), dtype=torch.long)) == 1386.0
+    assert count_flops_per_example(module, torch.zeros((1, 7), dtype=torch.long)) == 1386.0 + 10.0

@@ -1,7 +1,8 @@
 """Server strategies (pure objects: no Lightning, no FedML, no engine)."""
 
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
-from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, FedProx, Scaffold
+from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, FedProx, Scaffold, capability_local_steps
+from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
 
 #: strategy name (as used in recipes) -> class
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -9,6 +10,23 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedprox": FedProx,
     "fednova": FedNova,
     "scaffold": Scaffold,
+    "fedmp": FedMP,
+    "upfl": UniformPruning,
+    "flexcom": FlexCom,
 }
 
-__all__ = ["Strategy", "ModelSpec", "sample_clients", "FedAvg", "FedProx", "FedNova", "Scaffold", "STRATEGIES"]
+__all__ = [
+    "Strategy",
+    "ModelSpec",
+    "sample_clients",
+    "FedAvg",
+    "FedProx",
+    "FedNova",
+    "Scaffold",
+    "capability_local_steps",
+    "SubModelStrategy",
+    "FedMP",
+    "UniformPruning",
+    "FlexCom",
+    "STRATEGIES",
+]

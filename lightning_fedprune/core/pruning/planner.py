@@ -1,0 +1,741 @@
+"""Build pruning plans from a torch-pruning dependency graph.
+
+:meth:`Planner.from_module` traces the model ONCE with torch-pruning's ``DependencyGraph``
+(``nn.LSTM`` handled by :class:`~lightning_fedprune.core.lstm_pruning.LSTMPruner`) and queries every
+prunable group on the UNPRUNED model, so every index is in original coordinates. Each group's
+``(dependency, indices)`` pairs are turned into per-tensor index maps (the
+:class:`~lightning_fedprune.core.pruning.layout.Layout`); after that no module is needed: plans are
+computed from state dicts and applied by plain tensor indexing.
+
+FedMP's rule (Jiang et al., Sec. III-B) is :meth:`Planner.plan`: the same ratio in every group,
+keeping the channels with the largest L1 norm of their filter / neuron weights::
+
+    planner = Planner.from_module(model, example_input, unprunable=("classifier",))
+    plan = planner.plan(global_state, ratio=0.5)
+    sub_state = plan.extract(global_state)       # tensors of the physically smaller sub-model
+    ...                                           # a client trains a model of plan.sub_shapes()
+    new_full = plan.recover(trained_sub_state, base=global_state)   # R2SP
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_fedprune.core.lstm_pruning import LSTMPruner, check_lstm_supported, gate_rows
+from lightning_fedprune.core.pruning.layout import DimMap, Layout, Part, fingerprint_of
+from lightning_fedprune.core.pruning.plan import Plan, _check_kept
+from lightning_fedprune.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Planner", "matches_unprunable"]
+
+#: Module types whose output channels are filters / neurons (scored by importance).
+_WRITER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.LSTM)
+
+
+def matches_unprunable(name: str, patterns: Iterable[str]) -> bool:
+    """True if module ``name`` matches a pattern ``p``: ``name == p``, ``name`` ends with
+    ``"." + p`` (so ``"classifier"`` matches ``"model.classifier"``) or ``fnmatch(name, p)``."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class _Writer:
+    """One output-filter tensor scored by importance: rows of ``key`` along ``dim``; entry ``i``
+    of the group's channel ``root[i]`` sums the row scores of ``rows[i, :]``."""
+
+    __slots__ = ("key", "dim", "rows", "root")
+
+    def __init__(self, key: str, dim: int, rows: torch.Tensor, root: torch.Tensor) -> None:
+        self.key, self.dim, self.rows, self.root = key, dim, rows, root
+
+
+class Planner:
+    """Makes :class:`~lightning_fedprune.core.pruning.plan.Plan` s for one architecture.
+
+    Build it with :meth:`from_module`; it keeps no reference to the model.
+
+    Attributes:
+        layout: The architecture's groups and index maps.
+        unprunable_modules: Module names matched by the ``unprunable`` patterns.
+    """
+
+    def __init__(self, layout: Layout, writers: Sequence[Sequence[_Writer]], *, unprunable_modules: Sequence[str] = ()) -> None:
+        self.layout = layout
+        self._writers = [list(w) for w in writers]
+        self.unprunable_modules = tuple(unprunable_modules)
+        self._full_plan: Plan | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_module(cls, model: nn.Module, example_input: Any, *, unprunable: Iterable[str] = ()) -> "Planner":
+        """Trace ``model`` once and derive its prunable groups and index maps.
+
+        The model's train/eval mode (of every submodule) is restored afterwards and its weights are
+        not changed. ``model`` may be a bare network or a LightningModule whose forward calls its
+        network (keys are then e.g. ``"model.features.0.weight"``).
+
+        Args:
+            model: The full (unpruned) model. (Models with LSTMs in another dtype are traced as a
+                float32 copy: torch-pruning sees an LSTM as one fused op only in float32.)
+            example_input: An input batch for one forward (tensor, tuple of tensors or dict).
+            unprunable: Module name patterns whose OUTPUT channels are never pruned (their inputs
+                may be); see :func:`matches_unprunable`. Submodules of a match are unprunable too.
+
+        Raises:
+            ModelError: If the model cannot be traced (naming the layer being run), contains a
+                coupled layer the plans cannot handle (naming it), or is a ``torch.compile`` wrapper.
+        """
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"Planner.from_module expects an nn.Module, got {type(model).__name__}")
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            raise ModelError(
+                "Planner.from_module got a torch.compile'd module; its graph has no prunable groups. "
+                "HINT: pass the original module (`compiled._orig_mod`)."
+            )
+        if isinstance(unprunable, str):
+            unprunable = (unprunable,)
+        patterns = tuple(unprunable)
+        named = dict(model.named_modules())
+        matched = [n for n in named if n and matches_unprunable(n, patterns)]
+        ignored: list[nn.Module] = []
+        for n in matched:
+            ignored.extend(named[n].modules())
+        ignored_ids = {id(m) for m in ignored}
+        if patterns and not matched:
+            log.debug("unprunable patterns %s match no module of %s", patterns, type(model).__name__)
+
+        lstm_types = {type(m) for m in model.modules() if isinstance(m, nn.LSTM)}
+        for n, m in named.items():
+            if isinstance(m, nn.LSTM) and id(m) not in ignored_ids:
+                check_lstm_supported(m, n)
+        pruner = LSTMPruner()
+        customized = {t: pruner for t in lstm_types}
+
+        traced, traced_example = model, example_input
+        if any(
+            p.dtype != torch.float32
+            for n, m in named.items()
+            if isinstance(m, nn.LSTM) and id(m) not in ignored_ids
+            for p in m.parameters()
+        ):
+            # torch-pruning sees an LSTM as one fused op only in float32 (float64 decomposes it)
+            traced = copy.deepcopy(model).float()
+            traced_example = _float32(example_input)
+            named = dict(traced.named_modules())
+            ignored = [m for n in matched for m in named[n].modules()]
+        modes = [(m, m.training) for m in model.modules()]
+        graph, groups = _trace(traced, traced_example, customized, ignored, named)
+        try:
+            return _build(cls, traced, graph, groups, named, matched)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    # ------------------------------------------------------------------ description
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of ``(key, shape)`` of every parameter and buffer of the full model."""
+        return self.layout.fingerprint
+
+    @property
+    def num_groups(self) -> int:
+        return self.layout.num_groups
+
+    @property
+    def group_names(self) -> list[str]:
+        """A readable name per group: the root layer's module name (``<lstm>.l<k>`` for LSTM layers)."""
+        return list(self.layout.group_names)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return list(self.layout.group_sizes)
+
+    @property
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.layout.shapes)
+
+    @property
+    def group_writers(self) -> list[tuple[str, ...]]:
+        """Per group, the keys of the tensors whose output filters :meth:`importance` scores
+        (several for residual streams)."""
+        return [tuple(dict.fromkeys(w.key for w in ws)) for ws in self._writers]
+
+    def full_plan(self) -> Plan:
+        """The plan that keeps every channel."""
+        if self._full_plan is None:
+            kept = tuple(torch.arange(s) for s in self.layout.group_sizes)
+            self._full_plan = Plan._trusted(self.layout, kept, 0.0)
+        return self._full_plan
+
+    def check(self, plan: Plan) -> None:
+        """Raise :class:`ConfigError` unless ``plan`` was made for this architecture."""
+        if not isinstance(plan, Plan):
+            raise ConfigError(f"expected a Plan, got {type(plan).__name__}")
+        if plan.fingerprint != self.fingerprint:
+            raise ConfigError(
+                f"plan fingerprint {plan.fingerprint} does not match this model's fingerprint "
+                f"{self.fingerprint}: the plan was made for another architecture"
+            )
+        if not plan.layout.same_structure(self.layout):
+            raise ConfigError(
+                f"plan (fingerprint {plan.fingerprint}) has other prunable groups than this planner: "
+                "it was made with other unprunable layers"
+            )
+
+    # ------------------------------------------------------------------ importance
+    @torch.no_grad()
+    def importance(self, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """FedMP's L1 importance of every channel of every group, from ``state``.
+
+        A channel's score is the sum of ``|w|`` over its output filter (conv), neuron row (linear)
+        or the four gate rows of ``weight_ih`` and ``weight_hh`` (LSTM hidden unit). Channels written
+        by several layers (residual streams) score the SUM over all writer layers.
+
+        Args:
+            state: Full-model tensors (e.g. the server's global state); only the writers' weights
+                are read.
+
+        Returns:
+            Per group, a float32 CPU tensor of one score per channel.
+
+        Raises:
+            ConfigError: If a needed tensor is missing or has the wrong shape.
+        """
+        scores = []
+        for size, writers in zip(self.layout.group_sizes, self._writers):
+            s = torch.zeros(size, dtype=torch.float32)
+            for w in writers:
+                t = state.get(w.key)
+                if t is None:
+                    raise ConfigError(f"importance: state lacks tensor {w.key!r}")
+                if tuple(t.shape) != self.layout.shapes[w.key]:
+                    raise ConfigError(
+                        f"importance: tensor {w.key!r} has shape {tuple(t.shape)}, the full model has "
+                        f"{self.layout.shapes[w.key]}"
+                    )
+                t = t.detach().float()
+                if w.dim != 0:
+                    t = t.transpose(0, w.dim)
+                rows = t.abs().flatten(1).sum(1).cpu()
+                per = rows[w.rows[:, 0]] if w.rows.shape[1] == 1 else rows[w.rows].sum(1)
+                s.index_add_(0, w.root, per)
+            scores.append(s)
+        return scores
+
+    # ------------------------------------------------------------------ plans
+    def plan(
+        self,
+        state: Mapping[str, torch.Tensor] | None,
+        ratio: float,
+        *,
+        within: Plan | None = None,
+        scores: Sequence[torch.Tensor] | None = None,
+    ) -> Plan:
+        """FedMP's plan: the same ``ratio`` in every group.
+
+        Each group keeps ``int(C * (1 - ratio))`` (at least 1) of its ``C`` channels, those with the
+        highest :meth:`importance` (ties: lower index first), sorted ascending in original
+        coordinates. With ``within``, only ``within``'s kept channels are candidates and
+        ``int(C_within * (1 - ratio))`` are kept: a plan nested in ``within``.
+
+        Args:
+            state: Full-model tensors to score (may be ``None`` when ``scores`` is given).
+            ratio: Pruning ratio in ``[0, 1)``.
+            within: Choose only among this plan's kept channels.
+            scores: Precomputed :meth:`importance` of ``state`` (many plans of one global model,
+                e.g. one per client, score it once).
+
+        Raises:
+            ConfigError: If ``ratio`` is not a number in ``[0, 1)``, ``within`` is for another
+                model or ``scores`` do not fit the groups.
+        """
+        ratio = _check_ratio(ratio)
+        candidates = self._candidates(within)
+        keep = [max(1, int(c.numel() * (1 - ratio))) for c in candidates]
+        return Plan._trusted(self.layout, self._select(state, candidates, keep, scores), ratio)
+
+    def plan_from_keep(
+        self,
+        state: Mapping[str, torch.Tensor] | None,
+        keep: Mapping[str | int, int] | Sequence[int],
+        *,
+        within: Plan | None = None,
+        scores: Sequence[torch.Tensor] | None = None,
+    ) -> Plan:
+        """A plan keeping absolute numbers of channels per group (highest importance first).
+
+        Args:
+            state: Full-model tensors for :meth:`importance`.
+            keep: Per group (by name or index) the number of channels to keep; a mapping may leave
+                groups out (they keep all candidates); a sequence needs one count per group.
+            within: Choose only among this plan's kept channels.
+            scores: Precomputed :meth:`importance` (then ``state`` may be ``None``).
+
+        Raises:
+            ConfigError: On unknown groups, counts outside ``[1, candidates]`` or unequal counts for
+                the layers of one LSTM.
+        """
+        candidates = self._candidates(within)
+        counts = [c.numel() for c in candidates]
+        if isinstance(keep, Mapping):
+            for key, k in keep.items():
+                counts[self._group(key)] = k
+        elif isinstance(keep, Sequence) and not isinstance(keep, str):
+            if len(keep) != self.num_groups:
+                raise ConfigError(f"keep needs one count per group ({self.num_groups}), got {len(keep)}")
+            counts = list(keep)
+        else:
+            raise ConfigError(f"keep must be a mapping or a sequence of counts, got {type(keep).__name__}")
+        for g, (k, c) in enumerate(zip(counts, candidates)):
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c.numel():
+                raise ConfigError(
+                    f"keep count of group {self.layout.group_names[g]!r} must be an int in [1, {c.numel()}], got {k!r}"
+                )
+        for tie in self.layout.ties:
+            if len({counts[g] for g in tie}) > 1:
+                names = [self.layout.group_names[g] for g in tie]
+                raise ConfigError(f"groups {names} (layers of one nn.LSTM) need equal keep counts, got {[counts[g] for g in tie]}")
+        return Plan._trusted(self.layout, self._select(state, candidates, counts, scores), None)
+
+    def plan_from_indices(self, kept: Sequence[Sequence[int]] | Mapping[str | int, Sequence[int]]) -> Plan:
+        """A plan from explicit kept channel indices per group (original coordinates).
+
+        Args:
+            kept: One index list per group, or a mapping from group name / index to indices (groups
+                left out keep every channel). Indices must be sorted, unique, in range, non-empty.
+
+        Raises:
+            ConfigError: On invalid indices or unknown groups.
+        """
+        if isinstance(kept, Mapping):
+            full = [torch.arange(s) for s in self.layout.group_sizes]
+            for key, idx in kept.items():
+                full[self._group(key)] = idx
+            kept_list: Sequence[Any] = full
+        else:
+            kept_list = kept
+        return Plan._trusted(self.layout, _check_kept(self.layout, list(kept_list), ConfigError), None)
+
+    # ------------------------------------------------------------------ internals
+    def _group(self, key: str | int) -> int:
+        try:
+            return self.layout.group_index(key)
+        except KeyError:
+            raise ConfigError(
+                f"unknown group {key!r}; groups: {list(self.layout.group_names)[:12]}"
+                + (" ..." if self.num_groups > 12 else "")
+            ) from None
+
+    def _candidates(self, within: Plan | None) -> list[torch.Tensor]:
+        if within is None:
+            return [torch.arange(s) for s in self.layout.group_sizes]
+        self.check(within)
+        return list(within.kept)
+
+    def _select(
+        self,
+        state: Mapping[str, torch.Tensor] | None,
+        candidates: Sequence[torch.Tensor],
+        keep: Sequence[int],
+        scores: Sequence[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, ...]:
+        if scores is None:
+            if state is None:
+                raise ConfigError("give the state to score or precomputed `scores`")
+            scores = self.importance(state)
+        elif len(scores) != self.num_groups or any(
+            tuple(s.shape) != (size,) for s, size in zip(scores, self.layout.group_sizes)
+        ):
+            raise ConfigError(
+                f"`scores` must hold one score per channel of each of the {self.num_groups} groups "
+                f"(sizes {list(self.layout.group_sizes)[:8]}...)"
+            )
+        kept = []
+        for s, cand, k in zip(scores, candidates, keep):
+            if k >= cand.numel():
+                kept.append(cand.clone())
+                continue
+            sc = torch.nan_to_num(s[cand], nan=-math.inf)
+            order = torch.sort(sc, descending=True, stable=True).indices[:k]
+            kept.append(torch.sort(cand[order]).values)
+        return tuple(kept)
+
+
+def _float32(example: Any) -> Any:
+    if isinstance(example, torch.Tensor):
+        return example.float() if example.is_floating_point() else example
+    if isinstance(example, (tuple, list)):
+        return type(example)(_float32(e) for e in example)
+    if isinstance(example, Mapping):
+        return {k: _float32(v) for k, v in example.items()}
+    return example
+
+
+def _forward(model: nn.Module, example: Any) -> Any:
+    """One forward: a tuple/list is positional inputs, a dict keyword inputs, anything else one input."""
+    if isinstance(example, Mapping):
+        return model(**example)
+    if isinstance(example, (tuple, list)):
+        return model(*example)
+    return model(example)
+
+
+def _check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"`ratio` must be a number in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+# --------------------------------------------------------------------------------------------------
+# tracing
+# --------------------------------------------------------------------------------------------------
+def _trace(
+    model: nn.Module,
+    example_input: Any,
+    customized: dict[type, LSTMPruner],
+    ignored: list[nn.Module],
+    named: dict[str, nn.Module],
+) -> tuple[tp.DependencyGraph, list[Any]]:
+    """Build the dependency graph and query every group; ``ModelError`` names the failing layer."""
+    name_of = {id(m): n for n, m in named.items()}
+    stack: list[str] = []
+
+    def pre(module: nn.Module, _args: Any) -> None:
+        stack.append(name_of.get(id(module), type(module).__name__))
+
+    def post(module: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, forward_fn=_forward, customized_pruners=customized, verbose=False
+            )
+        stack.clear()
+        groups = list(
+            graph.get_all_groups(
+                ignored_layers=ignored, root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.LSTM)
+            )
+        )
+    except ModelError:
+        raise
+    except Exception as exc:  # torch-pruning raises plain exceptions (AssertionError, RuntimeError, ...)
+        where = f" in layer {stack[-1]!r}" if stack else ""
+        raise ModelError(
+            f"cannot trace {type(model).__name__} with torch-pruning{where}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return graph, groups
+
+
+# --------------------------------------------------------------------------------------------------
+# from groups to the layout
+# --------------------------------------------------------------------------------------------------
+class _Builder:
+    """Accumulates, per (key, dim), each group's (target position, channel) pairs."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.pairs: dict[tuple[str, int], dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+        self.owner: dict[tuple[str, int], str] = {}
+
+    def add(self, key: str, dim: int, group: int, tgt: torch.Tensor, root: torch.Tensor, layer: str) -> None:
+        if key not in self.shapes:
+            return  # e.g. a non-persistent buffer: not part of any state dict
+        size = self.shapes[key][dim]
+        if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= size):
+            raise ModelError(
+                f"layer {layer!r}: torch-pruning couples positions up to {int(tgt.max())} of {key!r} (dim {dim}), "
+                f"which has only {size}: an operation between layers changes the number of channels but was "
+                "traced as element-wise (e.g. F.pad on channels). HINT: use a layer torch-pruning understands "
+                "(a 1x1 conv projection) or list the layer as unprunable."
+            )
+        bucket = self.pairs.setdefault((key, dim), {})
+        t_list, r_list = bucket.setdefault(group, ([], []))
+        t_list.append(tgt)
+        r_list.append(root)
+        self.owner.setdefault((key, dim), layer)
+
+
+def _build(
+    cls: type[Planner],
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    groups: list[Any],
+    named: dict[str, nn.Module],
+    unprunable_names: Sequence[str],
+) -> Planner:
+    state = model.state_dict(keep_vars=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    # every name a module is reachable under (shared modules have several)
+    names_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(n)
+    param_name = {p: n for p, n in getattr(graph, "_param_to_name", {}).items()}
+
+    builder = _Builder(shapes)
+    group_names: list[str] = []
+    group_sizes: list[int] = []
+    writers: list[list[_Writer]] = []
+    ties: list[tuple[int, ...]] = []
+    lstm_out_group: dict[int, int] = {}  # id(lstm) -> graph group index
+
+    def key_of(prefix: str, attr: str) -> str:
+        return f"{prefix}.{attr}" if prefix else attr
+
+    for group in groups:
+        gi = len(group_sizes)
+        root_dep = group[0].dep
+        root_module = root_dep.target.module
+        root_name = names_of[id(root_module)][0]
+        size = graph.get_out_channels(root_module)
+        if isinstance(root_module, nn.LSTM):
+            root_name = f"{root_name}.l{root_module.num_layers - 1}"
+        group_names.append(root_name)
+        group_sizes.append(int(size))
+        gw: list[_Writer] = []
+        for item in group:
+            dep = item.dep
+            module = dep.target.module
+            tgt = torch.as_tensor(list(item.idxs), dtype=torch.long)
+            root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            if tgt.numel() != torch.unique(tgt).numel():
+                raise ModelError(f"torch-pruning maps a channel twice in group {root_name!r}: unsupported coupling")
+            if isinstance(module, nn.Parameter):
+                pname = param_name.get(module)
+                if pname is None:
+                    raise ModelError(f"group {root_name!r} couples an unnamed parameter of shape {tuple(module.shape)}")
+                dim = dep.target.pruning_dim % module.dim()
+                builder.add(pname, dim, gi, tgt, root, pname)
+                continue
+            if id(module) not in names_of:
+                continue  # torch-pruning's pseudo ops (element-wise, reshape, concat, output, ...)
+            prefixes = names_of[id(module)]
+            layer = prefixes[0]
+            is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            for prefix in prefixes:
+                entries, writer_entries = _tensor_dims(module, is_out, layer, tgt, root)
+                for attr, dim, t, r in entries:
+                    builder.add(key_of(prefix, attr), dim, gi, t, r, layer)
+                if prefix is prefixes[0]:
+                    for attr, dim, rows, r in writer_entries:
+                        key = key_of(prefix, attr)
+                        if key in shapes:
+                            gw.append(_Writer(key, dim, rows, r))
+            if is_out and isinstance(module, _WRITER_TYPES):
+                # a writer must hand ALL its output channels to this group
+                full = graph.get_out_channels(module)
+                if tgt.numel() != full:
+                    raise ModelError(
+                        f"layer {layer!r}: torch-pruning couples only {tgt.numel()} of its {full} output channels "
+                        f"with group {root_name!r}; an operation between layers was probably traced as "
+                        "element-wise (e.g. F.pad on channels). HINT: use a layer torch-pruning understands "
+                        "(a 1x1 conv projection) or list the layer as unprunable."
+                    )
+            if is_out and isinstance(module, nn.LSTM):
+                lstm_out_group[id(module)] = gi
+        if not gw:
+            raise ModelError(f"group {root_name!r} has no layer whose output filters could be scored")
+        writers.append(gw)
+
+    # inner layers of multi-layer LSTMs: one group per layer, tied to the last layer's group
+    order: list[int] = []
+    for gi in range(len(group_sizes)):
+        for n_lstm, lstm in named.items():
+            if isinstance(lstm, nn.LSTM) and lstm_out_group.get(id(lstm)) == gi and lstm.num_layers > 1:
+                tie = []
+                hidden = lstm.hidden_size
+                for k in range(lstm.num_layers - 1):
+                    new = len(group_sizes)
+                    group_names.append(f"{n_lstm}.l{k}")
+                    group_sizes.append(hidden)
+                    units = torch.arange(hidden)
+                    gw = []
+                    for prefix in names_of[id(lstm)]:
+                        for attr, dim, t, r in _lstm_layer_entries(lstm, k, units, units):
+                            builder.add(key_of(prefix, attr), dim, new, t, r, n_lstm)
+                    for attr in (f"weight_ih_l{k}", f"weight_hh_l{k}"):
+                        gw.append(_Writer(key_of(n_lstm, attr), 0, _gate_row_table(units, hidden), units))
+                    writers.append(gw)
+                    order.append(new)
+                    tie.append(new)
+                ties.append((*tie, gi))
+        order.append(gi)
+
+    # index maps per (key, dim), deduplicated
+    maps: list[DimMap] = []
+    map_ids: dict[tuple, int] = {}
+    dims: dict[str, list[int | None]] = {k: [None] * len(s) for k, s in shapes.items()}
+    position = {g: i for i, g in enumerate(order)}
+    for (key, dim), bucket in builder.pairs.items():
+        size = shapes[key][dim]
+        parts = []
+        covered = torch.zeros(size, dtype=torch.bool)
+        for g, (t_list, r_list) in sorted(bucket.items()):
+            tgt, root = torch.cat(t_list), torch.cat(r_list)
+            if torch.unique(tgt).numel() != tgt.numel() or bool(covered[tgt].any()):
+                raise ModelError(
+                    f"layer {builder.owner[(key, dim)]!r}: positions of {key!r} (dim {dim}) are claimed twice by the "
+                    "dependency graph; unsupported coupling"
+                )
+            covered[tgt] = True
+            parts.append(Part.from_pairs(position[g], tgt, root, group_sizes[g]))
+        signature = (size, tuple((p.group, p.regular if p.regular else (tuple(p.tgt.tolist()), tuple(p.root.tolist()))) for p in parts))
+        mi = map_ids.get(signature)
+        if mi is None:
+            mi = len(maps)
+            maps.append(DimMap.build(size, parts))
+            map_ids[signature] = mi
+        dims[key][dim] = mi
+
+    # tied tensors (one Parameter under several keys) must be pruned identically
+    by_tensor: dict[int, list[str]] = {}
+    for k, v in state.items():
+        by_tensor.setdefault(id(v), []).append(k)
+    for keys in by_tensor.values():
+        if len({tuple(dims[k]) for k in keys}) > 1:
+            raise ModelError(
+                f"tensors {keys} are one shared (tied) tensor but would be pruned differently. "
+                "HINT: list the layers sharing it as unprunable."
+            )
+
+    names = [group_names[g] for g in order]
+    sizes = [group_sizes[g] for g in order]
+    layout = Layout(
+        fingerprint=fingerprint_of(shapes),
+        group_names=tuple(names),
+        group_sizes=tuple(sizes),
+        shapes=shapes,
+        maps=tuple(maps),
+        dims={k: tuple(v) for k, v in dims.items()},
+        ties=tuple(tuple(position[g] for g in t) for t in ties),
+    )
+    if len(set(names)) != len(names):
+        raise ModelError(f"duplicate group names {names}: a module is reached under several names")
+    return cls(layout, [writers[g] for g in order], unprunable_modules=unprunable_names)
+
+
+def _gate_row_table(units: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(n, 4) rows of each unit's four gates."""
+    return gate_rows(units, hidden).view(4, -1).t().contiguous()
+
+
+def _expand_gates(tgt: torch.Tensor, root: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate_rows(tgt, hidden), root.repeat(4)
+
+
+def _lstm_layer_entries(lstm: nn.LSTM, k: int, tgt: torch.Tensor, root: torch.Tensor) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """Tensor dims owned by hidden units ``tgt`` of layer ``k`` (pairs with group channels ``root``)."""
+    hidden = getattr(lstm, f"weight_hh_l{k}").shape[1]
+    rows, rows_root = _expand_gates(tgt, root, hidden)
+    out = [
+        (f"weight_ih_l{k}", 0, rows, rows_root),
+        (f"weight_hh_l{k}", 0, rows, rows_root),
+        (f"weight_hh_l{k}", 1, tgt, root),
+    ]
+    if lstm.bias:
+        out += [(f"bias_ih_l{k}", 0, rows, rows_root), (f"bias_hh_l{k}", 0, rows, rows_root)]
+    if k + 1 < lstm.num_layers:
+        out.append((f"weight_ih_l{k + 1}", 1, tgt, root))
+    return out
+
+
+def _tensor_dims(
+    module: nn.Module, is_out: bool, layer: str, tgt: torch.Tensor, root: torch.Tensor
+) -> tuple[list[tuple[str, int, torch.Tensor, torch.Tensor]], list[tuple[str, int, torch.Tensor, torch.Tensor]]]:
+    """The (attribute, dim, positions, channels) entries a dependency prunes, and the writer rows.
+
+    Raises:
+        ModelError: For module types the plans cannot handle.
+    """
+    entries: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+    writer: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+
+    def add(attr: str, dim: int) -> None:
+        if getattr(module, attr, None) is not None:
+            entries.append((attr, dim, tgt, root))
+
+    rows1 = tgt[:, None]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.out_channels == module.in_channels
+        if module.groups > 1 and not depthwise:
+            raise ModelError(
+                f"layer {layer!r} is a grouped convolution (groups={module.groups}); structured plans support "
+                "groups=1 and depthwise convolutions only. HINT: list it as unprunable."
+            )
+        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
+        if depthwise:
+            add("weight", 0)
+            add("bias", 0)
+            writer.append(("weight", 0, rows1, root))
+        elif is_out:
+            add("weight", out_dim)
+            add("bias", 0)
+            writer.append(("weight", out_dim, rows1, root))
+        else:
+            add("weight", in_dim)
+    elif isinstance(module, nn.Linear):
+        if is_out:
+            add("weight", 0)
+            add("bias", 0)
+            writer.append(("weight", 0, rows1, root))
+        else:
+            add("weight", 1)
+    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            add(attr, 0)
+    elif isinstance(module, nn.LayerNorm):
+        for attr in ("weight", "bias"):
+            p = getattr(module, attr, None)
+            if p is not None:
+                entries.append((attr, p.dim() - 1, tgt, root))
+    elif isinstance(module, nn.GroupNorm):
+        if module.num_groups != 1:
+            raise ModelError(
+                f"layer {layer!r} is a GroupNorm with {module.num_groups} groups; structured plans support "
+                "num_groups=1 only. HINT: list the layers feeding it as unprunable."
+            )
+        add("weight", 0)
+        add("bias", 0)
+    elif isinstance(module, nn.PReLU):
+        if module.num_parameters > 1:
+            add("weight", 0)
+    elif isinstance(module, nn.Embedding):
+        add("weight", 1)
+        writer.append(("weight", 1, rows1, root))
+    elif isinstance(module, nn.LSTM):
+        check_lstm_supported(module, layer)
+        if is_out:
+            last = module.num_layers - 1
+            entries.extend(_lstm_layer_entries(module, last, tgt, root))
+            hidden = getattr(module, f"weight_hh_l{last}").shape[1]
+            table = _gate_row_table(tgt, hidden)
+            writer.append((f"weight_ih_l{last}", 0, table, root))
+            writer.append((f"weight_hh_l{last}", 0, table, root))
+        else:
+            entries.append(("weight_ih_l0", 1, tgt, root))
+    elif any(True for _ in module.parameters(recurse=False)) or any(
+        b is not None for b in module._buffers.values()
+    ):
+        raise ModelError(
+            f"layer {layer!r} ({type(module).__name__}) is coupled with pruned channels but structured plans "
+            "cannot prune its tensors. HINT: list it (or the layers feeding it) as unprunable."
+        )
+    return entries, writer

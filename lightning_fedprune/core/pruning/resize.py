@@ -1,0 +1,187 @@
+"""Reshape a module in place to given tensor shapes (full model <-> sub-models), without tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lightning_fedprune.errors import ModelError
+
+__all__ = ["resize_module"]
+
+_CONV = nn.modules.conv._ConvNd
+_NORM_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Reshape ``model`` IN PLACE so that every tensor named in ``shapes`` has that shape.
+
+    Changed parameters become new ``Parameter`` objects (same ``requires_grad``, dtype and device,
+    zero values: load the weights next); changed buffers new zero tensors. Module attributes are
+    fixed from the new shapes: ``Linear`` in/out features, ``ConvNd`` in/out channels (and
+    ``groups`` of depthwise convolutions), ``BatchNorm`` / ``InstanceNorm`` ``num_features``,
+    ``LayerNorm`` ``normalized_shape``, ``GroupNorm`` ``num_channels``, ``Embedding`` sizes,
+    ``PReLU`` ``num_parameters`` and ``LSTM`` ``input_size`` / ``hidden_size`` (flat weights
+    refreshed). Tied tensors (one parameter under several names) stay tied. Works from a full model
+    to a sub-model and between sub-model shapes. Tensors whose shape already matches are untouched.
+
+    Args:
+        model: The module to reshape (keys are relative to it, as in ``model.state_dict()``).
+        shapes: Target shape per ``state_dict`` key (any subset of the keys).
+
+    Raises:
+        ModelError: If a key is unknown, or a changed tensor belongs to a module type whose
+            attributes cannot be fixed (naming the module), or the new shapes are inconsistent.
+            Everything is checked before the model is modified.
+    """
+    # every (module, attribute) holding each tensor, so tied tensors are replaced everywhere
+    holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    lookup: dict[str, tuple[nn.Module, str, str, torch.Tensor]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None:
+                continue
+            key = f"{mod_name}.{attr}" if mod_name else attr
+            holders.setdefault(id(t), []).append((module, attr, mod_name))
+            lookup.setdefault(key, (module, attr, mod_name, t))
+
+    changes: dict[int, tuple[torch.Tensor, tuple[int, ...], str]] = {}
+    for key, shape in shapes.items():
+        if key not in lookup:
+            raise ModelError(f"resize_module: {type(model).__name__} has no parameter or buffer {key!r}")
+        shape_t = tuple(int(s) for s in shape)
+        _, _, _, t = lookup[key]
+        if len(shape_t) != t.dim() or any(s < 0 for s in shape_t):
+            raise ModelError(f"resize_module: {key!r} is {t.dim()}-d, cannot take shape {shape_t}")
+        if shape_t == tuple(t.shape):
+            continue
+        prev = changes.get(id(t))
+        if prev is not None and prev[1] != shape_t:
+            raise ModelError(f"resize_module: tied tensors {prev[2]!r} and {key!r} are given different shapes")
+        changes[id(t)] = (t, shape_t, key)
+    if not changes:
+        return
+
+    touched: dict[int, tuple[nn.Module, str]] = {}
+    for tid in changes:
+        for module, _, mod_name in holders[tid]:
+            touched[id(module)] = (module, mod_name)
+    for module, mod_name in touched.values():
+        _check_fixable(module, mod_name)
+
+    # new tensors first, then attributes, checked before anything is assigned
+    new_tensors: dict[int, torch.Tensor] = {}
+    for tid, (t, shape_t, _) in changes.items():
+        data = torch.zeros(shape_t, dtype=t.dtype, device=t.device)
+        new_tensors[tid] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+    plans = []
+    for module, mod_name in touched.values():
+        def tensor(attr: str, module: nn.Module = module) -> torch.Tensor | None:
+            t = module._parameters.get(attr, module._buffers.get(attr))
+            if t is None:
+                return None
+            return new_tensors.get(id(t), t)
+
+        plans.append((module, _attributes(module, mod_name, tensor)))
+
+    for tid, new in new_tensors.items():
+        for module, attr, _ in holders[tid]:
+            if attr in module._parameters:
+                module._parameters[attr] = new
+            else:
+                module._buffers[attr] = new
+    for module, attrs in plans:
+        for name, value in attrs.items():
+            setattr(module, name, value)
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
+
+
+def _check_fixable(module: nn.Module, name: str) -> None:
+    supported = (_CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.LSTM)
+    if not isinstance(module, supported):
+        raise ModelError(
+            f"resize_module: cannot change tensors of module {name!r} ({type(module).__name__}); supported: "
+            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM."
+        )
+    if isinstance(module, nn.LSTM) and getattr(module, "proj_size", 0):
+        raise ModelError(f"resize_module: LSTM {name!r} with proj_size > 0 is not supported")
+
+
+def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
+    """New shape attributes of ``module`` given its (possibly new) tensors; raises on inconsistency."""
+
+    def bad(msg: str) -> ModelError:
+        return ModelError(f"resize_module: module {name!r} ({type(module).__name__}): {msg}")
+
+    if isinstance(module, nn.Linear):
+        w = tensor("weight")
+        b = tensor("bias")
+        if b is not None and b.shape[0] != w.shape[0]:
+            raise bad(f"bias has {b.shape[0]} entries for {w.shape[0]} outputs")
+        return {"out_features": w.shape[0], "in_features": w.shape[1]}
+    if isinstance(module, _CONV):
+        w = tensor("weight")
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if module.transposed:
+            if depthwise:
+                raise bad("depthwise transposed convolutions are not supported")
+            in_ch, out_ch, groups = w.shape[0], w.shape[1] * module.groups, module.groups
+        elif depthwise:
+            if w.shape[1] != 1:
+                raise bad(f"a depthwise convolution needs weight of shape (C, 1, ...), got {tuple(w.shape)}")
+            in_ch = out_ch = groups = w.shape[0]
+        else:
+            out_ch, in_ch, groups = w.shape[0], w.shape[1] * module.groups, module.groups
+            if out_ch % groups:
+                raise bad(f"{out_ch} output channels are not divisible by groups={groups}")
+        b = tensor("bias")
+        if b is not None and b.shape[0] != out_ch:
+            raise bad(f"bias has {b.shape[0]} entries for {out_ch} output channels")
+        return {"in_channels": in_ch, "out_channels": out_ch, "groups": groups}
+    if isinstance(module, _NORM_FEATURES):
+        sizes = {t.shape[0] for a in ("weight", "bias", "running_mean", "running_var") if (t := tensor(a)) is not None}
+        if len(sizes) != 1:
+            raise bad(f"weight/bias/running statistics disagree on the number of features: {sorted(sizes)}")
+        return {"num_features": sizes.pop()}
+    if isinstance(module, nn.LayerNorm):
+        shapes = {tuple(t.shape) for a in ("weight", "bias") if (t := tensor(a)) is not None}
+        if len(shapes) != 1:
+            raise bad(f"weight and bias shapes disagree: {sorted(shapes)}")
+        return {"normalized_shape": shapes.pop()}
+    if isinstance(module, nn.GroupNorm):
+        sizes = {t.shape[0] for a in ("weight", "bias") if (t := tensor(a)) is not None}
+        if len(sizes) != 1:
+            raise bad(f"weight and bias disagree: {sorted(sizes)}")
+        channels = sizes.pop()
+        if channels % module.num_groups:
+            raise bad(f"{channels} channels are not divisible by num_groups={module.num_groups}")
+        return {"num_channels": channels}
+    if isinstance(module, nn.Embedding):
+        w = tensor("weight")
+        if module.padding_idx is not None and module.padding_idx >= w.shape[0]:
+            raise bad(f"padding_idx {module.padding_idx} is outside the {w.shape[0]} embeddings")
+        return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
+    if isinstance(module, nn.PReLU):
+        return {"num_parameters": tensor("weight").numel()}
+    if isinstance(module, nn.LSTM):
+        dirs = 2 if module.bidirectional else 1
+        hidden = tensor("weight_hh_l0").shape[1]
+        in_size = tensor("weight_ih_l0").shape[1]
+        for k in range(module.num_layers):
+            for suffix in ([""] if dirs == 1 else ["", "_reverse"]):
+                expect_in = in_size if k == 0 else hidden * dirs
+                w_ih, w_hh = tensor(f"weight_ih_l{k}{suffix}"), tensor(f"weight_hh_l{k}{suffix}")
+                if tuple(w_ih.shape) != (4 * hidden, expect_in) or tuple(w_hh.shape) != (4 * hidden, hidden):
+                    raise bad(
+                        f"layer {k}{suffix}: weight_ih {tuple(w_ih.shape)} / weight_hh {tuple(w_hh.shape)} do not fit "
+                        f"one hidden_size={hidden} (every layer of an nn.LSTM must keep the same number of units)"
+                    )
+                if module.bias:
+                    for b in (f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}"):
+                        if tuple(tensor(b).shape) != (4 * hidden,):
+                            raise bad(f"{b} has shape {tuple(tensor(b).shape)}, expected ({4 * hidden},)")
+        return {"input_size": in_size, "hidden_size": hidden}
+    raise bad("unsupported module type")
