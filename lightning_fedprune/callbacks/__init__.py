@@ -6,6 +6,7 @@ from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
+from lightning_fedprune.callbacks.structured import StructuredPruning
 from lightning_fedprune.errors import ConfigError
 
 #: names a strategy lists in ``client_callbacks`` -> factory of the client callback
@@ -30,6 +31,7 @@ __all__ = [
     "FedProxCallback",
     "ScaffoldCallback",
     "TopKUploadCallback",
+    "StructuredPruning",
     "CLIENT_CALLBACKS",
     "make_client_callbacks",
 ]

@@ -12,6 +12,8 @@ from lightning_fedprune.core.compression import (
     topk_count,
     topk_decompress,
 )
+from lightning_fedprune.core.flops import forward_flops
+from lightning_fedprune.core.pruning import Plan, resize_module
 from lightning_fedprune.core.messages import (
     ClientFailure,
     ClientMetrics,
@@ -47,4 +49,7 @@ __all__ = [
     "topk_compress",
     "topk_count",
     "topk_decompress",
+    "forward_flops",
+    "Plan",
+    "resize_module",
 ]

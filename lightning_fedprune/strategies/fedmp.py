@@ -121,10 +121,11 @@ class SubModelStrategy(FedAvg):
             return []
         ratios = self.client_ratios(rnd, clients)
         state = self.global_state
+        scores = self.planner.importance(state)  # scored once per round, shared by every client's plan
         tasks = []
         for cid in clients:
             ratio = _check_ratio(f"ratio of client {cid}", ratios[cid])
-            plan = self.planner.plan(state, ratio)
+            plan = self.planner.plan(state, ratio, scores=scores)
             self._plans[(rnd, cid)] = plan
             config = {"weights_format": "submodel", "pruning_ratio": ratio, **self.task_config(rnd, cid)}
             tasks.append(
