@@ -488,3 +488,18 @@ def test_resize_module_round_trip_and_errors():
     with pytest.raises(ModelError, match="module '1' \\(Scaled\\)"):
         resize_module(holder, {"0.weight": (3, 2), "1.gamma": (3,)})
     assert holder[0].weight.shape == (4, 2)  # nothing changed
+
+
+def test_language_model_module_with_metrics_prunes_its_lstm():
+    # a LightningModule holding torchmetrics submodules: the LSTM must still be traced (regression)
+    from lightning_fedprune.config import FederatedLanguageModel
+    from lightning_fedprune.runtime import build_planner
+
+    module = FederatedLanguageModel("lstm_lm", lr=1.0, vocab_size=50, embed_dim=8, hidden_size=6)
+    module.example_input_array = torch.zeros((1, 5), dtype=torch.long)
+    planner = build_planner(module)
+    assert planner.group_names == ["model.lstm.l0", "model.lstm.l1"] and planner.group_sizes == [6, 6]
+    plan = planner.plan(module.federated_state(), 0.5)
+    assert plan.sub_shapes()["model.lstm.weight_hh_l1"] == (12, 3)
+    assert plan.sub_shapes()["model.classifier.weight"] == (50, 3)
+    assert hasattr(module, "val_nll")  # the metrics are back

@@ -256,3 +256,30 @@ def test_deadline_failures_release_plans_and_bandit_decisions(tiny):
     assert rec["num_late"] == 1 and rec["num_results"] == 3
     assert eng.strategy._plans == {}
     assert eng.strategy.bandit.agent(3).pending == {}
+
+
+def test_fedmp_prunes_a_two_layer_lstm_language_model_end_to_end():
+    # Prepare: a tiny 2-layer LSTM LM on random token streams, 3 clients at fixed ratios
+    from torch.utils.data import TensorDataset
+
+    from lightning_fedprune.config import FederatedLanguageModel
+    from lightning_fedprune.data.federated import FederatedDataset
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 30, (60, 6))
+    ds = TensorDataset(tokens, torch.roll(tokens, -1, dims=1))
+    data = FederatedDataset(ds, [range(0, 20), range(20, 40), range(40, 60)], test=ds, batch_size=10, eval_batch_size=30)
+    module = FederatedLanguageModel("lstm_lm", lr=0.5, vocab_size=30, embed_dim=8, hidden_size=8)
+    module.example_input_array = torch.zeros((1, 6), dtype=torch.long)
+    strategy = FedMP(fixed_ratios={0: 0.5, 1: 0.25, 2: 0.0})
+    runtime = ClientRuntime(module, data=data, seed=0, evaluate_local=False)
+    eng = SimulationEngine(strategy=strategy, runtime=runtime, data=data, devices=make_devices(3, seed=0), seed=0, perplexity=True)
+    # Execute
+    recs = [eng.run_round(r) for r in range(2)]
+    # Assert: hidden units 8 -> 4 / 6 / 8 on the wire, full shape on the server, finite perplexity
+    assert recs[0]["num_results"] == 3
+    assert eng.strategy.global_state["model.lstm.weight_hh_l1"].shape == (32, 8)
+    assert math.isfinite(recs[-1]["test_perplexity"])
+    sent = eng.strategy.configure_round(2, [0, 1, 2])
+    assert [t.weights["model.lstm.weight_hh_l0"].shape for t in sent] == [(16, 4), (24, 6), (32, 8)]
+    assert [t.weights["model.classifier.weight"].shape for t in sent] == [(30, 4), (30, 6), (30, 8)]

@@ -19,11 +19,13 @@ keeping the channels with the largest L1 norm of their filter / neuron weights::
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -134,7 +136,8 @@ class Planner:
             named = dict(traced.named_modules())
             ignored = [m for n in matched for m in named[n].modules()]
         modes = [(m, m.training) for m in model.modules()]
-        graph, groups = _trace(traced, traced_example, customized, ignored, named)
+        with _without_metrics(traced):
+            graph, groups = _trace(traced, traced_example, customized, ignored, named)
         try:
             return _build(cls, traced, graph, groups, named, matched)
         finally:
@@ -739,3 +742,30 @@ def _tensor_dims(
             "cannot prune its tensors. HINT: list it (or the layers feeding it) as unprunable."
         )
     return entries, writer
+
+
+@contextlib.contextmanager
+def _without_metrics(model: nn.Module) -> Iterator[None]:
+    """Detach torchmetrics ``Metric`` submodules while tracing.
+
+    A LightningModule often holds metrics as submodules; with them attached, torch-pruning's trace
+    misses fused ops such as ``nn.LSTM`` (measured: no LSTM node at all). Metrics hold no
+    ``state_dict`` entries, so the traced keys are unchanged.
+    """
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        yield
+        return
+    removed = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Metric):
+                removed.append((parent, name, child))
+    for parent, name, _ in removed:
+        delattr(parent, name)
+    try:
+        yield
+    finally:
+        for parent, name, child in removed:
+            setattr(parent, name, child)
