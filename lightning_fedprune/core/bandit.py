@@ -69,6 +69,14 @@ def _check_config(low: float, high: float, theta: float, discount: float) -> tup
     return float(low), float(high), float(theta), float(discount)
 
 
+def _check_exploration(value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"`exploration` must be 'auto' or a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _check_round(rnd: Any, what: str) -> int:
     if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
         raise ConfigError(f"`{what}` must be an int >= 0, got {rnd!r}")
@@ -173,6 +181,13 @@ class EUCBAgent:
         seed: run seed; the ratio drawn in round ``k`` depends only on ``(seed, worker, k)`` and
             the agent's history.
         worker: the worker's id (part of the draw's seed).
+        exploration: the padding's scale. UCB's padding ``sqrt(2 log n / N)`` presumes rewards in
+            [0, 1]; Eq. 8's rewards have units (loss per second), so with the padding as printed
+            the decisions change with the unit of time and, at typical magnitudes, exploration
+            never ends. ``"auto"`` (default) multiplies the padding by the median ``|reward|``
+            this agent has observed (a robust scale: Eq. 8 is heavy-tailed, a gap near zero gives
+            a huge reward), which makes decisions invariant to the reward's unit; a number
+            multiplies it by that constant (``1.0``: the padding exactly as printed).
 
     Decisions must come in increasing rounds (:meth:`choose`); each decision is observed at most
     once (:meth:`observe`) or dropped (:meth:`discard`).
@@ -190,14 +205,17 @@ class EUCBAgent:
         discount: float = 0.95,
         seed: int = 0,
         worker: int = 0,
+        exploration: float | str = "auto",
     ) -> None:
         self.low, self.high, self.theta, self.discount = _check_config(low, high, theta, discount)
+        self.exploration = _check_exploration(exploration)
         self.seed = int(seed)
         self.worker = int(worker)
         self._leaves: list[_Leaf] = [_Leaf(self.low, self.high)]
         self._edges: list[float] = [self.low]  # left edges, sorted (for bisect)
         self._pending: dict[int, float] = {}  # decision round -> ratio, not yet observed
         self._last_round: int | None = None
+        self._magnitudes: list[float] = []  # sorted |reward| of every observation (the padding's scale)
 
     # ------------------------------------------------------------------ views
     @property
@@ -231,14 +249,26 @@ class EUCBAgent:
         total = sum(counts)
         log_n = max(math.log(total), 0.0) if total > 0 else 0.0
         out = []
+        scale = self.padding_scale()
         for leaf, count in zip(self._leaves, counts):
             if count > 0:
                 mean = leaf.r / leaf.n
-                pad = math.sqrt(2.0 * log_n / count)
+                pad = scale * math.sqrt(2.0 * log_n / count)
                 out.append(LeafStats(leaf.a, leaf.b, count, mean, pad, mean + pad))
             else:
                 out.append(LeafStats(leaf.a, leaf.b, 0.0, math.nan, math.inf, math.inf))
         return out
+
+    def padding_scale(self) -> float:
+        """The factor applied to ``sqrt(2 log n / N)`` (see ``exploration``)."""
+        if self.exploration != "auto":
+            return float(self.exploration)
+        mags = self._magnitudes
+        if not mags:
+            return 1.0
+        n = len(mags)
+        median = mags[n // 2] if n % 2 else 0.5 * (mags[n // 2 - 1] + mags[n // 2])
+        return median if median > 0 else 1.0
 
     # ------------------------------------------------------------------ Algorithm 1
     def choose(self, rnd: int) -> float:
@@ -260,11 +290,12 @@ class EUCBAgent:
         counts = [leaf.count(rnd, self.discount) for leaf in self._leaves]
         total = sum(counts)
         log_n = max(math.log(total), 0.0) if total > 0 else 0.0
+        scale = self.padding_scale()
         for j, (leaf, count) in enumerate(zip(self._leaves, counts)):
             if count <= 0:
                 u = math.inf
             else:
-                u = leaf.r / leaf.n + math.sqrt(2.0 * log_n / count)
+                u = leaf.r / leaf.n + scale * math.sqrt(2.0 * log_n / count)
             if u > best_u:
                 best, best_u = j, u
                 if u == math.inf:
@@ -315,6 +346,7 @@ class EUCBAgent:
         alpha = self._pending.pop(rnd)
         j = bisect.bisect_right(self._edges, alpha) - 1
         self._leaves[j].add(rnd, alpha, float(reward), self.discount)
+        bisect.insort(self._magnitudes, abs(float(reward)))
 
     def discard(self, rnd: int) -> None:
         """Forget the decision of round ``rnd`` (its worker failed; no reward will come)."""
@@ -325,7 +357,10 @@ class EUCBAgent:
         """Everything a resume needs, JSON-able (floats round-trip exactly through ``json``)."""
         return {
             "version": _STATE_VERSION,
-            "config": {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed, "worker": self.worker},
+            "config": {
+                "low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed,
+                "worker": self.worker, "exploration": self.exploration,
+            },
             "leaves": [
                 {"a": leaf.a, "b": leaf.b, "ref": leaf.ref, "n": leaf.n, "r": leaf.r, "obs": [list(o) for o in leaf.obs]}
                 for leaf in self._leaves
@@ -342,7 +377,10 @@ class EUCBAgent:
         """
         try:
             config = state["config"]
-            mine = {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed, "worker": self.worker}
+            mine = {
+                "low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed,
+                "worker": self.worker, "exploration": self.exploration,
+            }
             for key, value in mine.items():
                 if config.get(key) != value:
                     raise ConfigError(f"E-UCB state was saved with {key}={config.get(key)!r}, this agent has {key}={value!r}")
@@ -365,6 +403,7 @@ class EUCBAgent:
         self._edges = [leaf.a for leaf in leaves]
         self._pending = pending
         self._last_round = last
+        self._magnitudes = sorted(abs(o[2]) for leaf in leaves for o in leaf.obs)
 
 
 class EUCB:
@@ -373,16 +412,25 @@ class EUCB:
     Workers may join at any round; the server needs no knowledge of their devices.
 
     Args:
-        low / high / theta / discount / seed: as for :class:`EUCBAgent` (shared by all agents).
+        low / high / theta / discount / seed / exploration: as for :class:`EUCBAgent` (shared by all
+            agents).
 
     Raises:
         ConfigError: a bad argument, named.
     """
 
     def __init__(
-        self, *, low: float = 0.0, high: float = 1.0, theta: float = 0.05, discount: float = 0.95, seed: int = 0
+        self,
+        *,
+        low: float = 0.0,
+        high: float = 1.0,
+        theta: float = 0.05,
+        discount: float = 0.95,
+        seed: int = 0,
+        exploration: float | str = "auto",
     ) -> None:
         self.low, self.high, self.theta, self.discount = _check_config(low, high, theta, discount)
+        self.exploration = _check_exploration(exploration)
         self.seed = int(seed)
         self._agents: dict[int, EUCBAgent] = {}
 
@@ -396,7 +444,10 @@ class EUCB:
         worker = int(worker)
         agent = self._agents.get(worker)
         if agent is None:
-            agent = EUCBAgent(low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=worker)
+            agent = EUCBAgent(
+                low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=worker,
+                exploration=self.exploration,
+            )
             self._agents[worker] = agent
         return agent
 
@@ -468,7 +519,10 @@ class EUCB:
         """All agents' states, JSON-able."""
         return {
             "version": _STATE_VERSION,
-            "config": {"low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed},
+            "config": {
+                "low": self.low, "high": self.high, "theta": self.theta, "discount": self.discount, "seed": self.seed,
+                "exploration": self.exploration,
+            },
             "agents": {str(w): a.state_dict() for w, a in sorted(self._agents.items())},
         }
 
@@ -481,12 +535,17 @@ class EUCB:
         if not isinstance(state, Mapping) or "agents" not in state:
             raise ConfigError("malformed E-UCB state: no 'agents'")
         config = state.get("config", {})
-        for key, value in (("low", self.low), ("high", self.high), ("theta", self.theta), ("discount", self.discount), ("seed", self.seed)):
+        mine = (("low", self.low), ("high", self.high), ("theta", self.theta), ("discount", self.discount), ("seed", self.seed),
+                ("exploration", self.exploration))
+        for key, value in mine:
             if config.get(key) != value:
                 raise ConfigError(f"E-UCB state was saved with {key}={config.get(key)!r}, this bandit has {key}={value!r}")
         agents: dict[int, EUCBAgent] = {}
         for w, agent_state in state["agents"].items():
-            agent = EUCBAgent(low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=int(w))
+            agent = EUCBAgent(
+                low=self.low, high=self.high, theta=self.theta, discount=self.discount, seed=self.seed, worker=int(w),
+                exploration=self.exploration,
+            )
             agent.load_state_dict(agent_state)
             agents[int(w)] = agent
         self._agents = agents

@@ -206,6 +206,9 @@ class FedMP(SubModelStrategy):
             (the paper finds 0.01-0.05 equally good; Fig. 4).
         discount: E-UCB discount factor λ (0.95 in the paper).
         ratio_range: ``(low, high)``: the arm space (the paper's is [0, 1)).
+        exploration: scale of E-UCB's padding: ``"auto"`` (the median observed reward, so that
+            decisions do not depend on the reward's unit) or a number (``1.0``: as printed); see
+            :class:`~lightning_fedprune.core.bandit.EUCBAgent`.
         fixed_ratios: client id -> ratio; replaces the bandit (clients not listed get 0).
         aggregation: ``"r2sp"`` or ``"bsp"``.
         **kwargs: :class:`~lightning_fedprune.strategies.FedAvg` options.
@@ -217,6 +220,7 @@ class FedMP(SubModelStrategy):
         theta: float = 0.05,
         discount: float = 0.95,
         ratio_range: tuple[float, float] = (0.0, 1.0),
+        exploration: float | str = "auto",
         fixed_ratios: Mapping[int, float] | None = None,
         aggregation: str = "r2sp",
         **kwargs: Any,
@@ -225,7 +229,7 @@ class FedMP(SubModelStrategy):
         from lightning_fedprune.core.bandit import EUCB
 
         lo, hi = (float(v) for v in ratio_range)
-        self.bandit = EUCB(low=lo, high=hi, theta=theta, discount=discount, seed=self.seed)
+        self.bandit = EUCB(low=lo, high=hi, theta=theta, discount=discount, seed=self.seed, exploration=exploration)
         self.fixed_ratios = (
             {int(c): _check_ratio(f"fixed_ratios[{c}]", r) for c, r in fixed_ratios.items()} if fixed_ratios is not None else None
         )
@@ -275,7 +279,7 @@ class UniformPruning(SubModelStrategy):
         ratio: a fixed ratio for every round; ``None`` lets one E-UCB agent choose the round's
             ratio, rewarded with the workers' mean loss decrease per second of round time
             (the round ends at its slowest worker).
-        theta, discount, ratio_range: the agent's settings (as :class:`FedMP`).
+        theta, discount, ratio_range, exploration: the agent's settings (as :class:`FedMP`).
         aggregation: ``"r2sp"`` (default) or ``"bsp"``.
         **kwargs: :class:`~lightning_fedprune.strategies.FedAvg` options.
     """
@@ -289,6 +293,7 @@ class UniformPruning(SubModelStrategy):
         theta: float = 0.05,
         discount: float = 0.95,
         ratio_range: tuple[float, float] = (0.0, 1.0),
+        exploration: float | str = "auto",
         aggregation: str = "r2sp",
         **kwargs: Any,
     ) -> None:
@@ -297,7 +302,7 @@ class UniformPruning(SubModelStrategy):
 
         self.ratio = _check_ratio("ratio", ratio) if ratio is not None else None
         lo, hi = (float(v) for v in ratio_range)
-        self.bandit = EUCB(low=lo, high=hi, theta=theta, discount=discount, seed=self.seed)
+        self.bandit = EUCB(low=lo, high=hi, theta=theta, discount=discount, seed=self.seed, exploration=exploration)
 
     def client_ratios(self, rnd: int, clients: Sequence[int]) -> dict[int, float]:
         r = self.ratio if self.ratio is not None else self.bandit.decide(rnd, [self._AGENT])[self._AGENT]

@@ -53,7 +53,7 @@ def test_reward_rejects_bad_inputs(args, message):
 
 def test_single_leaf_three_round_history_by_hand():
     # Prepare: theta = 1 -> the leaf [0, 1) (diameter 1, not > theta) is never split
-    agent = EUCBAgent(theta=1.0, discount=0.9, seed=3)
+    agent = EUCBAgent(theta=1.0, discount=0.9, seed=3, exploration=1.0)  # the padding as printed
     rewards = [1.0, 2.0, 4.0]
     # Execute
     for k, r in enumerate(rewards):
@@ -72,7 +72,7 @@ def test_single_leaf_three_round_history_by_hand():
 def test_two_leaves_three_round_history_by_hand():
     # Prepare: seed 7's first draw is 0.381; theta = 0.7 splits [0, 1) there into [0, .381) and
     # [.381, 1), both no wider than theta, so the partition then stays fixed
-    agent = EUCBAgent(theta=0.7, discount=0.9, seed=7)
+    agent = EUCBAgent(theta=0.7, discount=0.9, seed=7, exploration=1.0)
     a0 = agent.choose(0)
     assert 0.3 < a0 < 0.7
     assert agent.leaves == [(0.0, a0), (a0, 1.0)]
@@ -354,3 +354,21 @@ def test_ratios_stay_inside_a_custom_range():
         xs.append(x)
     assert all(0.2 <= x < 0.5 for x in xs)
     assert agent.leaves[0][0] == 0.2 and agent.leaves[-1][1] == 0.5
+
+
+def test_auto_exploration_makes_decisions_independent_of_the_reward_unit():
+    # Eq. 8 has units (loss per second): measuring time in ms instead of s divides every reward by
+    # 1000. With the padding scaled by the median |reward| the decisions are the same.
+    def run(unit: float, exploration) -> list[float]:
+        agent = EUCBAgent(seed=4, exploration=exploration)
+        out = []
+        for k in range(60):
+            x = agent.choose(k)
+            agent.observe(k, x, eucb_reward(1.0 - 0.3 * x, unit * 10.0 * (1.0 - x), unit * 4.0))
+            out.append(x)
+        return out
+
+    assert run(1.0, "auto") == run(1000.0, "auto")
+    assert run(1.0, 1.0) != run(1000.0, 1.0)  # the padding as printed depends on the unit
+    with pytest.raises(ConfigError, match="exploration"):
+        EUCBAgent(exploration=-1.0)
