@@ -100,6 +100,8 @@ class _Running:
     losses: list[float] = field(default_factory=list)
     epoch_of_loss: list[int] = field(default_factory=list)
     examples: int = 0
+    probe: Any = None  # the client's first batch, evaluated with the received and the trained weights
+    probe_before: float = math.nan
 
 
 class _ScheduledBatches:
@@ -166,6 +168,10 @@ class _RoundController(pl.Callback):
         if self._need_flops:
             self.runtime._measure_flops(pl_module, batch)
             self._need_flops = False
+        run = self.running
+        if run is not None and run.probe is None and self.runtime.probe_loss:
+            run.probe = batch
+            run.probe_before = _probe_loss(pl_module, batch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         run = self.running
@@ -226,6 +232,10 @@ class _RoundController(pl.Callback):
             ev = evaluate(pl_module, test_loader)
             extra["local_test_acc"] = ev["accuracy"]
             extra["local_test_loss"] = ev["loss"]
+        if run.probe is not None:
+            # the same batch before and after local training: a paired, low-noise loss decrease
+            extra["probe_loss_before"] = run.probe_before
+            extra["probe_loss_after"] = _probe_loss(pl_module, run.probe)
         before, after = _loss_before_after(run.losses, run.epoch_of_loss)
         metrics = ClientMetrics(
             num_samples=rt.data.num_train_samples(task.client_id),
@@ -246,6 +256,24 @@ class _RoundController(pl.Callback):
             config=dict(run.ctx.result_config),
         )
         self.running = None
+
+
+def _probe_loss(module: Any, batch: Any) -> float:
+    """Mean evaluation loss of ``batch`` (eval mode, no gradients, no RNG draws)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            loss_sum, _, targets = module.federated_evaluate_batch(batch)
+    finally:
+        module.train(was_training)
+    if targets is not None:
+        n = targets.numel()
+    else:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+    value = float(loss_sum) / max(1, n)
+    return value if math.isfinite(value) else math.nan
 
 
 def _loss_before_after(losses: list[float], epochs: list[int]) -> tuple[float, float]:
@@ -276,6 +304,9 @@ class ClientRuntime:
         trainer_kwargs: further ``Trainer`` arguments (e.g. ``gradient_clip_val``, ``precision``).
             Epoch / step limits and callbacks are set by the runtime and may not be given here.
         evaluate_local: evaluate each trained client model on the client's local test split.
+        probe_loss: evaluate the client's first batch with the received and with the trained
+            weights (``metrics.extra["probe_loss_before"/"probe_loss_after"]``): a paired loss
+            decrease, far less noisy than the running training losses (FedMP's reward uses it).
     """
 
     def __init__(
@@ -288,6 +319,7 @@ class ClientRuntime:
         callbacks: Sequence[pl.Callback] = (),
         trainer_kwargs: dict[str, Any] | None = None,
         evaluate_local: bool = True,
+        probe_loss: bool = True,
     ) -> None:
         if not isinstance(module, FederatedModuleMixin):
             raise ConfigError(
@@ -304,6 +336,7 @@ class ClientRuntime:
         self.callbacks = [*make_client_callbacks(tuple(client_callbacks)), *callbacks]
         self.trainer_kwargs = trainer_kwargs
         self.evaluate_local = bool(evaluate_local)
+        self.probe_loss = bool(probe_loss)
         self._initial_local = module.local_state()
         self._flops_cache: dict[tuple, float] = {}
 

@@ -145,7 +145,33 @@ def test_evaluate_local_can_be_switched_off(tiny_module, tiny_data):
     module = tiny_module()
     (task,) = _strategy("fedavg", module).configure_round(0, [0])
     res = ClientRuntime(module, data=tiny_data, evaluate_local=False).run(task)
+    assert "local_test_acc" not in res.metrics.extra and "local_test_loss" not in res.metrics.extra
+    res = ClientRuntime(module, data=tiny_data, evaluate_local=False, probe_loss=False).run(task)
     assert res.metrics.extra == {}
+
+
+def test_probe_loss_is_the_first_batch_before_and_after_training(tiny_module, tiny_data):
+    # Prepare: the probe must equal an independent evaluation of client 0's first batch
+    import torch.nn.functional as F
+
+    module = tiny_module(lr=0.1)
+    (task,) = _strategy("fedavg", module, local_epochs=3).configure_round(0, [0])
+    first = next(iter(tiny_data.train_batches(0, run_seed=0, rnd=0, epoch=0)))
+    ref = tiny_module(lr=0.1)
+    ref.load_federated_state(task.weights)
+    ref.eval()
+    with torch.no_grad():
+        expected_before = float(F.cross_entropy(ref(first[0]), first[1]))
+    # Execute
+    res = ClientRuntime(module, data=tiny_data, seed=0).run(task)
+    # Assert
+    m = res.metrics.extra
+    assert m["probe_loss_before"] == pytest.approx(expected_before, rel=1e-6)
+    ref.load_federated_state(res.weights)
+    with torch.no_grad():
+        expected_after = float(F.cross_entropy(ref(first[0]), first[1]))
+    assert m["probe_loss_after"] == pytest.approx(expected_after, rel=1e-6)
+    assert m["probe_loss_after"] < m["probe_loss_before"]
 
 
 def test_custom_forward_flops_are_used(tiny_module, tiny_data):

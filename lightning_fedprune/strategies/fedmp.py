@@ -57,8 +57,16 @@ def _check_ratio(name: str, value: Any) -> float:
 
 
 def _delta_loss(result: ClientResult) -> float:
-    """The worker's loss decrease over its local work (Eq. 8's numerator); 0 when unknown."""
-    d = result.metrics.loss_before - result.metrics.loss_after
+    """The worker's loss decrease over its local work (Eq. 8's numerator); 0 when unknown.
+
+    Uses the paired probe (the same batch evaluated with the received and the trained weights)
+    when the client reports it, else the running training losses (first vs last part).
+    """
+    extra = result.metrics.extra
+    if "probe_loss_before" in extra and "probe_loss_after" in extra:
+        d = extra["probe_loss_before"] - extra["probe_loss_after"]
+    else:
+        d = result.metrics.loss_before - result.metrics.loss_after
     return float(d) if math.isfinite(d) else 0.0
 
 
