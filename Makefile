@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-fedml fedml-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,17 +11,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# the FedML deployment's extra packages (fedml, grpcio, moto); its tests also need the
+# `mosquitto` broker: `apt-get install -y mosquitto` (.ci/run does it when it is missing)
+$(VENV)/.installed-fedml: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,fedml]'
+	touch $@
+
 ## run: the default recipe (scikit-learn digits, 10 clients, FedAvg)
 run: $(VENV)/.installed
 	$(PY) -m lightning_fedprune run recipes/digits_fedavg.yaml
 
-## test: the test suite (CPU only, a few minutes)
-test: $(VENV)/.installed
+## test: the test suite (CPU only, a few minutes; the FedML tests start real processes)
+test: $(VENV)/.installed-fedml
 	$(PY) -m pytest -q
 
 ## bench: engine overhead against a plain PyTorch loop
 bench: $(VENV)/.installed
 	$(PY) benchmarks/engine_overhead.py
+
+## bench-fedml: a GRPC deployment on this machine against the simulator
+bench-fedml: $(VENV)/.installed-fedml
+	$(PY) benchmarks/fedml_vs_simulation.py
+
+## fedml-demo: server + 3 client processes on this machine, compared with the simulator
+fedml-demo: $(VENV)/.installed-fedml
+	$(PY) examples/fedml_one_machine.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,11 +5,22 @@ Commands::
     run  RECIPE.yaml [--set key=value ...] [--resume] [--quiet]   run a recipe in the simulator
     show RECIPE.yaml [--set key=value ...]                         print the resolved recipe as YAML
 
+Deployment through FedML (CONFIG is a deployment config, see ``recipes/fedml/``)::
+
+    server  CONFIG [--set ...] [--resume] [--quiet | --no-progress]   the server process (FedML rank 0)
+    client  CONFIG --rank N [--set ...]                               the client process of rank N
+    launch  CONFIG [--clients N] [--set ...] [--resume] [--quiet]     server + N clients (+ broker/store) here
+    export-data CONFIG --rank N --out DIR                             the clients' own data, for an edge device
+    package CONFIG --rank N --out DIR [--with-data]                   a client package made with `fedml build`
+    serve   CONFIG --client-id C [--host H] [--port P]                serve a client's trained model (/ready, /predict)
+
 ``--set`` overrides any recipe key by its dotted path, e.g. ``--set strategy.name=fedprox
---set strategy.options.mu=0.01 --set rounds=5``; values are parsed as YAML.
+--set strategy.options.mu=0.01 --set rounds=5``; values are parsed as YAML. For deployment
+configs, keys starting with a FedML section (``comm_args.backend=MQTT_S3``) set that section.
 
 Exit codes: 0 success; 2 invalid recipe, data or model settings (one error message, no
-traceback); 1 a round in which every client failed; 130 interrupted (resume with ``--resume``).
+traceback); 1 a round in which every client failed; 3 a peer, broker or object store could not be
+reached (deployment commands); 130 interrupted (resume with ``--resume``).
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``run`` and ``show``; ``server``/``client``/``launch`` are reserved for FedML)."""
+    """The argument parser (``run``, ``show`` and the FedML deployment commands)."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Federated learning with model pruning on PyTorch Lightning."
     )
@@ -60,8 +71,163 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the resolved recipe as YAML", description="Print the resolved recipe as YAML.")
     _add_recipe_args(show)
     show.set_defaults(func=_cmd_show)
-    # `server`, `client` and `launch` (FedML deployment) will be added here.
+    _add_deployment_commands(sub)
     return parser
+
+
+def _add_deployment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="deployment config YAML, e.g. recipes/fedml/digits_grpc.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key (rounds=5) or a FedML section key (comm_args.backend=MQTT_S3); repeatable",
+    )
+
+
+def _add_deployment_commands(sub: Any) -> None:
+    """``server``, ``client``, ``launch``, ``export-data``, ``package``, ``serve`` (FedML is imported lazily)."""
+    server = sub.add_parser("server", help="run the server of a FedML deployment", description="Run the server (FedML rank 0).")
+    _add_deployment_args(server)
+    server.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint if there is one")
+    server.add_argument("--quiet", action="store_true", help="no progress bar or summary table; warnings and errors only")
+    server.add_argument("--no-progress", action="store_true", help="log lines only (no progress bar or summary table)")
+    server.set_defaults(func=_cmd_server)
+
+    client = sub.add_parser("client", help="run one client process of a FedML deployment", description="Run the client process of one rank.")
+    _add_deployment_args(client)
+    client.add_argument("--rank", type=int, required=True, help="this process's rank (1..device_args.worker_num)")
+    client.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    client.set_defaults(func=_cmd_client)
+
+    launch = sub.add_parser(
+        "launch", help="run a FedML deployment on this machine",
+        description="Start the server, the client processes and (MQTT_S3) a broker and object store on this machine.",
+    )
+    _add_deployment_args(launch)
+    launch.add_argument("--clients", type=int, default=None, help="client processes (default: device_args.worker_num)")
+    launch.add_argument("--resume", action="store_true", help="the server continues from the run folder's checkpoint")
+    launch.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    launch.set_defaults(func=_cmd_launch)
+
+    export = sub.add_parser(
+        "export-data", help="write a client process's own data to a folder",
+        description="Write the samples of the clients a rank serves (and nothing else) to a folder (data_args.data_cache_dir).",
+    )
+    _add_deployment_args(export)
+    export.add_argument("--rank", type=int, required=True, help="the client process's rank")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.set_defaults(func=_cmd_export_data)
+
+    package = sub.add_parser(
+        "package", help="build a client package with `fedml build`",
+        description="Build the client package of one rank with FedML's offline `fedml build`.",
+    )
+    _add_deployment_args(package)
+    package.add_argument("--rank", type=int, required=True, help="the client process's rank")
+    package.add_argument("--out", required=True, help="folder that receives dist-packages/client-package.zip")
+    package.add_argument("--with-data", action="store_true", help="put the rank's own data into the package")
+    package.set_defaults(func=_cmd_package)
+
+    serve = sub.add_parser(
+        "serve", help="serve a client's trained model over HTTP",
+        description="Serve a client's trained (pruned, personalized) model with FedML's inference runner (/ready, /predict).",
+    )
+    _add_deployment_args(serve)
+    serve.add_argument("--client-id", type=int, required=True, help="the client whose model to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=2345, help="port (default 2345, FedML's)")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _deployment(args: argparse.Namespace):
+    from lightning_fedprune.fedml_adapters.commands import load_deployment
+    from lightning_fedprune.fedml_adapters.transport import quiet_fedml_environment
+
+    quiet_fedml_environment()  # before anything imports FedML's dependencies
+
+    return load_deployment(args.config, args.overrides)
+
+
+def _transport_errors(fn):
+    """Exit code 3 with one message when a peer, the broker or the store cannot be reached."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from lightning_fedprune.fedml_adapters.services import ServiceError
+        from lightning_fedprune.fedml_adapters.transport import TransportError
+
+        try:
+            return fn(args)
+        except (TransportError, ServiceError) as err:
+            _error(str(err))
+            return 3
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_transport_errors
+def _cmd_server(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lightning_fedprune.fedml_adapters.commands import plain_logging, run_server
+    from lightning_fedprune.reporting import RichProgress
+
+    cfg = _deployment(args)
+    if args.quiet or args.no_progress:
+        with plain_logging(quiet=args.quiet, prefix="[server] "):
+            run_server(cfg, resume=args.resume, progress=None)
+        return 0
+    console = Console()
+    with _RichLogging(console, False):
+        run_server(cfg, resume=args.resume, progress=RichProgress(console=console))
+    return 0
+
+
+@_transport_errors
+def _cmd_client(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import plain_logging, run_client
+
+    cfg = _deployment(args)
+    with plain_logging(quiet=args.quiet, prefix=f"[rank {args.rank}] "):
+        run_client(cfg, args.rank)
+    return 0
+
+
+@_transport_errors
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import run_launch
+
+    cfg = _deployment(args)
+    return run_launch(cfg, clients=args.clients, resume=args.resume, quiet=args.quiet)
+
+
+def _cmd_export_data(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import run_export_data
+
+    out = run_export_data(_deployment(args), args.rank, args.out)
+    print(f"wrote the data of rank {args.rank} to {out}")
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import plain_logging, run_package
+
+    with plain_logging():
+        out = run_package(_deployment(args), args.rank, args.out, with_data=args.with_data)
+    print(f"client package of rank {args.rank}: {out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import plain_logging, run_serve
+
+    with plain_logging():
+        run_serve(_deployment(args), args.client_id, host=args.host, port=args.port)
+    return 0
 
 
 def _load(args: argparse.Namespace):

@@ -1,0 +1,256 @@
+"""Server-side bookkeeping of one real round: who was asked, what came back, when (no FedML).
+
+:class:`RoundCollector` receives the envelopes of one round and turns them into what the strategy
+aggregates -- validated :class:`~lightning_fedprune.core.ClientResult` s (with their measured
+``completion_time``) and :class:`~lightning_fedprune.core.ClientFailure` s -- plus the bytes and
+times the round record reports. Every refusal is logged with its reason and the round goes on:
+
+* a message of another run or server session, of another round, from a rank that does not
+  serve the client it names, or for a client not asked (or already answered) is *dropped*;
+* a result that fails validation against what its task implies (tensor names, shapes, dtypes,
+  finiteness, size) ends that client's part in the round as a ``"rejected"`` failure, as in the
+  simulator.
+
+Clocks are ``time.monotonic`` seconds; completion time = result arrival - task send start
+(download + compute + upload as seen by the server).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask, decode_result
+from lightning_fedprune.errors import PayloadError
+from lightning_fedprune.fedml_adapters.envelope import FAILURE, RESULT, Envelope
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoundCollector", "Outcome"]
+
+
+@dataclass
+class _Slot:
+    task: ClientTask
+    rank: int
+    sent_at: float | None = None
+    bytes_down: int = 0
+    wire_down: int = 0
+    result: ClientResult | None = None
+    failure: ClientFailure | None = None
+    bytes_up: int = 0
+    wire_up: int = 0
+    seconds: float = math.nan
+
+
+@dataclass
+class Outcome:
+    """What a finished round produced (results in task order)."""
+
+    results: list[ClientResult]
+    failures: list[ClientFailure]
+    bytes_down: int
+    bytes_up: int
+    wire_down: int
+    wire_up: int
+    seconds: float
+    per_client: dict[str, dict[str, Any]]
+    dropped: int
+    extra: dict[str, Any]
+
+
+class RoundCollector:
+    """Collects one round's results.
+
+    Args:
+        rnd: the round.
+        tasks: the tasks of the round, in the order the strategy built them.
+        rank_of: client id -> rank of the process serving it.
+        expected: ``strategy.expected_result`` (task -> (weights spec, extras spec)).
+        run_id / session: this run and this server process; other messages are dropped.
+        max_message_bytes: results larger than this are rejected.
+        timeout_s: a client not delivered this long after its task was sent is dropped.
+        deadline_fraction / deadline_factor: FedMP's deadline rounds (``None``: sync rounds end
+            when every client delivered or timed out): once ``ceil(fraction * selected)`` results
+            arrived at ``d`` seconds into the round, the round ends at ``factor * d``.
+        clock: the time source (``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        rnd: int,
+        tasks: Sequence[ClientTask],
+        *,
+        rank_of: Callable[[int], int],
+        expected: Callable[[ClientTask], tuple[Any, Any]],
+        run_id: str,
+        session: str,
+        max_message_bytes: int,
+        timeout_s: float,
+        deadline_fraction: float | None = None,
+        deadline_factor: float = 1.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.round = int(rnd)
+        self.run_id = run_id
+        self.session = session
+        self.max_message_bytes = int(max_message_bytes)
+        self.timeout_s = float(timeout_s)
+        self.deadline_fraction = deadline_fraction
+        self.deadline_factor = float(deadline_factor)
+        self.expected = expected
+        self.clock = clock
+        self.start = clock()
+        self.slots: dict[int, _Slot] = {t.client_id: _Slot(t, rank_of(t.client_id)) for t in tasks}
+        self.order = [t.client_id for t in tasks]
+        self.dropped = 0
+        self._arrivals: list[float] = []
+        self._soft_deadline: float | None = None
+        self._end: float | None = None
+
+    # -------------------------------------------------------------- sending side
+    def sent(self, client_id: int, *, at: float, payload_bytes: int, wire_bytes: int) -> None:
+        s = self.slots[client_id]
+        s.sent_at, s.bytes_down, s.wire_down = at, int(payload_bytes), int(wire_bytes)
+
+    def fail(self, client_id: int, kind: str, reason: str) -> None:
+        """Record a failure of a pending client (no-op once it delivered or failed)."""
+        s = self.slots.get(client_id)
+        if s is None or s.result is not None or s.failure is not None:
+            return
+        log.warning("round %d: client %d %s: %s", self.round, client_id, kind, reason)
+        s.failure = ClientFailure(self.round, client_id, kind, reason)
+
+    def pending_of_rank(self, rank: int) -> list[int]:
+        return [c for c, s in self.slots.items() if s.rank == rank and s.result is None and s.failure is None]
+
+    # -------------------------------------------------------------- receiving side
+    def offer(self, env: Envelope, wire_bytes: int) -> bool:
+        """Take a result or failure envelope; False (and a logged reason) when it is dropped."""
+        reason = self._check(env)
+        if reason is not None:
+            self.dropped += 1
+            log.warning("round %d: dropped a %s from rank %d: %s", self.round, env.type, env.sender, reason)
+            return False
+        cid = int(env.body["client_id"])
+        s = self.slots[cid]
+        now = self.clock()
+        if env.type == FAILURE:
+            self.fail(cid, "error", str(env.body.get("reason", "the client reported a failure"))[:2000])
+            return True
+        s.bytes_up, s.wire_up = len(env.payload), int(wire_bytes)
+        w_spec, x_spec = self.expected(s.task)
+        try:
+            res = decode_result(
+                env.payload, expect_round=self.round, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
+                max_bytes=self.max_message_bytes,
+            )
+        except PayloadError as err:
+            self.fail(cid, "rejected", str(err))
+            return True
+        sent_at = s.sent_at if s.sent_at is not None else self.start
+        s.seconds = now - sent_at
+        s.result = dataclasses.replace(res, completion_time=s.seconds)
+        self._arrivals.append(now - self.start)
+        self._update_soft_deadline()
+        return True
+
+    def _check(self, env: Envelope) -> str | None:
+        if env.type not in (RESULT, FAILURE):
+            return f"a {env.type!r} message is not part of a round"
+        if env.run_id != self.run_id:
+            return f"it belongs to run {env.run_id!r}, this is {self.run_id!r}"
+        if env.session != self.session:
+            return "it answers a task of an earlier server session (the server restarted)"
+        if env.round != self.round:
+            return f"it is for round {env.round}, the current round is {self.round}"
+        cid = env.body.get("client_id")
+        if not isinstance(cid, int) or isinstance(cid, bool):
+            return f"its client_id {cid!r} is not an integer"
+        s = self.slots.get(cid)
+        if s is None:
+            return f"client {cid} was not asked to work in round {self.round}"
+        if s.rank != env.sender:
+            return f"client {cid} is served by rank {s.rank}, not by rank {env.sender} (unknown sender)"
+        if s.result is not None or s.failure is not None:
+            return f"client {cid} already {'delivered' if s.result is not None else 'failed'} in this round"
+        return None
+
+    # -------------------------------------------------------------- timing
+    def _update_soft_deadline(self) -> None:
+        if self.deadline_fraction is None or self._soft_deadline is not None:
+            return
+        k = max(1, math.ceil(self.deadline_fraction * len(self.slots) - 1e-9))
+        if len(self._arrivals) >= k:
+            d = sorted(self._arrivals)[k - 1]
+            self._soft_deadline = self.start + self.deadline_factor * d
+
+    @property
+    def done(self) -> bool:
+        """Every client delivered or failed."""
+        return all(s.result is not None or s.failure is not None for s in self.slots.values())
+
+    def next_deadline(self) -> float:
+        """The clock time at which :meth:`expire` has something to do."""
+        times = [
+            (s.sent_at if s.sent_at is not None else self.start) + self.timeout_s
+            for s in self.slots.values()
+            if s.result is None and s.failure is None
+        ]
+        if self._soft_deadline is not None:
+            times.append(self._soft_deadline)
+        return min(times) if times else self.clock()
+
+    def expire(self) -> None:
+        """Fail every pending client whose time is up."""
+        now = self.clock()
+        for cid, s in self.slots.items():
+            if s.result is not None or s.failure is not None:
+                continue
+            sent_at = s.sent_at if s.sent_at is not None else self.start
+            if now >= sent_at + self.timeout_s:
+                self.fail(cid, "deadline", f"no result {self.timeout_s:g} s after its task was sent (train_args.round_timeout_s)")
+            elif self._soft_deadline is not None and now >= self._soft_deadline:
+                self.fail(cid, "deadline", f"not delivered by the round's deadline ({self._soft_deadline - self.start:.3f} s)")
+
+    # -------------------------------------------------------------- the end
+    def close(self) -> Outcome:
+        """Fail whatever is still pending (the round ends now) and return the round's outcome."""
+        for cid in self.order:
+            self.fail(cid, "deadline", "the round ended before its result arrived")
+        end = self.clock()
+        results = [self.slots[c].result for c in self.order if self.slots[c].result is not None]
+        failures = [self.slots[c].failure for c in self.order if self.slots[c].failure is not None]
+        per_client: dict[str, dict[str, Any]] = {}
+        for c in self.order:
+            s = self.slots[c]
+            per_client[str(c)] = {
+                "rank": s.rank,
+                "bytes_down": s.bytes_down,
+                "bytes_up": s.bytes_up,
+                "wire_down": s.wire_down,
+                "wire_up": s.wire_up,
+                "seconds": s.seconds if math.isfinite(s.seconds) else None,
+                "status": "ok" if s.result is not None else s.failure.kind,  # type: ignore[union-attr]
+            }
+        extra: dict[str, Any] = {}
+        if self.deadline_fraction is not None:
+            extra["deadline"] = (self._soft_deadline - self.start) if self._soft_deadline is not None else math.nan
+            extra["num_late"] = sum(1 for f in failures if f.kind == "deadline")
+        return Outcome(
+            results=[r for r in results if r is not None],
+            failures=[f for f in failures if f is not None],
+            bytes_down=sum(s.bytes_down for s in self.slots.values()),
+            bytes_up=sum(s.bytes_up for s in self.slots.values()),
+            wire_down=sum(s.wire_down for s in self.slots.values()),
+            wire_up=sum(s.wire_up for s in self.slots.values()),
+            seconds=end - self.start,
+            per_client=per_client,
+            dropped=self.dropped,
+            extra=extra,
+        )

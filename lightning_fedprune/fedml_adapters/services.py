@@ -1,0 +1,211 @@
+"""Local MQTT broker and S3-compatible store for the MQTT_S3 transport on one machine (no FedML here).
+
+:class:`LocalBroker` runs Debian's ``mosquitto`` on 127.0.0.1 and :class:`LocalObjectStore` runs
+``moto`` in server mode on 127.0.0.1 with one bucket; both are context managers that stop their
+process on exit. Their ``fedml_config()`` is what goes into ``comm_args.customized_training_mqtt_config``
+and ``comm_args.customized_training_s3_config``. ``launch`` and the tests start them; on real
+machines use a real broker and store.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_fedprune.errors import ConfigError, FedPruneError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LocalBroker", "LocalObjectStore", "ServiceError", "free_port", "wait_for_port", "find_mosquitto"]
+
+_MOSQUITTO_HINT = "install Debian's broker with `apt-get install -y mosquitto` (or point comm_args at a running broker)"
+
+
+class ServiceError(FedPruneError, RuntimeError):
+    """A local service could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts TCP connections on ``host:port``.
+
+    Raises:
+        ServiceError: on timeout, or when ``proc`` exits first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"the process serving {host}:{port} exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise ServiceError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
+
+
+def find_mosquitto() -> str | None:
+    """The ``mosquitto`` executable (PATH, then /usr/sbin), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class _Service:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self._log: Any = None
+
+    def _spawn(self, argv: list[str], log_path: Path | None, env: dict[str, str] | None = None) -> None:
+        self._log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after 5 s)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        self._log = None
+
+    def __enter__(self):  # noqa: ANN204
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalBroker(_Service):
+    """mosquitto on ``127.0.0.1:port`` (anonymous, no persistence).
+
+    Args:
+        port: the port (default: a free one).
+        workdir: where its config (and log) go (default: a temporary folder).
+    """
+
+    def __init__(self, *, port: int | None = None, workdir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.host = "127.0.0.1"
+        self.port = int(port) if port is not None else free_port()
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lfp-mosquitto-"))
+
+    def start(self) -> LocalBroker:
+        exe = find_mosquitto()
+        if exe is None:
+            raise ConfigError(f"the MQTT_S3 transport needs an MQTT broker and `mosquitto` is not installed: {_MOSQUITTO_HINT}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n",
+            encoding="utf-8",
+        )
+        self._spawn([exe, "-c", str(conf)], self.workdir / "mosquitto.log")
+        try:
+            wait_for_port(self.host, self.port, timeout_s=15.0, proc=self.proc)
+        except ServiceError:
+            self.stop()
+            raise
+        log.info("MQTT broker (mosquitto) on %s:%d", self.host, self.port)
+        return self
+
+    def fedml_config(self) -> dict[str, Any]:
+        """``comm_args.customized_training_mqtt_config`` for this broker."""
+        return {"BROKER_HOST": self.host, "BROKER_PORT": self.port, "MQTT_KEEPALIVE": 30}
+
+
+class LocalObjectStore(_Service):
+    """moto's S3 server on ``127.0.0.1:port`` with one bucket.
+
+    Args:
+        port: the port (default: a free one).
+        bucket: the bucket created at start.
+        workdir: where its log goes (default: none).
+    """
+
+    ACCESS_KEY = "lightning-fedprune"
+    SECRET_KEY = "lightning-fedprune-local"
+    REGION = "us-east-1"
+
+    def __init__(self, *, port: int | None = None, bucket: str = "fedprune", workdir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.host = "127.0.0.1"
+        self.port = int(port) if port is not None else free_port()
+        self.bucket = bucket
+        self.workdir = Path(workdir) if workdir is not None else None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> LocalObjectStore:
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+            raise ConfigError(
+                "the MQTT_S3 transport needs an S3-compatible store and moto's server is not installed: "
+                "pip install 'moto[server]' (or point comm_args at a running store)"
+            )
+        env = dict(os.environ, AWS_EC2_METADATA_DISABLED="true", PYTHONWARNINGS="ignore")
+        log_path = self.workdir / "moto.log" if self.workdir is not None else None
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self._spawn([sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)], log_path, env)
+        try:
+            wait_for_port(self.host, self.port, timeout_s=60.0, proc=self.proc)
+            self.client().create_bucket(Bucket=self.bucket)
+        except Exception:
+            self.stop()
+            raise
+        log.info("object store (moto) on %s, bucket %s", self.endpoint, self.bucket)
+        return self
+
+    def client(self) -> Any:
+        """A boto3 S3 client for the store."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
+            region_name=self.REGION, config=Config(signature_version="s3v4", retries={"max_attempts": 2}),
+        )
+
+    def object_keys(self) -> list[str]:
+        """Keys of the objects in the bucket now."""
+        out: list[str] = []
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            out.extend(obj["Key"] for obj in page.get("Contents", []))
+        return out
+
+    def fedml_config(self) -> dict[str, Any]:
+        """``comm_args.customized_training_s3_config`` for this store."""
+        return {
+            "CN_S3_ENDPOINT": self.endpoint,
+            "CN_S3_AKI": self.ACCESS_KEY,
+            "CN_S3_SAK": self.SECRET_KEY,
+            "CN_REGION_NAME": self.REGION,
+            "BUCKET_NAME": self.bucket,
+        }

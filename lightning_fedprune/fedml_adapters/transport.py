@@ -1,0 +1,628 @@
+"""FedML communication with a safe wire format: the only module that imports FedML.
+
+:class:`FedMLEndpoint` is what the server and client processes talk through. Inside it,
+:class:`_Manager` is a :class:`fedml.core.distributed.fedml_comm_manager.FedMLCommManager` with our
+own message types (``lfp.hello``, ``lfp.task``, ... see :mod:`.envelope`) whose backend is one of
+two communication managers implementing FedML's ``BaseCommunicationManager``:
+
+* :class:`SafeGRPCCommManager`: FedML's GRPC service (``gRPCCommManager.sendMessage`` with its
+  ``CommRequest``) carrying our envelope bytes instead of a pickled ``Message``. Unlike FedML's
+  own manager it never unpickles, blocks on its queue instead of spinning, reuses one channel per
+  peer, waits (with GRPC's reconnect backoff) for a peer that is not up yet, checks sizes, and
+  stops its server with a grace period so no RPC hangs.
+* :class:`SafeMqttS3CommManager`: FedML's MQTT_S3 manager (paho MQTT through FedML's
+  ``MqttManager``, boto3 through FedML's ``S3Storage``): small envelopes travel inside the MQTT
+  message (base64), larger ones as one S3 object whose key, size and SHA-256 go in the MQTT
+  message. The receiver downloads on its own worker thread (never on paho's network thread),
+  checks size and hash, and deletes the object once consumed; at shutdown a process deletes what
+  it uploaded that nobody consumed. S3 objects hold envelope bytes, never pickles.
+
+``fedml.init`` is never called: it posts to FedML's cloud and probes its services. The
+communication managers need none of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from concurrent import futures
+from types import SimpleNamespace
+from typing import Any
+
+from lightning_fedprune.errors import FedPruneError, PayloadError
+from lightning_fedprune.fedml_adapters.envelope import MESSAGE_TYPES, Envelope, decode_envelope, encode_envelope, fedml_msg_type
+from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FedMLEndpoint", "TransportError", "make_endpoint", "quiet_fedml_environment"]
+
+#: the FedML ``Message`` parameter our envelope bytes travel in
+WIRE_KEY = "lfp_wire"
+#: the FedML ``Message`` parameter a received, decoded envelope is handed over in
+ENVELOPE_KEY = "lfp_envelope"
+_WIRE_SIZE_KEY = "lfp_wire_bytes"
+
+OnMessage = Callable[[Envelope, int], None]
+OnReject = Callable[[str], None]
+
+
+class TransportError(FedPruneError, RuntimeError):
+    """A message could not be delivered (peer down past the timeout, broker or store unreachable)."""
+
+
+def quiet_fedml_environment() -> None:
+    """Environment settings that keep FedML's dependencies offline and quiet (before importing them).
+
+    wandb stays disabled and offline, boto3 never asks the EC2 metadata service for credentials or
+    a region, GRPC ignores HTTP proxies for our peers.
+    """
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    # version notices FedML's pinned dependencies print at import; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*pkg_resources is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*doesn't match a supported version.*")
+    for noisy in ("requests", "urllib3", "botocore", "boto3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(f, _FedMLChatter) for f in root.filters):
+        root.addFilter(_FedMLChatter())
+
+
+class _FedMLChatter(logging.Filter):
+    """Drops FedML's own info lines (it logs every message on the root logger); warnings pass."""
+
+    _marker = os.sep + "fedml" + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or self._marker not in record.pathname
+
+
+# ============================================================================ GRPC
+
+
+def _grpc_limits(max_message_bytes: int) -> int:
+    # the GRPC layer accepts up to twice our limit, so an oversized message still reaches our
+    # servicer, which logs and refuses it; anything larger is refused by GRPC itself
+    return min(2 * int(max_message_bytes) + 1024 * 1024, 2**31 - 1)
+
+
+def _make_grpc_comm_manager_class() -> type:
+    import grpc
+    from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager
+    from fedml.core.distributed.communication.constants import CommunicationConstants
+    from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2, grpc_comm_manager_pb2_grpc
+    from fedml.core.distributed.communication.message import Message
+
+    class _Servicer(grpc_comm_manager_pb2_grpc.gRPCCommManagerServicer):
+        """FedML's GRPC service, receiving envelope bytes (never unpickled)."""
+
+        def __init__(self, owner: SafeGRPCCommManager) -> None:
+            self.owner = owner
+
+        def sendMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 (FedML's service name)
+            self.owner._received(bytes(request.message), int(request.client_id), context.peer())
+            return grpc_comm_manager_pb2.CommResponse()
+
+        def handleReceiveMessage(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return grpc_comm_manager_pb2.CommResponse()
+
+    class SafeGRPCCommManager(BaseCommunicationManager):
+        """FedML's GRPC transport with envelope bytes on the wire (see the module docstring).
+
+        Args:
+            rank: this process's rank.
+            addresses: rank -> address of every process (this one's ``bind_host``/``port`` is
+                where it listens).
+            max_message_bytes: larger messages are refused and logged.
+            on_reject: called with the reason of every refused message.
+        """
+
+        def __init__(
+            self, *, rank: int, addresses: dict[int, GrpcAddress], max_message_bytes: int, on_reject: OnReject
+        ) -> None:
+            self.rank = int(rank)
+            self.addresses = dict(addresses)
+            self.max_message_bytes = int(max_message_bytes)
+            self.on_reject = on_reject
+            self._observers: list[Any] = []
+            self._inbox: queue.Queue[tuple[Envelope, int] | None] = queue.Queue()
+            self._channels: dict[int, tuple[Any, Any]] = {}
+            self._lock = threading.Lock()
+            self._stopped = threading.Event()
+            limit = _grpc_limits(self.max_message_bytes)
+            self.opts = [
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.enable_http_proxy", 0),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
+            me = self.addresses[self.rank]
+            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lfp-grpc"), options=self.opts)
+            grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(_Servicer(self), self.server)
+            target = f"{me.bind_host}:{me.port}"
+            try:
+                bound = self.server.add_insecure_port(target)
+            except RuntimeError as err:  # grpcio raises when the port is taken
+                raise TransportError(f"rank {self.rank} cannot listen on {target}: {err} (port in use?)") from None
+            if not bound:
+                raise TransportError(f"rank {self.rank} cannot listen on {target} (port in use?)")
+            self.server.start()
+            log.info("rank %d listening on %s (GRPC)", self.rank, target)
+
+        # ---------------------------------------------------------- receiving
+        def _received(self, data: bytes, claimed: int, peer: str) -> None:
+            try:
+                env = decode_envelope(data, max_bytes=self.max_message_bytes)
+                if env.sender != claimed:
+                    raise PayloadError(f"GRPC request says client_id={claimed} but the envelope says sender={env.sender}")
+            except PayloadError as err:
+                reason = f"refused a {len(data)}-byte GRPC message from {peer}: {err}"
+                log.warning("%s", reason)
+                self.on_reject(reason)
+                return
+            self._inbox.put((env, len(data)))
+
+        def handle_receive_message(self) -> None:
+            """Deliver received envelopes to the observers until stopped (blocks; no polling)."""
+            ready = Message()
+            ready.sender_id = ready.receiver_id = self.rank
+            for observer in self._observers:
+                observer.receive_message(CommunicationConstants.MSG_TYPE_CONNECTION_IS_READY, ready)
+            while True:
+                item = self._inbox.get()
+                if item is None:
+                    return
+                env, nbytes = item
+                msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
+                msg.add_params(ENVELOPE_KEY, env)
+                msg.add_params(_WIRE_SIZE_KEY, nbytes)
+                for observer in self._observers:
+                    observer.receive_message(msg.get_type(), msg)
+
+        def stop_receive_message(self) -> None:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            # grace: RPCs in flight complete (or are cancelled after 1 s); nothing hangs
+            self.server.stop(grace=1.0).wait(5.0)
+            with self._lock:
+                for channel, _ in self._channels.values():
+                    channel.close()
+                self._channels.clear()
+            self._inbox.put(None)
+
+        # ---------------------------------------------------------- sending
+        def _stub(self, receiver: int) -> Any:
+            with self._lock:
+                if receiver not in self._channels:
+                    addr = self.addresses.get(receiver)
+                    if addr is None:
+                        raise TransportError(f"no GRPC address for rank {receiver}")
+                    channel = grpc.insecure_channel(f"{addr.host}:{addr.port}", options=self.opts)
+                    self._channels[receiver] = (channel, grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel))
+                return self._channels[receiver][1]
+
+        def send_message(self, msg: Any, wait_s: float = 0.0, timeout_s: float = 60.0) -> int:
+            """Send the envelope bytes of ``msg``; wait up to ``wait_s`` for the peer to come up.
+
+            Returns:
+                The bytes put on the wire (the protobuf request).
+
+            Raises:
+                TransportError: the peer was not reachable or the call failed.
+            """
+            data = msg.get(WIRE_KEY)
+            receiver = int(msg.get_receiver_id())
+            request = grpc_comm_manager_pb2.CommRequest(client_id=self.rank, message=data)
+            stub = self._stub(receiver)
+            deadline = time.monotonic() + max(0.0, float(wait_s))
+            while True:
+                try:
+                    stub.sendMessage(request, timeout=max(float(timeout_s), float(wait_s)), wait_for_ready=wait_s > 0)
+                    return int(request.ByteSize())
+                except grpc.RpcError as err:
+                    code = err.code() if hasattr(err, "code") else None
+                    retry = code in (grpc.StatusCode.UNAVAILABLE,) and time.monotonic() < deadline and not self._stopped.is_set()
+                    if not retry:
+                        detail = err.details() if hasattr(err, "details") else str(err)
+                        raise TransportError(f"GRPC send to rank {receiver} failed: {code}: {detail}") from None
+                    time.sleep(0.2)
+
+        def add_observer(self, observer: Any) -> None:
+            self._observers.append(observer)
+
+        def remove_observer(self, observer: Any) -> None:
+            self._observers.remove(observer)
+
+    return SafeGRPCCommManager
+
+
+# ============================================================================ MQTT_S3
+
+
+def _make_mqtt_s3_comm_manager_class() -> type:
+    from fedml.core.distributed.communication.constants import CommunicationConstants
+    from fedml.core.distributed.communication.message import Message
+    from fedml.core.distributed.communication.mqtt_s3.mqtt_s3_multi_clients_comm_manager import (
+        MqttS3MultiClientsCommManager,
+    )
+
+    class SafeMqttS3CommManager(MqttS3MultiClientsCommManager):
+        """FedML's MQTT_S3 transport with envelope bytes instead of pickles (see the module docstring).
+
+        Topics follow FedML's: the server publishes to ``fedml_<run>_0_<rank>`` and subscribes to
+        ``fedml_<run>_<rank>`` of every client rank; a client the other way round.
+
+        Args:
+            mqtt_config / s3_config: FedML's ``customized_training_*_config`` mappings.
+            run_id: the run id (topics, object keys).
+            rank: this process's rank; ``worker_num``: client ranks 1..worker_num.
+            max_message_bytes / inline_bytes / send_timeout_s: see :class:`CommArgs`.
+            on_reject: called with the reason of every refused message.
+        """
+
+        def __init__(
+            self,
+            *,
+            mqtt_config: dict[str, Any],
+            s3_config: dict[str, Any],
+            run_id: str,
+            rank: int,
+            worker_num: int,
+            max_message_bytes: int,
+            inline_bytes: int,
+            on_reject: OnReject,
+        ) -> None:
+            ids = list(range(1, worker_num + 1)) if rank == 0 else [rank]
+            args = SimpleNamespace(client_id_list=json.dumps(ids), rank=rank, run_id=run_id, server_id=0)
+            if rank != 0:
+                args.client_id = rank
+            self.max_message_bytes = int(max_message_bytes)
+            self.inline_bytes = int(inline_bytes)
+            self.on_reject = on_reject
+            self.run_id = run_id
+            self._fetch_q: queue.Queue[tuple[dict[str, Any], str] | None] = queue.Queue()
+            self._uploaded: set[str] = set()
+            self._up_lock = threading.Lock()
+            self.objects_put = 0  # objects this process uploaded
+            self.objects_consumed = 0  # objects it read and deleted
+            self.cleanup_deletes = 0  # deletes of its own uploads at shutdown (no-ops when consumed)
+            mqtt = {"MQTT_USER": None, "MQTT_PWD": None, "MQTT_KEEPALIVE": 30, **mqtt_config}
+            super().__init__(mqtt, dict(s3_config), topic=run_id, client_rank=rank, client_num=worker_num, args=args)
+            self.bucket = self.s3_storage.bucket_name
+            self.s3 = self.s3_storage.aws_s3_client
+            if self.s3 is None:
+                raise TransportError("the S3 client could not be created from comm_args.customized_training_s3_config")
+            self._fetcher = threading.Thread(target=self._fetch_loop, name="lfp-s3-fetch", daemon=True)
+            self._fetcher.start()
+
+        # ---------------------------------------------------------- receiving
+        def _on_message_impl(self, msg: Any) -> None:
+            # paho's network thread: parse and hand over, never block here
+            try:
+                if len(msg.payload) > 4 * self.inline_bytes + 4096:
+                    raise PayloadError(f"MQTT message of {len(msg.payload)} bytes is larger than any descriptor")
+                obj = json.loads(msg.payload.decode("utf-8"))
+                if not isinstance(obj, dict):
+                    raise PayloadError("MQTT message is not a JSON object")
+            except (UnicodeDecodeError, ValueError, PayloadError) as err:
+                self._reject(f"refused an MQTT message on {msg.topic}: {err}")
+                return
+            self._fetch_q.put((obj, str(msg.topic)))
+
+        def _fetch_loop(self) -> None:
+            while True:
+                item = self._fetch_q.get()
+                if item is None:
+                    return
+                obj, topic = item
+                try:
+                    data = self._payload_of(obj)
+                    env = decode_envelope(data, max_bytes=self.max_message_bytes)
+                    if obj.get(Message.MSG_ARG_KEY_SENDER) != env.sender:
+                        raise PayloadError(f"MQTT message says sender={obj.get(Message.MSG_ARG_KEY_SENDER)!r}, the envelope {env.sender}")
+                except (PayloadError, TransportError) as err:
+                    self._reject(f"refused a message on {topic}: {err}")
+                    continue
+                msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
+                msg.add_params(ENVELOPE_KEY, env)
+                msg.add_params(_WIRE_SIZE_KEY, len(data))
+                for observer in self._observers:
+                    observer.receive_message(msg.get_type(), msg)
+
+        def _payload_of(self, obj: dict[str, Any]) -> bytes:
+            if "lfp_inline" in obj:
+                raw = obj["lfp_inline"]
+                if not isinstance(raw, str):
+                    raise PayloadError("lfp_inline is not a string")
+                try:
+                    return base64.b64decode(raw.encode("ascii"), validate=True)
+                except (ValueError, UnicodeEncodeError) as err:
+                    raise PayloadError(f"lfp_inline is not base64: {err}") from None
+            key, size, digest = obj.get("lfp_key"), obj.get("lfp_size"), obj.get("lfp_sha256")
+            if not isinstance(key, str) or not key.startswith(f"{self.run_id}/") or ".." in key:
+                raise PayloadError(f"object key {key!r} is not one of this run's")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= self.max_message_bytes:
+                raise PayloadError(f"object of {size!r} bytes exceeds the limit of {self.max_message_bytes} bytes")
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise PayloadError("the message lacks the object's SHA-256")
+            try:
+                head = self.s3.head_object(Bucket=self.bucket, Key=key)
+                if int(head.get("ContentLength", -1)) != size:
+                    raise PayloadError(f"object {key} holds {head.get('ContentLength')} bytes, the message says {size}")
+                data = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read(size + 1)
+            except PayloadError:
+                raise
+            except Exception as err:  # botocore's ClientError and connection errors
+                raise TransportError(f"cannot read object {key}: {err}") from None
+            finally:
+                if self._delete(key):
+                    self.objects_consumed += 1
+            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+                raise PayloadError(f"object {key} does not match its size/SHA-256")
+            return data
+
+        def _delete(self, key: str) -> bool:
+            try:
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+                return True
+            except Exception as err:  # never let cleanup break receiving
+                log.warning("could not delete object %s: %s", key, err)
+                return False
+
+        def _reject(self, reason: str) -> None:
+            log.warning("%s", reason)
+            self.on_reject(reason)
+
+        # ---------------------------------------------------------- sending
+        def send_message(self, msg: Any, wait_s: float = 0.0, timeout_s: float = 60.0) -> int:  # type: ignore[override]
+            data = msg.get(WIRE_KEY)
+            receiver = int(msg.get_receiver_id())
+            if self.args.rank == 0:
+                topic = f"{self._topic}{self.server_id}_{receiver}"
+            else:
+                topic = f"{self._topic}{msg.get_sender_id()}"
+            head = {
+                Message.MSG_ARG_KEY_TYPE: msg.get_type(),
+                Message.MSG_ARG_KEY_SENDER: int(msg.get_sender_id()),
+                Message.MSG_ARG_KEY_RECEIVER: receiver,
+            }
+            if len(data) <= self.inline_bytes:
+                head["lfp_inline"] = base64.b64encode(data).decode("ascii")
+                wire = len(data)
+            else:
+                key = f"{self.run_id}/{topic}/{uuid.uuid4().hex}"
+                try:
+                    self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+                except Exception as err:
+                    raise TransportError(f"cannot upload {len(data)} bytes to the object store: {err}") from None
+                with self._up_lock:
+                    self._uploaded.add(key)
+                self.objects_put += 1
+                head.update(lfp_key=key, lfp_size=len(data), lfp_sha256=hashlib.sha256(data).hexdigest())
+                wire = len(data)
+            text = json.dumps(head)
+            try:
+                # FedML's MqttManager publishes retained and returns before the broker has the
+                # message; publish plainly and wait for QoS 2 to complete, so a send that returned
+                # is at the broker (and a close right after it loses nothing)
+                info = self.mqtt_mgr._client.publish(topic, payload=text, qos=2, retain=False)
+                info.wait_for_publish(timeout=timeout_s)
+            except Exception as err:
+                raise TransportError(f"MQTT publish to {topic} failed: {err}") from None
+            if not info.is_published():
+                raise TransportError(f"MQTT publish to {topic} was not acknowledged within {timeout_s:g} s")
+            return wire + len(text)
+
+        def stop_receive_message(self) -> None:
+            try:
+                super().stop_receive_message()
+            finally:
+                self._fetch_q.put(None)
+                with self._up_lock:
+                    keys, self._uploaded = sorted(self._uploaded), set()
+                # S3 deletes are idempotent: objects a peer consumed are already gone
+                for key in keys:
+                    self.cleanup_deletes += int(self._delete(key))
+
+        def _notify_connection_ready(self) -> None:
+            ready = Message()
+            for observer in self._observers:
+                observer.receive_message(CommunicationConstants.MSG_TYPE_CONNECTION_IS_READY, ready)
+
+    return SafeMqttS3CommManager
+
+
+# ============================================================================ the FedMLCommManager
+
+
+def _make_manager_class() -> type:
+    from fedml.core.distributed.communication.constants import CommunicationConstants
+    from fedml.core.distributed.fedml_comm_manager import FedMLCommManager
+
+    class _Manager(FedMLCommManager):
+        """FedML's communication manager with our message types and a safe backend."""
+
+        def __init__(self, endpoint: FedMLEndpoint) -> None:
+            self._endpoint = endpoint
+            cfg = endpoint.cfg
+            args = SimpleNamespace(run_id=cfg.run_id, rank=endpoint.rank, backend=cfg.comm_args.backend)
+            super().__init__(args, comm=None, rank=endpoint.rank, size=cfg.worker_num + 1, backend=cfg.comm_args.backend)
+
+        def _init_manager(self) -> None:
+            ep, cfg = self._endpoint, self._endpoint.cfg
+            c = cfg.comm_args
+            if self.backend == "GRPC":
+                cls = _make_grpc_comm_manager_class()
+                self.com_manager = cls(
+                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.max_message_bytes, on_reject=ep._rejected
+                )
+            elif self.backend == "MQTT_S3":
+                cls = _make_mqtt_s3_comm_manager_class()
+                self.com_manager = _retry(
+                    lambda: cls(
+                        mqtt_config=dict(c.customized_training_mqtt_config),
+                        s3_config=dict(c.customized_training_s3_config),
+                        run_id=cfg.run_id,
+                        rank=self.rank,
+                        worker_num=cfg.worker_num,
+                        max_message_bytes=c.max_message_bytes,
+                        inline_bytes=c.mqtt_inline_bytes,
+                        on_reject=ep._rejected,
+                    ),
+                    what=f"the MQTT broker at {c.customized_training_mqtt_config.get('BROKER_HOST')}:"
+                    f"{c.customized_training_mqtt_config.get('BROKER_PORT')}",
+                    timeout_s=c.connect_timeout_s,
+                )
+            else:  # settings validated it
+                raise TransportError(f"unsupported backend {self.backend!r}")
+            self.com_manager.add_observer(self)
+
+        def register_message_receive_handlers(self) -> None:
+            for kind in MESSAGE_TYPES:
+                self.register_message_receive_handler(fedml_msg_type(kind), self._deliver)
+
+        def receive_message(self, msg_type: Any, msg_params: Any) -> None:
+            # FedML's version logs every message and raises on unknown types
+            if msg_type == CommunicationConstants.MSG_TYPE_CONNECTION_IS_READY:
+                self._endpoint._connected.set()
+                return
+            handler = self.message_handler_dict.get(msg_type)
+            if handler is None:
+                self._endpoint._rejected(f"dropped a message of unknown type {msg_type!r}")
+                return
+            handler(msg_params)
+
+        def _deliver(self, msg: Any) -> None:
+            env = msg.get(ENVELOPE_KEY)
+            nbytes = int(msg.get(_WIRE_SIZE_KEY) or 0)
+            try:
+                self._endpoint._on_message(env, nbytes)
+            except Exception:  # a handler bug must not kill the receive loop
+                log.exception("handling a %s message from rank %d failed", env.type, env.sender)
+
+    return _Manager
+
+
+def _retry(make: Callable[[], Any], *, what: str, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return make()
+        except (ConnectionError, OSError) as err:
+            if time.monotonic() >= deadline:
+                raise TransportError(f"cannot reach {what} after {timeout_s:g} s: {err}") from None
+            log.info("waiting for %s (%s)", what, err)
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
+
+
+class FedMLEndpoint:
+    """One process's end of the deployment's communication (server: rank 0, clients: 1..N).
+
+    Args:
+        cfg: the deployment config (backend, addresses, limits).
+        rank: this process's rank.
+
+    Use::
+
+        ep = FedMLEndpoint(cfg, rank)
+        ep.start(on_message)            # on_message(envelope, wire_bytes) runs on a transport thread
+        wire = ep.send(envelope)        # blocking; raises TransportError
+        ep.close()
+
+    Attributes:
+        stats: counters (messages and bytes sent/received, refused messages, S3 objects).
+    """
+
+    def __init__(self, cfg: DeploymentConfig, rank: int) -> None:
+        quiet_fedml_environment()
+        self.cfg = cfg
+        self.rank = int(rank)
+        self._on_message_cb: OnMessage | None = None
+        self._on_reject_cb: OnReject | None = None
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stats_lock = threading.Lock()
+        self.stats: dict[str, int] = {"sent": 0, "received": 0, "wire_bytes_sent": 0, "wire_bytes_received": 0, "refused": 0}
+        self._manager = _make_manager_class()(self)
+
+    def start(self, on_message: OnMessage, on_reject: OnReject | None = None) -> None:
+        """Start receiving; ``on_message(envelope, wire_bytes)`` is called for every valid envelope."""
+        self._on_message_cb = on_message
+        self._on_reject_cb = on_reject
+        self._thread = threading.Thread(target=self._manager.run, name=f"lfp-recv-{self.rank}", daemon=True)
+        self._thread.start()
+        if not self._connected.wait(self.cfg.comm_args.connect_timeout_s):
+            raise TransportError(f"rank {self.rank}: the {self.cfg.comm_args.backend} transport did not become ready")
+
+    def send(self, env: Envelope, *, wait_s: float = 0.0) -> int:
+        """Send one envelope; wait up to ``wait_s`` for a peer that is not up yet (GRPC).
+
+        Returns:
+            Bytes put on the transport for it.
+
+        Raises:
+            TransportError: it could not be delivered.
+        """
+        from fedml.core.distributed.communication.message import Message
+
+        if self._closed:
+            raise TransportError("the endpoint is closed")
+        msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
+        msg.add_params(WIRE_KEY, encode_envelope(env))
+        wire = self._manager.com_manager.send_message(msg, wait_s=wait_s, timeout_s=self.cfg.comm_args.send_timeout_s)
+        with self._stats_lock:
+            self.stats["sent"] += 1
+            self.stats["wire_bytes_sent"] += int(wire)
+        return int(wire)
+
+    def close(self) -> None:
+        """Stop receiving and release sockets (in-flight RPCs get a one-second grace)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._manager.finish()
+        finally:
+            if self._thread is not None:
+                self._thread.join(timeout=10.0)
+        com = self._manager.com_manager
+        for key in ("objects_put", "objects_consumed", "cleanup_deletes"):
+            if hasattr(com, key):
+                self.stats[key] = int(getattr(com, key))
+
+    # ---------------------------------------------------------- from the transport threads
+    def _on_message(self, env: Envelope, nbytes: int) -> None:
+        with self._stats_lock:
+            self.stats["received"] += 1
+            self.stats["wire_bytes_received"] += nbytes
+        if self._on_message_cb is not None:
+            self._on_message_cb(env, nbytes)
+
+    def _rejected(self, reason: str) -> None:
+        with self._stats_lock:
+            self.stats["refused"] += 1
+        if self._on_reject_cb is not None:
+            self._on_reject_cb(reason)
+
+
+def make_endpoint(cfg: DeploymentConfig, rank: int) -> FedMLEndpoint:
+    """The FedML endpoint of ``rank`` for ``cfg`` (imports FedML: 5-30 s the first time)."""
+    return FedMLEndpoint(cfg, rank)

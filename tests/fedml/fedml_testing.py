@@ -1,0 +1,280 @@
+"""Helpers of the FedML tests: an in-memory transport, process starting, logs and CPU readings.
+
+(Imported by the test files as ``fedml_testing``; ``conftest.py`` turns the transport into a fixture.)
+
+The process-level tests start real server and client processes (``python -m lightning_fedprune
+...``) with FedML's transports; they need fedml, grpcio (and for MQTT_S3 mosquitto and moto) and
+skip cleanly without them. Processes optionally run under a socket audit hook that records every
+Python-level connection (and refuses those to non-loopback addresses).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightning_fedprune.fedml_adapters.envelope import Envelope, decode_envelope, encode_envelope
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes" / "fedml"
+
+
+# --------------------------------------------------------------------------- in-memory transport
+
+
+class LoopbackHub:
+    """Endpoints of one process that deliver envelopes to each other through the real codec."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[int, LoopbackEndpoint] = {}
+        self.lock = threading.Lock()
+
+    def endpoint(self, rank: int) -> LoopbackEndpoint:
+        return LoopbackEndpoint(self, rank)
+
+
+class LoopbackEndpoint:
+    def __init__(self, hub: LoopbackHub, rank: int) -> None:
+        self.hub, self.rank = hub, rank
+        self.on_message: Callable[[Envelope, int], None] | None = None
+        self.stats = {"sent": 0}
+        self.sent: list[Envelope] = []
+
+    def start(self, on_message, on_reject=None) -> None:
+        self.on_message = on_message
+        with self.hub.lock:
+            self.hub.endpoints[self.rank] = self
+
+    def send(self, env: Envelope, *, wait_s: float = 0.0) -> int:
+        from lightning_fedprune.fedml_adapters.transport import TransportError
+
+        data = encode_envelope(env)
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.hub.lock:
+                target = self.hub.endpoints.get(env.receiver)
+            if target is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        if target is None or target.on_message is None:
+            raise TransportError(f"rank {env.receiver} is not up")
+        self.stats["sent"] += 1
+        self.sent.append(env)
+        target.on_message(decode_envelope(data), len(data))
+        return len(data)
+
+    def close(self) -> None:
+        with self.hub.lock:
+            self.hub.endpoints.pop(self.rank, None)
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+def need_fedml() -> None:
+    """Skip unless FedML and grpcio import here."""
+    for mod in ("fedml", "grpc"):
+        spec = importlib.util.find_spec(mod)
+        # origin None: a namespace package, e.g. this very tests/fedml folder, not the library
+        if spec is None or spec.origin is None:
+            pytest.skip(f"{mod} is not installed (pip install 'lightning_fedprune[fedml]')")
+
+
+def need_mqtt_s3() -> None:
+    need_fedml()
+    from lightning_fedprune.fedml_adapters.services import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto is not installed (pip install 'moto[server]')")
+
+
+# --------------------------------------------------------------------------- processes
+
+#: an audit hook: every Python-level socket connection (and name lookup) is appended to the file
+#: named by LFP_AUDIT_LOG; those to non-loopback addresses are refused
+AUDIT_HOOK = r"""
+import ipaddress, json, os, socket, sys
+_LOG = os.environ["LFP_AUDIT_LOG"]
+def _loopback(host):
+    if host in ("localhost", "") or host is None:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+def _hook(event, args):
+    if event == "socket.connect":
+        if getattr(args[0], "family", None) == socket.AF_UNIX:
+            return
+        addr = args[1]
+        host = addr[0] if isinstance(addr, tuple) else str(addr)
+    elif event == "socket.getaddrinfo":
+        host = args[0].decode() if isinstance(args[0], bytes) else args[0]
+    else:
+        return
+    ok = _loopback(host)
+    with open(_LOG, "a") as fh:
+        fh.write(json.dumps({"event": event, "host": str(host), "ok": ok, "pid": os.getpid()}) + "\n")
+    if not ok:
+        raise OSError(f"audit: refused a connection to {host}")
+sys.addaudithook(_hook)
+"""
+#: the CLI under :data:`AUDIT_HOOK`
+AUDITED_MAIN = AUDIT_HOOK + r"""
+from lightning_fedprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class Proc:
+    """A started process with its log file."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, log: Path) -> None:
+        self.name, self.popen, self.log = name, popen, log
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for(self, needle: str, *, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.text():
+                return
+            if self.popen.poll() is not None and needle not in self.text():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before logging {needle!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not log {needle!r} within {timeout_s} s:\n{self.text()[-3000:]}")
+
+    def wait(self, timeout_s: float = 180.0) -> int:
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still runs after {timeout_s} s:\n{self.text()[-3000:]}") from None
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_cli(
+    name: str,
+    args: list[str],
+    log_dir: Path,
+    *,
+    audit_log: Path | None = None,
+    cwd: Path | None = None,
+    pythonpath: str | None = str(ROOT),
+    script: list[str] | None = None,
+) -> Proc:
+    """Start ``python -m lightning_fedprune ARGS`` (or ``script``), logging to ``log_dir/name.log``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    env["PYTHONUNBUFFERED"] = "1"
+    if audit_log is not None:
+        env["LFP_AUDIT_LOG"] = str(audit_log)
+        argv = [sys.executable, "-c", AUDITED_MAIN, *args]
+    elif script is not None:
+        argv = [sys.executable, *script, *args]
+    else:
+        argv = [sys.executable, "-m", "lightning_fedprune", *args]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    fh = open(log, "ab")
+    popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    fh.close()
+    return Proc(name, popen, log)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_fraction(pid: int, seconds: float = 3.0) -> float:
+    """Fraction of one core the process used over ``seconds``."""
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def tcp_peers(pid: int) -> set[str]:
+    """Remote addresses of the TCP sockets a process holds now (from /proc: GRPC's C core included).
+
+    Listening sockets show the unspecified address (0.0.0.0 or ::); v4-mapped IPv6 addresses are
+    given as IPv4.
+    """
+    import ipaddress
+
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:  # the process is gone
+        return set()
+    peers = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[9] not in inodes:
+                continue
+            raw = bytes.fromhex(parts[2].split(":")[0])
+            # /proc prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(words if width == 32 else raw[::-1])
+            mapped = getattr(addr, "ipv4_mapped", None)  # GRPC uses v4-mapped IPv6 sockets
+            peers.add(str(mapped if mapped is not None else addr))
+    return peers
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def simulate(cfg: Any) -> Any:
+    """The simulator run of a deployment's recipe (same seeds), in this process."""
+    import torch
+
+    from lightning_fedprune.config import build_run
+
+    torch.set_num_threads(1)
+    engine, rounds = build_run(cfg.recipe.apply_overrides(["run_dir=null"]), listeners=[])
+    engine.run_dir = None
+    engine.run(rounds)
+    return engine
