@@ -169,7 +169,7 @@ class _RoundController(pl.Callback):
             self.runtime._measure_flops(pl_module, batch)
             self._need_flops = False
         run = self.running
-        if run is not None and run.probe is None and self.runtime.probe_loss:
+        if run is not None and run.probe is None and (self.runtime.probe_loss or run.task.config.get("probe_loss")):
             run.probe = batch
             run.probe_before = _probe_loss(pl_module, batch)
 
@@ -306,7 +306,8 @@ class ClientRuntime:
         evaluate_local: evaluate each trained client model on the client's local test split.
         probe_loss: evaluate the client's first batch with the received and with the trained
             weights (``metrics.extra["probe_loss_before"/"probe_loss_after"]``): a paired loss
-            decrease, far less noisy than the running training losses (FedMP's reward uses it).
+            decrease, far less noisy than the running training losses. Also done for tasks
+            whose config sets ``probe_loss`` (FedMP's reward asks for it).
     """
 
     def __init__(
@@ -319,7 +320,7 @@ class ClientRuntime:
         callbacks: Sequence[pl.Callback] = (),
         trainer_kwargs: dict[str, Any] | None = None,
         evaluate_local: bool = True,
-        probe_loss: bool = True,
+        probe_loss: bool = False,
     ) -> None:
         if not isinstance(module, FederatedModuleMixin):
             raise ConfigError(

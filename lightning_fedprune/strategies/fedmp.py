@@ -135,7 +135,7 @@ class SubModelStrategy(FedAvg):
             ratio = _check_ratio(f"ratio of client {cid}", ratios[cid])
             plan = self.planner.plan(state, ratio, scores=scores)
             self._plans[(rnd, cid)] = plan
-            config = {"weights_format": "submodel", "pruning_ratio": ratio, **self.task_config(rnd, cid)}
+            config = {"weights_format": "submodel", "pruning_ratio": ratio, "probe_loss": True, **self.task_config(rnd, cid)}
             tasks.append(
                 ClientTask(
                     round=rnd,
