@@ -154,7 +154,7 @@ class StrategyConfig:
 
     Attributes:
         name: a key of ``lightning_fedprune.strategies.STRATEGIES``: ``fedavg`` (Syn-FL),
-            ``fedprox``, ``fednova``, ``scaffold``, ``fedmp``, ``upfl``, ``flexcom``, ...
+            ``fedprox``, ``fednova``, ``scaffold``, ``fedmp``, ``upfl``, ``flexcom``, ``prunefl``
         fraction_fit: fraction of clients sampled per round.
         min_fit_clients: at least this many clients per round.
         local_epochs: local epochs per round (ignored when ``local_steps`` is set).
@@ -823,6 +823,11 @@ def build_run(cfg: RecipeConfig, listeners: Sequence[Any] | None = None) -> tupl
     except (ConfigError, TypeError, ValueError) as err:
         raise ConfigError(f"invalid `strategy` settings for {s.name!r}: {err}") from err
 
+    if getattr(strategy, "needs_server_pruning", False):
+        # PruneFL's initial pruning at the server (sample-based: an ordinary Lightning training)
+        from lightning_fedprune.callbacks.masking import run_server_pruning
+
+        run_server_pruning(strategy, module, splits=splits, partition=partition, batch_size=d.batch_size, seed=cfg.seed)
     runtime = ClientRuntime(
         module, data=fed_data, seed=cfg.seed, client_callbacks=strategy.client_callbacks, trainer_kwargs=dict(cfg.trainer)
     )

@@ -5,6 +5,12 @@ from collections.abc import Callable
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
+from lightning_fedprune.callbacks.masking import (
+    IterativeMagnitudePruning,
+    MaskingCallback,
+    run_server_pruning,
+    sample_based_pruning,
+)
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
 from lightning_fedprune.callbacks.structured import StructuredPruning
 from lightning_fedprune.errors import ConfigError
@@ -14,6 +20,7 @@ CLIENT_CALLBACKS: dict[str, Callable[[], FederatedCallback]] = {
     "fedprox": FedProxCallback,
     "scaffold": ScaffoldCallback,
     "topk_upload": TopKUploadCallback,
+    "masks": MaskingCallback,
 }
 
 
@@ -32,6 +39,10 @@ __all__ = [
     "ScaffoldCallback",
     "TopKUploadCallback",
     "StructuredPruning",
+    "MaskingCallback",
+    "IterativeMagnitudePruning",
+    "run_server_pruning",
+    "sample_based_pruning",
     "CLIENT_CALLBACKS",
     "make_client_callbacks",
 ]

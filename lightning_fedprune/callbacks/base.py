@@ -40,6 +40,8 @@ class ClientContext:
         result_weights: when a callback sets it (in ``on_client_end``), these tensors are sent as
             the result's ``weights`` instead of the module's communicated state (e.g. an upload
             compressed into ``result_extras`` sends ``{}`` here).
+        flops_saved_per_example: forward FLOPs per example that sparse compute skips (e.g. pruned
+            FC weights); the runtime charges the simulated clock the dense count minus this.
     """
 
     task: ClientTask
@@ -48,6 +50,7 @@ class ClientContext:
     result_config: dict[str, Any] = field(default_factory=dict)
     num_steps: int = 0
     result_weights: dict[str, torch.Tensor] | None = None
+    flops_saved_per_example: float = 0.0
 
 
 class FederatedCallback(pl.Callback):

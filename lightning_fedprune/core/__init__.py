@@ -13,6 +13,15 @@ from lightning_fedprune.core.compression import (
     topk_decompress,
 )
 from lightning_fedprune.core.flops import forward_flops
+from lightning_fedprune.core.masks import (
+    MaskSet,
+    init_prune,
+    layer_rates,
+    magnitude_prune,
+    masked_weighted_average,
+    random_prune,
+)
+from lightning_fedprune.core.sparse import pack_state, unpack_state
 from lightning_fedprune.core.pruning import Plan, resize_module
 from lightning_fedprune.core.messages import (
     ClientFailure,
@@ -52,4 +61,12 @@ __all__ = [
     "forward_flops",
     "Plan",
     "resize_module",
+    "MaskSet",
+    "layer_rates",
+    "magnitude_prune",
+    "init_prune",
+    "random_prune",
+    "masked_weighted_average",
+    "pack_state",
+    "unpack_state",
 ]

@@ -3,6 +3,7 @@
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
 from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, FedProx, Scaffold, capability_local_steps
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
+from lightning_fedprune.strategies.prunefl import PruneFL
 
 #: strategy name (as used in recipes) -> class
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -13,6 +14,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedmp": FedMP,
     "upfl": UniformPruning,
     "flexcom": FlexCom,
+    "prunefl": PruneFL,
 }
 
 __all__ = [
@@ -28,5 +30,6 @@ __all__ = [
     "FedMP",
     "UniformPruning",
     "FlexCom",
+    "PruneFL",
     "STRATEGIES",
 ]
