@@ -41,6 +41,7 @@ from lightning_fedprune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "round_outcome_fields",
     "METRICS_FILE",
     "CSV_FILE",
     "SUMMARY_FILE",
@@ -137,6 +138,25 @@ def _num_failures(record: Mapping[str, Any]) -> int:
 # --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
+
+
+def round_outcome_fields(results: Sequence[Any], failures: Sequence[Any], agg: Mapping[str, float]) -> dict[str, Any]:
+    """The round-record fields every transport derives from a round's outcome.
+
+    ``failures`` (reasons per client), the clients' local test accuracy (mean, min, max over the
+    finite values of ``metrics.extra["local_test_acc"]``) and the strategy's aggregation metrics
+    under ``agg/<name>``.
+    """
+    local = [r.metrics.extra["local_test_acc"] for r in results if "local_test_acc" in r.metrics.extra]
+    local = [v for v in local if math.isfinite(v)]
+    out: dict[str, Any] = {
+        "failures": [{"client_id": f.client_id, "kind": f.kind, "reason": f.reason} for f in failures],
+        "local_acc_mean": sum(local) / len(local) if local else math.nan,
+        "local_acc_min": min(local) if local else math.nan,
+        "local_acc_max": max(local) if local else math.nan,
+    }
+    out.update({f"agg/{k}": float(v) for k, v in agg.items()})
+    return out
 
 
 def summarize(records: Sequence[Mapping[str, Any]], target_accuracy: float | None = None) -> dict[str, Any]:

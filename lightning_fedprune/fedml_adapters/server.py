@@ -35,6 +35,7 @@ from lightning_fedprune.errors import AllClientsFailedError, ConfigError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, FINISH, HELLO, READY, RESULT, TASK, Envelope
 from lightning_fedprune.fedml_adapters.rounds import RoundCollector
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
+from lightning_fedprune.reporting import round_outcome_fields
 
 log = logging.getLogger(__name__)
 
@@ -205,20 +206,13 @@ class FedMLServer:
             "num_selected": len(tasks),
             "num_results": len(out.results),
             "num_failures": len(out.failures),
-            "failures": [{"client_id": f.client_id, "kind": f.kind, "reason": f.reason} for f in out.failures],
             "selected": [t.client_id for t in tasks],
             "clients": out.per_client,
             "dropped_messages": out.dropped,
         }
         record.update(out.extra)
         record.update(self._evaluate_global(rnd, last))
-        local = [r.metrics.extra["local_test_acc"] for r in out.results if "local_test_acc" in r.metrics.extra]
-        local = [v for v in local if math.isfinite(v)]
-        record["local_acc_mean"] = sum(local) / len(local) if local else math.nan
-        record["local_acc_min"] = min(local) if local else math.nan
-        record["local_acc_max"] = max(local) if local else math.nan
-        for k, v in agg.items():
-            record[f"agg/{k}"] = float(v)
+        record.update(round_outcome_fields(out.results, out.failures, agg))
         self._wall += time.perf_counter() - wall0
         self._cpu += time.process_time() - cpu0
         record["wall_time"] = self._wall

@@ -60,6 +60,7 @@ from lightning_fedprune.core.seeding import rng_for
 from lightning_fedprune.core.serialization import load_state, save_state
 from lightning_fedprune.errors import AllClientsFailedError, ConfigError, PayloadError
 from lightning_fedprune.evaluation import evaluate
+from lightning_fedprune.reporting import round_outcome_fields
 from lightning_fedprune.simulation.devices import DeviceProfile, make_devices, round_time
 from lightning_fedprune.strategies.base import ModelSpec, Strategy
 
@@ -292,17 +293,10 @@ class SimulationEngine:
             "num_selected": len(tasks),
             "num_results": len(results),
             "num_failures": len(failures),
-            "failures": [{"client_id": f.client_id, "kind": f.kind, "reason": f.reason} for f in failures],
         }
         record.update(extra)
         record.update(self._evaluate_global(rnd, last))
-        local = [r.metrics.extra["local_test_acc"] for r in results if "local_test_acc" in r.metrics.extra]
-        local = [v for v in local if math.isfinite(v)]
-        record["local_acc_mean"] = sum(local) / len(local) if local else math.nan
-        record["local_acc_min"] = min(local) if local else math.nan
-        record["local_acc_max"] = max(local) if local else math.nan
-        for k, v in agg.items():
-            record[f"agg/{k}"] = float(v)
+        record.update(round_outcome_fields(results, failures, agg))
         self._wall += time.perf_counter() - wall0
         self._cpu += time.process_time() - cpu0
         record["wall_time"] = self._wall

@@ -31,6 +31,7 @@ Strategies here:
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,6 +98,7 @@ class SubModelStrategy(FedAvg):
             raise ConfigError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
         self.planner: Any = None
+        self.bandit: Any = None  # an E-UCB bandit, checkpointed with the strategy when a subclass sets one
         self._plans: dict[tuple[int, int], Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,9 +113,9 @@ class SubModelStrategy(FedAvg):
         self.planner = spec.planner
 
     # ------------------------------------------------------------------ ratios
+    @abc.abstractmethod
     def client_ratios(self, rnd: int, clients: Sequence[int]) -> dict[int, float]:
-        """The pruning ratio of each selected client this round (override)."""
-        raise NotImplementedError
+        """The pruning ratio of each selected client this round."""
 
     def observe(self, rnd: int, results: Sequence[ClientResult], ratios: Mapping[int, float]) -> dict[str, float]:
         """Learn from the round's results (``ratios``: the ratio each result was trained at)."""
@@ -187,6 +189,8 @@ class SubModelStrategy(FedAvg):
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         out["plans"] = {f"{r}:{c}": p.to_json() for (r, c), p in sorted(self._plans.items())}
+        if self.bandit is not None:
+            out["bandit"] = self.bandit.state_dict()
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -201,6 +205,8 @@ class SubModelStrategy(FedAvg):
                 self.planner.check(plan)
             plans[(int(r), int(c))] = plan
         self._plans = plans
+        if self.bandit is not None and "bandit" in state:
+            self.bandit.load_state_dict(state["bandit"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(aggregation={self.aggregation!r})"
@@ -265,15 +271,6 @@ class FedMP(SubModelStrategy):
             for f in failures:
                 self.bandit.discard(f.round, [f.client_id])
 
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["bandit"] = self.bandit.state_dict()
-        return out
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "bandit" in state:
-            self.bandit.load_state_dict(state["bandit"])
 
     def __repr__(self) -> str:
         how = "fixed" if self.fixed_ratios is not None else "E-UCB"
@@ -331,15 +328,6 @@ class UniformPruning(SubModelStrategy):
             rewards.append(reward)
         return {"reward_mean": sum(rewards) / len(rewards)}
 
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["bandit"] = self.bandit.state_dict()
-        return out
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "bandit" in state:
-            self.bandit.load_state_dict(state["bandit"])
 
 
 class FlexCom(FedAvg):
