@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-fedml fedml-demo clean
+.PHONY: run test lint bench bench-fedml fedml-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(VENV)/.installed
 ## test: the test suite (CPU only, a few minutes; the FedML tests start real processes)
 test: $(VENV)/.installed-fedml
 	$(PY) -m pytest -q
+
+## lint: ruff (configured in pyproject.toml)
+lint: $(VENV)/.installed
+	$(PY) -m ruff check lightning_fedprune tests benchmarks recipes examples
 
 ## bench: engine overhead against a plain PyTorch loop
 bench: $(VENV)/.installed

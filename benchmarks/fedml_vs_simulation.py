@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_fedprune.config import build_run
+    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.core.serialization import load_state
     from lightning_fedprune.fedml_adapters.services import LocalBroker, LocalObjectStore, free_port
     from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lightning_fedprune.cli import main as cli
-    from lightning_fedprune.config import build_run
+    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.core.serialization import load_state
     from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 

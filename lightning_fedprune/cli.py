@@ -281,7 +281,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, console) -> int:
-    from lightning_fedprune.config import build_run
+    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.reporting import MetricsWriter, PlotWriter, RichProgress
     from lightning_fedprune.simulation import CHECKPOINT_NAME
 

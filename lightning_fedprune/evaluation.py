@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "GlobalEvaluator"]
 
 
 @torch.no_grad()
@@ -50,3 +50,28 @@ def evaluate(module: torch.nn.Module, loader: Iterable[Any], *, perplexity: bool
     if perplexity:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out
+
+
+class GlobalEvaluator:
+    """Evaluates global models on the global test set with one module of the run's architecture.
+
+    Args:
+        module: a federated module (its weights are replaced by each evaluated state).
+        loader: the global test set (``None``: nothing to evaluate, :attr:`available` is false).
+        perplexity: also report perplexity (language models).
+    """
+
+    def __init__(self, module: Any, loader: Iterable[Any] | None, *, perplexity: bool = False) -> None:
+        self.module = module
+        self.loader = loader
+        self.perplexity = bool(perplexity)
+
+    @property
+    def available(self) -> bool:
+        """Whether there is a test set."""
+        return self.loader is not None
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """:func:`evaluate` of the module holding ``state`` (communicated tensors)."""
+        self.module.load_federated_state(state)
+        return evaluate(self.module, self.loader or [], perplexity=self.perplexity)

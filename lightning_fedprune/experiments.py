@@ -67,7 +67,8 @@ def run_variants(
     Returns:
         label -> :class:`VariantResult`, in the order given.
     """
-    from lightning_fedprune.config import build_run, default_listeners
+    from lightning_fedprune.config import default_listeners
+    from lightning_fedprune.simulation import build_run
 
     if not variants:
         raise ConfigError("`variants` is empty: give at least one {label: [overrides]}")

@@ -96,6 +96,13 @@ class FederatedModuleMixin:
                     raise ConfigError(f"tensor {k!r} has shape {tuple(v.shape)}, the module expects {tuple(target.shape)}")
                 target.copy_(v)
 
+    # ------------------------------------------------------------------ training
+    def federated_extra_loss(self) -> torch.Tensor | None:
+        """A scalar term the client runtime adds to the loss of every training step (``None``:
+        nothing; the default). Override to regularize local training (e.g. a lasso on gate
+        outputs recorded in ``forward``) without touching ``training_step``."""
+        return None
+
     # ------------------------------------------------------------------ tracing
     def federated_example_input(self, batch: Any = None) -> Any:
         """An example input batch for tracing and FLOP counting (batch size 1).

@@ -23,11 +23,11 @@ callbacks run unchanged; ordinary callbacks see one Lightning epoch per local ep
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
 import traceback
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,18 +37,32 @@ import torch
 
 from lightning_fedprune.callbacks import ClientContext, FederatedCallback, make_client_callbacks
 from lightning_fedprune.core.client_store import ClientStore
+from lightning_fedprune.core.contract import KEPT, PROBE_LOSS, decode_kept_groups, weights_format_of
 from lightning_fedprune.core.messages import ClientFailure, ClientMetrics, ClientResult, ClientTask
 from lightning_fedprune.core.seeding import derive_seed
-from lightning_fedprune.errors import ConfigError, FedPruneError
+from lightning_fedprune.errors import ConfigError, FedPruneError, PayloadError
 from lightning_fedprune.evaluation import evaluate
 from lightning_fedprune.module import FederatedModuleMixin
+from lightning_fedprune.strategies.base import ModelSpec
+from lightning_fedprune.trainer_utils import quiet_lightning, trainer_defaults
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClientRuntime", "ClientError", "count_flops_per_example", "build_planner"]
+__all__ = [
+    "ClientRuntime",
+    "ClientError",
+    "count_flops_per_example",
+    "build_planner",
+    "example_input",
+    "initialize_strategy",
+    "LOCAL_STATE_KEY",
+    "RESERVED_TRAINER_KWARGS",
+]
 
-_LOCAL_STATE_KEY = "module.local"
-_RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
+#: client-state key of the module's local (never communicated) tensors
+LOCAL_STATE_KEY = "module.local"
+#: ``Trainer`` arguments the runtime sets itself (local work comes from each task)
+RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
 
 
 class ClientError(FedPruneError, RuntimeError):
@@ -82,6 +96,47 @@ def build_planner(module: Any, example: Any = None) -> Any:
     if example is None:
         example = module.federated_example_input()
     return Planner.from_module(module, example, unprunable=tuple(getattr(module, "federated_unprunable", ())))
+
+
+def example_input(module: Any, data: Any = None) -> Any:
+    """The module's example input, or the first sample of the first client's data.
+
+    Raises:
+        ConfigError: the module declares none and there is no data to take one from.
+    """
+    try:
+        return module.federated_example_input()
+    except ConfigError:
+        if data is None:
+            raise
+        first = data.client_ids[0] if hasattr(data, "client_ids") else 0
+        for batch in data.train_batches(first, run_seed=0, rnd=0, epoch=0):
+            return module.federated_example_input(batch)
+        raise
+
+
+def initialize_strategy(strategy: Any, module: Any, *, num_clients: int, data: Any = None, example: Any = None) -> None:
+    """Give ``strategy`` its initial global model: the communicated tensors of ``module``.
+
+    Strategies that send structured sub-models (``strategy.requires_planner``) also get a pruning
+    planner traced once on ``module`` (:func:`build_planner`) with ``example`` (default: the
+    module's example input, or the first sample of ``data``). Call it once before the first round;
+    the simulation engine calls it for a strategy that is not initialized yet.
+
+    Raises:
+        ConfigError: ``num_clients`` < 1, or no example input for a planner.
+    """
+    planner = None
+    if strategy.requires_planner:
+        planner = build_planner(module, example if example is not None else example_input(module, data))
+    strategy.initialize(
+        ModelSpec(
+            state={k: v.clone() for k, v in module.federated_state().items()},
+            trainable=module.trainable_names(),
+            planner=planner,
+        ),
+        num_clients=num_clients,
+    )
 
 
 @dataclass
@@ -169,7 +224,7 @@ class _RoundController(pl.Callback):
             self.runtime._measure_flops(pl_module, batch)
             self._need_flops = False
         run = self.running
-        if run is not None and run.probe is None and (self.runtime.probe_loss or run.task.config.get("probe_loss")):
+        if run is not None and run.probe is None and (self.runtime.probe_loss or run.task.config.get(PROBE_LOSS)):
             run.probe = batch
             run.probe_before = _probe_loss(pl_module, batch)
 
@@ -200,13 +255,17 @@ class _RoundController(pl.Callback):
         # the CPU generator only: torch.manual_seed also seeds every accelerator backend (~2 ms)
         torch.random.default_generator.manual_seed(derive_seed(rt.seed, "torch", task.round, task.client_id))
         state = self.store.get(task.client_id)
-        rt._load_task(pl_module, task, state)
+        rt.load_task(pl_module, task, state)
         pl_module.train()
+        ctx = ClientContext(task=task, state=state, plan=rt._task_plan(task))
+        callbacks = rt._federated_callbacks(trainer)
+        for cb in callbacks:
+            # before the optimizer is built: modules inserted here (e.g. gates) are trained
+            cb.transform_module(trainer, pl_module, ctx)
         trainer.strategy.setup_optimizers(trainer)
-        ctx = ClientContext(task=task, state=state)
         self._need_flops = rt._shape_key(pl_module) not in rt._flops_cache
         self.running = _Running(task=task, ctx=ctx, cpu_start=time.process_time())
-        for cb in rt._federated_callbacks(trainer):
+        for cb in callbacks:
             cb.on_client_start(trainer, pl_module, ctx)
 
     def _end_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,7 +283,7 @@ class _RoundController(pl.Callback):
             weights = {k: v.clone() for k, v in pl_module.federated_state().items()}
         local = pl_module.local_state()
         if local:
-            run.ctx.state[_LOCAL_STATE_KEY] = local
+            run.ctx.state[LOCAL_STATE_KEY] = local
         self.store.put(task.client_id, run.ctx.state)
         extra: dict[str, float] = {}
         test_loader = rt.data.local_test_loader(task.client_id) if rt.evaluate_local else None
@@ -328,7 +387,7 @@ class ClientRuntime:
                 f"`class {type(module).__name__}(FederatedModuleMixin, LightningModule)`"
             )
         trainer_kwargs = dict(trainer_kwargs or {})
-        bad = [k for k in _RESERVED_TRAINER_KWARGS if k in trainer_kwargs]
+        bad = [k for k in RESERVED_TRAINER_KWARGS if k in trainer_kwargs]
         if bad:
             raise ConfigError(f"trainer_kwargs may not set {bad}: the runtime sets local work from each task")
         self.module = module
@@ -339,6 +398,8 @@ class ClientRuntime:
         self.evaluate_local = bool(evaluate_local)
         self.probe_loss = bool(probe_loss)
         self._initial_local = module.local_state()
+        self._full_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        self._layout: Any = None
         self._flops_cache: dict[tuple, float] = {}
 
     # -------------------------------------------------------------- public API
@@ -364,10 +425,7 @@ class ClientRuntime:
             ctrl = _RoundController(self, pending, store)
             try:
                 trainer = self._make_trainer(ctrl)
-                with _quiet_lightning(), warnings.catch_warnings():
-                    # the runtime disables validation on purpose; torch's pytree notice is not the user's
-                    warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
-                    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+                with quiet_lightning(), self._extra_loss_terms(trainer):
                     trainer.fit(self.module, train_dataloaders=ctrl.loader)
             except Exception as err:  # a client's code failed: count it, go on with the others
                 failed = ctrl.current_task
@@ -384,32 +442,67 @@ class ClientRuntime:
 
     # -------------------------------------------------------------- internals
     def _make_trainer(self, ctrl: _RoundController) -> pl.Trainer:
-        kwargs: dict[str, Any] = {
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 0,
-            "log_every_n_steps": 1_000_000,
-        }
-        kwargs.update(self.trainer_kwargs)
-        kwargs["max_epochs"] = len(ctrl.schedule)
-        kwargs["callbacks"] = [ctrl, *self.callbacks]
-        with _quiet_lightning():
+        kwargs = trainer_defaults(
+            {"log_every_n_steps": 1_000_000, **self.trainer_kwargs}, max_epochs=len(ctrl.schedule), callbacks=[ctrl, *self.callbacks]
+        )
+        with quiet_lightning():
             return pl.Trainer(**kwargs)
+
+    @contextlib.contextmanager
+    def _extra_loss_terms(self, trainer: pl.Trainer) -> Iterator[None]:
+        """While training, add the module's and the callbacks' extra loss terms to the loss.
+
+        Contributors: ``module.federated_extra_loss()`` (a mixin method) and
+        ``FederatedCallback.extra_loss(trainer, module, ctx)``; each returns a scalar tensor (or
+        ``None``) that is added to what ``training_step`` returns, so its gradient flows through
+        autograd with the task loss. Nothing is wrapped when nobody contributes.
+        """
+        module = self.module
+        callbacks = [cb for cb in self._federated_callbacks(trainer) if type(cb).extra_loss is not FederatedCallback.extra_loss]
+        own = type(module).federated_extra_loss is not FederatedModuleMixin.federated_extra_loss
+        if not callbacks and not own:
+            yield
+            return
+        if not module.automatic_optimization:
+            raise ConfigError(
+                f"extra loss terms need automatic optimization; {type(module).__name__} sets "
+                "`automatic_optimization = False`: add the terms to your own loss instead"
+            )
+        step = module.training_step
+        ctrl = next(cb for cb in trainer.callbacks if isinstance(cb, _RoundController))
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            terms = [module.federated_extra_loss()] if own else []
+            run = ctrl.running
+            if run is not None:
+                terms += [cb.extra_loss(trainer, module, run.ctx) for cb in callbacks]
+            terms = [t for t in terms if t is not None]
+            if not terms or out is None:
+                return out
+            extra = torch.stack([t.reshape(()) for t in terms]).sum()
+            if isinstance(out, Mapping):
+                return {**out, "loss": out["loss"] + extra}
+            return out + extra
+
+        object.__setattr__(module, "training_step", training_step)
+        try:
+            yield
+        finally:
+            object.__delattr__(module, "training_step")
 
     def _federated_callbacks(self, trainer: pl.Trainer) -> list[FederatedCallback]:
         return [cb for cb in trainer.callbacks if isinstance(cb, FederatedCallback)]
 
-    def _load_task(self, module: Any, task: ClientTask, state: dict[str, Any]) -> None:
+    def load_task(self, module: Any, task: ClientTask, state: dict[str, Any]) -> None:
+        """Load ``task``'s weights into ``module`` as a client does before training: decode the
+        weight format, reshape a sub-model's layers, then load the client's local tensors from
+        its persistent ``state`` (or the module's initial ones)."""
         weights = self._task_weights(module, task)
         own = module.state_dict(keep_vars=True)
         changed = {k: tuple(v.shape) for k, v in weights.items() if k in own and own[k].shape != v.shape}
         if changed:
-            if task.config.get("weights_format") != "submodel":
+            if not weights_format_of(task.config).reshapes:
                 bad = next(iter(changed))
                 raise ClientError(
                     f"task of client {task.client_id}: tensor {bad!r} has shape {changed[bad]}, the module has "
@@ -421,26 +514,44 @@ class ClientRuntime:
             # the optimizer is rebuilt right after this by the caller)
             resize_module(module, changed)
         module.load_federated_state(weights)
-        local = state.get(_LOCAL_STATE_KEY) or self._initial_local
+        local = state.get(LOCAL_STATE_KEY) or self._initial_local
         if local:
             module.load_federated_state(local, strict=False)
 
     def _task_weights(self, module: Any, task: ClientTask) -> Mapping[str, torch.Tensor]:
-        """The task's weights as full tensors for ``module``, decoding packed formats.
+        """The task's weights as tensors for ``module``, decoded by the codec its
+        ``config["weights_format"]`` names (:data:`~lightning_fedprune.core.contract.WEIGHTS_FORMATS`:
+        ``"dense"``, ``"submodel"``, PruneFL's ``"coo"``, or any registered format)."""
+        try:
+            fmt = weights_format_of(task.config)
+        except PayloadError as err:
+            raise ClientError(f"task of client {task.client_id}: {err}") from None
+        return fmt.decode(task.weights, {k: tuple(v.shape) for k, v in module.federated_state().items()})
 
-        ``task.config["weights_format"]`` names the format: ``"dense"`` (default: the tensors as
-        they are), ``"submodel"`` (a structured sub-model: the module is reshaped to the tensors) or
-        ``"coo"`` (PruneFL's packed masked weights, :func:`lightning_fedprune.core.sparse.pack_state`).
+    def layout(self) -> Any:
+        """The :class:`~lightning_fedprune.core.plans.Layout` of the module at its FULL shape.
+
+        Built once (a copy of the module restored to its initial shapes is traced), so a client can
+        read a task's kept channels (``config["kept"]``) in full-model coordinates.
         """
-        fmt = task.config.get("weights_format", "dense")
-        if fmt in ("dense", "submodel"):
-            return task.weights
-        if fmt == "coo":
-            # PruneFL: pruned layers packed as COO (or dense + bit mask), validated against the module
-            from lightning_fedprune.core.sparse import unpack_state
+        if self._layout is None:
+            from lightning_fedprune.core.plans import resize_module
 
-            return unpack_state(task.weights, {k: tuple(v.shape) for k, v in module.federated_state().items()})
-        raise ClientError(f"task of client {task.client_id} has an unknown weights_format {fmt!r}")
+            full = copy.deepcopy(self.module)
+            resize_module(full, self._full_shapes)
+            self._layout = build_planner(full).layout
+        return self._layout
+
+    def _task_plan(self, task: ClientTask) -> Any:
+        """The task's kept channels as a :class:`~lightning_fedprune.core.plans.Plan` (``None``
+        when the task carries none)."""
+        data = task.config.get(KEPT)
+        if data is None:
+            return None
+        try:
+            return decode_kept_groups(data, self.layout())
+        except PayloadError as err:
+            raise ClientError(f"task of client {task.client_id}: `{KEPT}`: {err}") from None
 
     def _shape_key(self, module: torch.nn.Module) -> tuple:
         return tuple(tuple(p.shape) for p in module.parameters())
@@ -461,32 +572,3 @@ class ClientRuntime:
             example = module.federated_example_input()
             self._flops_cache[key] = count_flops_per_example(module, example)
         return self._flops_cache[key]
-
-
-class _BelowWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
-_BELOW_WARNING = _BelowWarning()
-_CHATTY_LOGGERS = (
-    "lightning.pytorch.utilities.rank_zero",
-    "lightning.pytorch.accelerators.cuda",
-    "lightning.fabric.utilities.rank_zero",
-)
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Drop Lightning's per-Trainer info lines ("GPU available: ...", "`Trainer.fit` stopped ...").
-
-    A filter, not ``setLevel``: changing levels clears every logger's cache, which is slow.
-    """
-    loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
-    for lg in loggers:
-        lg.addFilter(_BELOW_WARNING)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(_BELOW_WARNING)

@@ -13,9 +13,9 @@ from lightning_fedprune.config import (
     FederatedClassifier,
     FederatedLanguageModel,
     RecipeConfig,
-    build_run,
     strategy_options,
 )
+from lightning_fedprune.simulation import build_run
 from lightning_fedprune.errors import ConfigError
 
 torch.set_num_threads(1)

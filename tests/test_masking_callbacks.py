@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fedprune.callbacks.masking import (
-    IterativeMagnitudePruning,
-    MaskingCallback,
-    biased_sample_indices,
-    run_server_pruning,
-    sample_based_pruning,
-    sample_loader,
-    shared_sample_indices,
-)
+from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
+from lightning_fedprune.callbacks.server_pruning import run_server_pruning, sample_based_pruning
+from lightning_fedprune.data.sampling import biased_sample_indices, sample_loader, shared_sample_indices
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.masks import MaskSet, kept_after_levels, magnitude_prune
 from lightning_fedprune.core.sparse import COO_INDICES, unpack_with_masks

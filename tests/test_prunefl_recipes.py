@@ -11,7 +11,8 @@ import torch
 
 from lightning_fedprune.callbacks import CLIENT_CALLBACKS
 from lightning_fedprune.callbacks.masking import MaskingCallback
-from lightning_fedprune.config import RecipeConfig, build_run
+from lightning_fedprune.config import RecipeConfig
+from lightning_fedprune.simulation import build_run
 from lightning_fedprune.strategies import STRATEGIES
 from lightning_fedprune.strategies.prunefl import PruneFL
 
@@ -39,14 +40,13 @@ def test_payload_recipe_finds_the_papers_break_even_level(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-@pytest.fixture
-def prunefl_registered(monkeypatch):
-    """What registering PruneFL in the two registries gives (``prunefl`` and ``masks``)."""
-    monkeypatch.setitem(STRATEGIES, "prunefl", PruneFL)
-    monkeypatch.setitem(CLIENT_CALLBACKS, "masks", MaskingCallback)
+def test_prunefl_and_its_client_callback_are_registered_by_their_decorators():
+    assert STRATEGIES["prunefl"] is PruneFL and PruneFL.registered_name == "prunefl"
+    assert CLIENT_CALLBACKS["masks"] is MaskingCallback
+    assert PruneFL().client_callbacks == ("masks",)
 
 
-def test_yaml_recipe_runs_through_build_run(prunefl_registered, tmp_path):
+def test_yaml_recipe_runs_through_build_run(tmp_path):
     # the MNIST recipe on the shipped digits data (LeNet's input size comes from the dataset)
     cfg = RecipeConfig.from_yaml(RECIPES / "mnist_lenet_init15.yaml").apply_overrides(
         ["data.name=digits", "rounds=4", "eval_every=1", f"run_dir={tmp_path}", "strategy.options.prune_every=2",
@@ -62,7 +62,7 @@ def test_yaml_recipe_runs_through_build_run(prunefl_registered, tmp_path):
     assert 0.0 < engine.history[-1]["test_accuracy"] <= 1.0
 
 
-def test_yaml_recipe_rejects_bad_prunefl_options(prunefl_registered):
+def test_yaml_recipe_rejects_bad_prunefl_options():
     from lightning_fedprune.errors import ConfigError
 
     base = RecipeConfig.from_yaml(RECIPES / "mnist_lenet_init15.yaml")

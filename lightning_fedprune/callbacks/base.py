@@ -1,10 +1,14 @@
 """Client-side callbacks: Lightning callbacks that also see client boundaries.
 
 The client runtime trains one or many clients inside one ``Trainer.fit``. A
-:class:`FederatedCallback` gets two extra hooks around each client's local work:
+:class:`FederatedCallback` gets extra hooks around each client's local work:
 
-* :meth:`FederatedCallback.on_client_start` after the client's weights are loaded and its
-  optimizer is fresh, before its first batch;
+* :meth:`FederatedCallback.transform_module` after the client's weights are loaded, before its
+  optimizer is built: change the module here (e.g. insert gate modules: their parameters are then
+  trained); undo it in ``on_client_end``;
+* :meth:`FederatedCallback.on_client_start` once its optimizer is fresh, before its first batch;
+* :meth:`FederatedCallback.extra_loss` at every training step: a scalar tensor added to the
+  loss ``training_step`` returns (e.g. a lasso on gate outputs), differentiated by autograd;
 * :meth:`FederatedCallback.on_client_end` after its last batch, before its weights are read.
 
 Both receive a :class:`ClientContext`: the task, the client's persistent state (kept by the
@@ -42,6 +46,10 @@ class ClientContext:
             compressed into ``result_extras`` sends ``{}`` here).
         flops_saved_per_example: forward FLOPs per example that sparse compute skips (e.g. pruned
             FC weights); the runtime charges the simulated clock the dense count minus this.
+        plan: the task's kept channels in full-model coordinates (a
+            :class:`~lightning_fedprune.core.plans.Plan`) when the task carries them
+            (``config["kept"]``), so a client can line its own full-size tensors up with the
+            round's sub-model; ``None`` otherwise.
     """
 
     task: ClientTask
@@ -51,13 +59,26 @@ class ClientContext:
     num_steps: int = 0
     result_weights: dict[str, torch.Tensor] | None = None
     flops_saved_per_example: float = 0.0
+    plan: Any = None
 
 
 class FederatedCallback(pl.Callback):
     """A Lightning callback with client-boundary hooks. Override only what you need."""
 
+    def transform_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
+        """Called before the client's optimizer is built: change the module here (parameters of
+        modules added now are trained); undo the change in :meth:`on_client_end`."""
+
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         """Called when a client's local work begins."""
+
+    def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> torch.Tensor | None:
+        """A scalar term added to the loss of every training step (``None``: nothing).
+
+        Called right after ``training_step``; the term joins the loss before ``backward``, so its
+        gradient flows through autograd. Needs automatic optimization.
+        """
+        return None
 
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         """Called when a client's local work is done (its trained weights are still in the module)."""

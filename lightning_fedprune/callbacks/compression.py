@@ -7,17 +7,20 @@ import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.core.compression import TOPK_PREFIX, compress_upload
+from lightning_fedprune.core.contract import UPLOAD, UPLOAD_ERROR_FEEDBACK, UPLOAD_KEEP_RATIO
+from lightning_fedprune.callbacks.registry import register_client_callback
 
 __all__ = ["TopKUploadCallback", "KEEP_RATIO_KEY", "ERROR_FEEDBACK_KEY", "RESIDUAL_STATE_KEY"]
 
 #: task config key holding the client's keep ratio in (0, 1]; absent -> the callback does nothing
-KEEP_RATIO_KEY = "upload_keep_ratio"
+KEEP_RATIO_KEY = UPLOAD_KEEP_RATIO
 #: task config key switching error feedback on (default off)
-ERROR_FEEDBACK_KEY = "upload_error_feedback"
+ERROR_FEEDBACK_KEY = UPLOAD_ERROR_FEEDBACK
 #: client-state key of the error-feedback memory
 RESIDUAL_STATE_KEY = "topk.residual"
 
 
+@register_client_callback("topk_upload")
 class TopKUploadCallback(FederatedCallback):
     """Sends ``top-k(trained - received)`` per tensor instead of the trained weights.
 
@@ -26,7 +29,7 @@ class TopKUploadCallback(FederatedCallback):
     * ``on_client_end``: with ``task.config["upload_keep_ratio"]`` set, compresses the update with
       :func:`~lightning_fedprune.core.compression.compress_upload`, puts the payload in the
       result's extras under ``topk/`` and sends no weights (``ctx.result_weights = {}``,
-      ``ctx.result_config["upload"] = "topk"``). Non-float tensors go densely (``topk/<key>/raw``).
+      ``ctx.result_config[UPLOAD] = "topk"``). Non-float tensors go densely (``topk/<key>/raw``).
       The server rebuilds the trained weights with
       :func:`~lightning_fedprune.core.compression.decode_topk_result` from what it sent.
     * Error feedback (``task.config["upload_error_feedback"] = True``): what was not sent stays in
@@ -59,6 +62,6 @@ class TopKUploadCallback(FederatedCallback):
         for name, tensor in payload.items():
             ctx.result_extras[TOPK_PREFIX + name] = tensor
         ctx.result_weights = {}
-        ctx.result_config["upload"] = "topk"
+        ctx.result_config[UPLOAD] = "topk"
         if feedback:
             ctx.state[RESIDUAL_STATE_KEY] = new_residual

@@ -7,10 +7,13 @@ import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.core.contract import PROX_MU
+from lightning_fedprune.callbacks.registry import register_client_callback
 
 __all__ = ["FedProxCallback"]
 
 
+@register_client_callback("fedprox")
 class FedProxCallback(FederatedCallback):
     """Adds ``mu * (w - w_global)`` to each parameter's gradient before every optimizer step.
 
@@ -29,7 +32,7 @@ class FedProxCallback(FederatedCallback):
         self._mu_now = 0.0
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
-        self._mu_now = float(self.mu if self.mu is not None else ctx.task.config.get("prox_mu", 0.0))
+        self._mu_now = float(self.mu if self.mu is not None else ctx.task.config.get(PROX_MU, 0.0))
         # the global weights are what the module holds now, before any local step
         self._anchor = [(p, p.detach().clone()) for p in pl_module.parameters() if p.requires_grad]
 

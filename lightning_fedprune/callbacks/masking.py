@@ -10,9 +10,9 @@
 * :class:`IterativeMagnitudePruning` is the joint training-and-pruning of Han et al. (2015) that
   PruneFL runs at the server on a small sample: train ``epochs_per_level`` epochs, prune one level
   with layer-wise rates, repeat until ``target_level``. It is an ordinary Lightning callback, usable
-  in any centralized training; :func:`sample_based_pruning` runs it with a plain ``Trainer``.
-* :func:`shared_sample_indices` and :func:`biased_sample_indices` choose the server's sample: a
-  small share of every client's data, or a biased subset (a few labels, writers or clients).
+  in any centralized training; :func:`~lightning_fedprune.callbacks.server_pruning.sample_based_pruning`
+  runs it with a plain ``Trainer`` at the server, on a sample chosen by
+  :mod:`lightning_fedprune.data.sampling`.
 
 Why not Lightning's ``ModelPruning``: it prunes through ``torch.nn.utils.prune``, whose
 reparametrization replaces ``weight`` by ``weight_orig`` and ``weight_mask`` in the ``state_dict``
@@ -48,18 +48,12 @@ from lightning_fedprune.core.masks import (
 from lightning_fedprune.core.sparse import COO_INDICES, pack_state, payload_masks
 from lightning_fedprune.core.sparse_linear import disable_sparse_forward, enable_sparse_forward
 from lightning_fedprune.errors import ConfigError, DataError
+from lightning_fedprune.core.contract import COO, DENSE, WEIGHTS_FORMAT
+from lightning_fedprune.callbacks.registry import register_client_callback
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "MaskingCallback",
-    "IterativeMagnitudePruning",
-    "sample_based_pruning",
-    "run_server_pruning",
-    "shared_sample_indices",
-    "biased_sample_indices",
-    "sample_loader",
-]
+__all__ = ["MaskingCallback", "IterativeMagnitudePruning"]
 
 
 def _check_density(value: float | None, name: str) -> float | None:
@@ -129,6 +123,7 @@ class _MaskedTraining:
                     g.mul_(m)
 
 
+@register_client_callback("masks")
 class MaskingCallback(FederatedCallback):
     """Keeps pruned weights at zero during (local) training; packs sparse results.
 
@@ -198,7 +193,7 @@ class MaskingCallback(FederatedCallback):
     # ------------------------------------------------------------------ client boundaries
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         task = ctx.task
-        self._packed_task = task.config.get("weights_format", "dense") == "coo"
+        self._packed_task = task.config.get(WEIGHTS_FORMAT, DENSE) == COO
         if self._packed_task:
             shapes = {k: tuple(v.shape) for k, v in pl_module.federated_state().items()}
             masks = payload_masks(task.weights, shapes)
@@ -355,234 +350,3 @@ class IterativeMagnitudePruning(pl.Callback):
         self._epochs_done = int(state_dict.get("epochs_done", 0))
         masks = state_dict.get("masks")
         self._masks = MaskSet.from_json(masks) if masks is not None else None
-
-
-def sample_based_pruning(
-    module: pl.LightningModule,
-    train_data: Any,
-    *,
-    target_level: int,
-    epochs_per_level: int = 50,
-    fc_rates: float | Sequence[float] | None = (0.2, 0.2, 0.1),
-    conv_rates: float | Sequence[float] | None = (0.05, 0.1),
-    rates: Mapping[str, float] | None = None,
-    snapshot_levels: Iterable[int] = (),
-    trainer_kwargs: Mapping[str, Any] | None = None,
-    return_callback: bool = False,
-) -> MaskSet | tuple[MaskSet, IterativeMagnitudePruning]:
-    """PruneFL's sample-based initial pruning at the server, with an ordinary Lightning ``Trainer``.
-
-    Trains ``module`` on ``train_data`` (the server's small sample) for ``epochs_per_level``
-    epochs, prunes one level, and repeats until ``target_level``. The module is trained and pruned
-    in place: its weights are the model the federation starts from.
-
-    Args:
-        module: the LightningModule (its ``training_step`` and ``configure_optimizers`` are used).
-        train_data: a DataLoader (or any iterable of batches) over the server's sample, e.g.
-            :func:`sample_loader`.
-        target_level: levels to prune (0: nothing is trained, all weights kept).
-        epochs_per_level, fc_rates, conv_rates, rates, snapshot_levels: as
-            :class:`IterativeMagnitudePruning`.
-        trainer_kwargs: further ``Trainer`` arguments (``max_epochs`` and ``callbacks`` are set here).
-        return_callback: also return the callback (for its ``snapshots``).
-
-    Returns:
-        The masks at ``target_level`` (and the callback when ``return_callback``).
-
-    Raises:
-        ConfigError: as :class:`IterativeMagnitudePruning`, or ``trainer_kwargs`` setting
-            ``max_epochs`` / ``callbacks``.
-    """
-    callback = IterativeMagnitudePruning(
-        target_level=target_level,
-        epochs_per_level=epochs_per_level,
-        fc_rates=fc_rates,
-        conv_rates=conv_rates,
-        rates=rates,
-        snapshot_levels=snapshot_levels,
-    )
-    extra = dict(trainer_kwargs or {})
-    bad = [k for k in ("max_epochs", "callbacks", "max_steps") if k in extra]
-    if bad:
-        raise ConfigError(f"`trainer_kwargs` may not set {bad}: sample-based pruning sets them from the levels")
-    if target_level == 0:
-        own = module.state_dict()
-        masks = MaskSet.full({k: own[k] for k in layer_rates(module, fc=fc_rates, conv=conv_rates, rates=rates)})
-        return (masks, callback) if return_callback else masks
-    kwargs: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    kwargs.update(extra)
-    kwargs["max_epochs"] = target_level * epochs_per_level
-    kwargs["callbacks"] = [callback]
-    with warnings.catch_warnings(), _quiet_lightning():
-        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer = pl.Trainer(**kwargs)
-        trainer.fit(module, train_dataloaders=train_data)
-    return (callback.masks, callback) if return_callback else callback.masks
-
-
-def run_server_pruning(
-    strategy: Any,
-    module: pl.LightningModule,
-    *,
-    splits: Any,
-    partition: Any = None,
-    batch_size: int = 20,
-    seed: int = 0,
-    trainer_kwargs: Mapping[str, Any] | None = None,
-) -> MaskSet | None:
-    """Run a PruneFL strategy's declared sample-based initial pruning and hand it the masks.
-
-    Reads the strategy's ``sample_size``, ``sample_labels``, ``sample_epochs_per_level``,
-    ``initial_level`` and rates (plain data), draws the server's sample (a share of every client's
-    data from ``partition``, or a biased subset of ``sample_labels``), trains and prunes ``module``
-    in place with :func:`sample_based_pruning`, then calls ``strategy.set_initial_masks`` with the
-    masks and the untrained weights (for ``reinitialize``). Call it after building the module and
-    the strategy and before the transport initializes the strategy from the module's weights.
-
-    Args:
-        strategy: a :class:`~lightning_fedprune.strategies.prunefl.PruneFL` (nothing happens unless
-            its ``needs_server_pruning`` is true).
-        module: the federated LightningModule (its weights become the sample-trained pruned model).
-        splits: the dataset (``splits.train`` and ``splits.train_targets``).
-        partition: the clients' split (for a share of every client's data).
-        batch_size, seed: of the sample's DataLoader and draw.
-        trainer_kwargs: further ``Trainer`` arguments of the server-side training.
-
-    Returns:
-        The masks, or ``None`` when the strategy needs no server pruning.
-
-    Raises:
-        ConfigError: a shared sample without a ``partition``; as :func:`sample_based_pruning`.
-        DataError: a sample larger than the data it is drawn from.
-    """
-    if not getattr(strategy, "needs_server_pruning", False):
-        return None
-    if strategy.sample_labels is None:
-        if partition is None:
-            raise ConfigError("a sample shared by the clients needs their `partition` (or give `sample_labels` for a biased sample)")
-        idx = shared_sample_indices(partition, size=strategy.sample_size, seed=seed)
-    else:
-        idx = biased_sample_indices(splits.train_targets, keep=strategy.sample_labels, size=strategy.sample_size, seed=seed)
-    state_fn = getattr(module, "federated_state", module.state_dict)
-    init_state = {k: v.detach().clone() for k, v in state_fn().items()}
-    masks = sample_based_pruning(
-        module,
-        sample_loader(splits.train, idx, batch_size=batch_size, seed=seed),
-        target_level=strategy.initial_level,
-        epochs_per_level=strategy.sample_epochs_per_level,
-        fc_rates=strategy.fc_rates,
-        conv_rates=strategy.conv_rates,
-        rates=strategy.explicit_rates or None,
-        trainer_kwargs=trainer_kwargs,
-    )
-    strategy.set_initial_masks(masks, init_state=init_state)
-    log.info("server-side sample-based pruning: %d samples, level %d, density %.4f", len(idx), masks.level, masks.density())
-    return masks
-
-
-class _BelowWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Drop the Trainer's info lines ("GPU available: ...", tips) of the server-side training."""
-    flt = _BelowWarning()
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
-    for lg in loggers:
-        lg.addFilter(flt)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(flt)
-
-
-# --------------------------------------------------------------------------------------------
-# the server's sample
-# --------------------------------------------------------------------------------------------
-
-
-def _index_lists(clients: Any) -> list[np.ndarray]:
-    if hasattr(clients, "clients"):  # a Partition
-        return [np.asarray(c.train, dtype=np.int64) for c in clients.clients]
-    return [np.asarray(ix, dtype=np.int64) for ix in clients]
-
-
-def shared_sample_indices(clients: Any, *, size: int, seed: int) -> np.ndarray:
-    """The server's sample made of a small share of every client's training data.
-
-    Each client contributes in proportion to its number of samples (largest remainder), chosen
-    at random; clients keep their data (they share a copy).
-
-    Args:
-        clients: a :class:`~lightning_fedprune.data.Partition` or one index array per client.
-        size: total sample size.
-        seed: the draws depend only on it.
-
-    Returns:
-        Sorted dataset indices, ``size`` of them.
-
-    Raises:
-        DataError: ``size`` < 1 or larger than all clients' data together.
-    """
-    lists = _index_lists(clients)
-    total = sum(len(ix) for ix in lists)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= total:
-        raise DataError(f"`size` must be an int in [1, {total}] (all clients' samples), got {size!r}")
-    exact = np.array([size * len(ix) / total for ix in lists])
-    counts = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: size - int(counts.sum())]] += 1
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(7,)))
-    picked = [rng.choice(ix, size=int(n), replace=False) for ix, n in zip(lists, counts) if n > 0]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
-
-
-def biased_sample_indices(groups: Any, *, keep: Iterable[int], size: int | None = None, seed: int = 0) -> np.ndarray:
-    """A biased server sample: only samples whose group is in ``keep``.
-
-    Args:
-        groups: one group id per sample: the labels (a few classes), writer ids (a few writers,
-            as PruneFL's FEMNIST sample of 2 writers) or client ids (a few clients' data).
-        keep: the groups allowed.
-        size: how many to draw at random among them (``None``: all of them).
-        seed: the draw depends only on it.
-
-    Returns:
-        Sorted dataset indices.
-
-    Raises:
-        DataError: no sample in ``keep``, or ``size`` larger than what is there.
-    """
-    g = torch.as_tensor(groups).cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
-    wanted = sorted({int(k) for k in keep})
-    pool = np.flatnonzero(np.isin(g, wanted))
-    if pool.size == 0:
-        raise DataError(f"no sample belongs to the groups {wanted}")
-    if size is None:
-        return pool.astype(np.int64)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= pool.size:
-        raise DataError(f"`size` must be an int in [1, {pool.size}] (samples in groups {wanted}), got {size!r}")
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(8,)))
-    return np.sort(rng.choice(pool, size=size, replace=False)).astype(np.int64)
-
-
-def sample_loader(dataset: Any, indices: Any, *, batch_size: int = 20, seed: int = 0) -> torch.utils.data.DataLoader:
-    """A shuffled DataLoader over ``dataset[indices]`` (seeded), for :func:`sample_based_pruning`."""
-    from lightning_fedprune.data.loaders import client_batches
-
-    gen = torch.Generator().manual_seed(int(seed))
-    return client_batches(dataset, np.asarray(indices, dtype=np.int64), batch_size=batch_size, shuffle=True, generator=gen)

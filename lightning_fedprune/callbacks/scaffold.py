@@ -7,12 +7,14 @@ import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.core.control_variates import SCAFFOLD_CONTROL, SCAFFOLD_DELTA, scaffold_client_update
+from lightning_fedprune.callbacks.registry import register_client_callback
 
 __all__ = ["ScaffoldCallback"]
 
 _STATE_KEY = "scaffold.c_i"
 
 
+@register_client_callback("scaffold")
 class ScaffoldCallback(FederatedCallback):
     """Corrects every local gradient by ``c - c_i`` and updates ``c_i`` with option II.
 

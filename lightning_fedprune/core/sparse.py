@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from lightning_fedprune.core.masks import MaskSet
 from lightning_fedprune.errors import PayloadError
+from lightning_fedprune.core.contract import COO, register_weights_format
 
 __all__ = [
     "COO_INDICES",
@@ -283,6 +284,7 @@ def unpack_with_masks(
     return state, masks
 
 
+@register_weights_format(COO)
 def unpack_state(payload: Mapping[str, torch.Tensor], shapes: Shapes, *, strict: bool = True) -> dict[str, torch.Tensor]:
     """Full tensors from a packed payload (see :func:`unpack_with_masks`, which also returns the masks).
 

@@ -234,9 +234,9 @@ class FedMLClient:
         save_state({"round": rnd, "states": {str(c): self.store.get(c) for c in ids}}, path)
 
     def _save_model(self, task: Any, result: Any) -> None:
-        from lightning_fedprune.runtime import _LOCAL_STATE_KEY
+        from lightning_fedprune.runtime import LOCAL_STATE_KEY
 
-        local = self.store.get(task.client_id).get(_LOCAL_STATE_KEY, {})
+        local = self.store.get(task.client_id).get(LOCAL_STATE_KEY, {})
         state = {
             "round": task.round,
             "client_id": task.client_id,

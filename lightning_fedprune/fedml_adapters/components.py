@@ -1,11 +1,15 @@
 """What a server or a client process builds from a deployment config (no FedML here).
 
-The server takes its strategy (initialized exactly as the simulator initializes it: same seed,
-same initial weights, same pruning planner), its evaluation module and the global test set from
-:func:`lightning_fedprune.config.build_run`, so a deployment and a simulation of one recipe start
-from the same state. A client process builds the same :class:`~lightning_fedprune.runtime.ClientRuntime`
-the simulator uses, over either the recipe's dataset (it trains only its own partition) or a data
-folder holding nothing but its own samples (:func:`export_client_data`, for edge devices).
+Both take their parts from :func:`lightning_fedprune.config.build_parts`, the builder the
+simulation uses, so a deployment and a simulation of one recipe start from the same state:
+
+* the server (role ``"server"``): the strategy initialized from the recipe's initial weights (and
+  PruneFL's server-side pruning), the evaluation module and the global test set; device profiles
+  only when the strategy is told about them;
+* a client process (role ``"client"``): its module and the same
+  :class:`~lightning_fedprune.runtime.ClientRuntime` the simulator uses, over either the recipe's
+  dataset (it trains only its own partition) or a data folder holding nothing but its own samples
+  (:func:`export_client_data`, for edge devices). A client builds no strategy and no devices.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_fedprune.config import RecipeConfig, RunParts, build_module, build_parts
+from lightning_fedprune.core.rounds import RoundRules
 from lightning_fedprune.core.seeding import derive_seed
 from lightning_fedprune.errors import ConfigError, DataError
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
@@ -28,10 +33,10 @@ from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ServerParts",
     "build_server_parts",
     "build_client_runtime",
     "build_client_module",
+    "round_rules",
     "LocalClientData",
     "export_client_data",
     "dataset_info",
@@ -44,103 +49,53 @@ _DATA_FORMAT = 1
 _DATA_KEYS = ("name", "num_clients", "partition", "partition_options", "local_test_fraction", "options")
 
 
-@dataclass
-class ServerParts:
-    """What the server process runs with.
-
-    Attributes:
-        strategy: the initialized strategy.
-        eval_module: a copy of the module the global model is loaded into for evaluation.
-        test_loader: the global test set (``None`` when the dataset has none).
-        num_clients: clients of the recipe.
-        rounds: rounds of the recipe.
-        perplexity: report perplexity (language models).
-    """
-
-    strategy: Any
-    eval_module: Any
-    test_loader: Any
-    num_clients: int
-    rounds: int
-    perplexity: bool
-
-
-def build_server_parts(cfg: DeploymentConfig) -> ServerParts:
-    """Build the strategy, evaluation module and test set of ``cfg.recipe`` as the simulator does."""
-    from lightning_fedprune.config import build_run
-
-    engine, rounds = build_run(cfg.recipe, listeners=[])
-    return ServerParts(
-        strategy=engine.strategy,
-        eval_module=engine.eval_module,
-        test_loader=engine.data.test_loader(),
-        num_clients=engine.num_clients,
-        rounds=int(rounds),
-        perplexity=bool(engine.perplexity),
+def round_rules(recipe: RecipeConfig) -> RoundRules:
+    """The round rules of the recipe's ``engine`` section."""
+    e = recipe.engine
+    return RoundRules(
+        mode=e.mode, deadline_fraction=e.deadline_fraction, deadline_factor=e.deadline_factor,
+        deadline_backoff=e.deadline_backoff, async_m=e.async_m, join_rounds=dict(e.join_rounds),
     )
+
+
+def build_server_parts(cfg: DeploymentConfig) -> RunParts:
+    """The server's parts of ``cfg.recipe`` (:func:`~lightning_fedprune.config.build_parts`, role ``"server"``)."""
+    return build_parts(cfg.recipe, role="server")
 
 
 def build_client_runtime(cfg: DeploymentConfig, rank: int) -> Any:
     """The ClientRuntime of the process of ``rank``.
 
     With ``data_args.data_cache_dir`` set, the data comes from that folder (written by
-    :func:`export_client_data`) and the module is built from the recipe without the dataset;
-    otherwise :func:`~lightning_fedprune.config.build_run` builds everything and the process trains
-    only its own clients' partitions.
+    :func:`export_client_data`); otherwise the recipe's dataset is loaded and partitioned and the
+    process trains only its own clients' partitions.
 
     Raises:
         ConfigError: the folder was exported for other clients or another data set-up.
     """
     clients = cfg.clients_of_rank(rank)
-    if cfg.data_args.data_cache_dir is None:
-        from lightning_fedprune.config import build_run
-
-        engine, _ = build_run(cfg.recipe, listeners=[])
-        return engine.runtime
-    from lightning_fedprune.runtime import ClientRuntime
-    from lightning_fedprune.strategies import STRATEGIES
-
-    data = LocalClientData.load(cfg.resolve_path(cfg.data_args.data_cache_dir), recipe=cfg.recipe)
-    missing = [c for c in clients if c not in data.client_ids]
-    if missing:
-        raise ConfigError(
-            f"`data_args.data_cache_dir` {cfg.data_args.data_cache_dir} holds clients {data.client_ids}, but rank "
-            f"{rank} serves {clients}: export the data for this rank (python -m lightning_fedprune export-data "
-            f"CONFIG --rank {rank} --out DIR)"
-        )
-    module = build_client_module(cfg, data.info)
-    return ClientRuntime(
-        module,
-        data=data,
-        seed=cfg.recipe.seed,
-        client_callbacks=STRATEGIES[cfg.recipe.strategy.name].client_callbacks,
-        trainer_kwargs=dict(cfg.recipe.trainer),
-    )
+    data = None
+    if cfg.data_args.data_cache_dir is not None:
+        data = LocalClientData.load(cfg.resolve_path(cfg.data_args.data_cache_dir), recipe=cfg.recipe)
+        missing = [c for c in clients if c not in data.client_ids]
+        if missing:
+            raise ConfigError(
+                f"`data_args.data_cache_dir` {cfg.data_args.data_cache_dir} holds clients {data.client_ids}, but rank "
+                f"{rank} serves {clients}: export the data for this rank (python -m lightning_fedprune export-data "
+                f"CONFIG --rank {rank} --out DIR)"
+            )
+    return build_parts(cfg.recipe, role="client", client_data=data).runtime
 
 
 def build_client_module(cfg: DeploymentConfig, info: Any) -> Any:
-    """The federated module of ``cfg.recipe`` built the way ``build_run`` builds it.
+    """The federated module of ``cfg.recipe`` (:func:`~lightning_fedprune.config.build_module`).
 
     Args:
         cfg: the deployment config.
         info: the dataset's ``name``, ``task``, ``num_classes`` and ``input_shape`` (a
             :class:`~lightning_fedprune.data.DatasetSplits` or the ``info`` of exported data).
     """
-    from lightning_fedprune.config import FederatedClassifier, FederatedLanguageModel, _model_kwargs
-
-    m = cfg.recipe.model
-    language_model = info.task == "language_model"
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.recipe.seed)  # same initial (and so same local-key) weights as the simulator
-    module_cls = FederatedLanguageModel if language_model else FederatedClassifier
-    module = module_cls(
-        m.name, lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay, optimizer=m.optimizer, **_model_kwargs(m, info)
-    )
-    if language_model:
-        module.example_input_array = torch.zeros((1, *info.input_shape), dtype=torch.long)
-    else:
-        module.federated_example_input_shape = tuple(int(v) for v in info.input_shape)
-    return module
+    return build_module(cfg.recipe, info)
 
 
 def dataset_info(cfg: DeploymentConfig, runtime: Any = None) -> dict[str, Any]:

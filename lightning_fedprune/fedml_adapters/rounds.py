@@ -3,13 +3,24 @@
 :class:`RoundCollector` receives the envelopes of one round and turns them into what the strategy
 aggregates -- validated :class:`~lightning_fedprune.core.ClientResult` s (with their measured
 ``completion_time``) and :class:`~lightning_fedprune.core.ClientFailure` s -- plus the bytes and
-times the round record reports. Every refusal is logged with its reason and the round goes on:
+times the round record reports. When the round ends is decided by the round rules
+(:class:`~lightning_fedprune.core.rounds.RoundRules`), the same pure functions the simulation
+applies to simulated arrival times:
 
-* a message of another run or server session, of another round, from a rank that does not
-  serve the client it names, or for a client not asked (or already answered) is *dropped*;
+* ``sync``: every asked client delivered or failed;
+* ``deadline``: once enough results arrived, the rules give the deadline; clients still pending
+  then fail with kind ``"deadline"`` (the driver benches them);
+* ``async``: tasks of earlier rounds still in flight are carried into the round
+  (:meth:`RoundCollector.carry`); the round ends once ``async_m`` results (or all that can still
+  come) arrived, aggregates the first ``async_m`` by arrival time and carries the rest on.
+
+Every refusal is logged with its reason and the round goes on:
+
+* a message of another run or server session, for another task than the one in flight, from a
+  rank that does not serve the client it names, or for a client not asked (or already answered)
+  is *dropped*;
 * a result that fails validation against what its task implies (tensor names, shapes, dtypes,
-  finiteness, size) ends that client's part in the round as a ``"rejected"`` failure, as in the
-  simulator.
+  finiteness, size) ends that client's task as a ``"rejected"`` failure, as in the simulator.
 
 Clocks are ``time.monotonic`` seconds; completion time = result arrival - task send start
 (download + compute + upload as seen by the server).
@@ -26,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask, decode_result
+from lightning_fedprune.core.rounds import RoundRules, first_arrivals
 from lightning_fedprune.errors import PayloadError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, RESULT, Envelope
 
@@ -46,6 +58,12 @@ class _Slot:
     bytes_up: int = 0
     wire_up: int = 0
     seconds: float = math.nan
+    arrived_at: float = math.nan
+    fresh: bool = True  # sent in this round (not carried from an earlier one)
+
+    @property
+    def resolved(self) -> bool:
+        return self.result is not None or self.failure is not None
 
 
 @dataclass
@@ -75,9 +93,9 @@ class RoundCollector:
         run_id / session: this run and this server process; other messages are dropped.
         max_message_bytes: results larger than this are rejected.
         timeout_s: a client not delivered this long after its task was sent is dropped.
-        deadline_fraction / deadline_factor: FedMP's deadline rounds (``None``: sync rounds end
-            when every client delivered or timed out): once ``ceil(fraction * selected)`` results
-            arrived at ``d`` seconds into the round, the round ends at ``factor * d``.
+        rules: the round rules (default: synchronous rounds).
+        carried: async mode: the tasks of earlier rounds still in flight
+            (:meth:`carry` of the previous round's collector).
         clock: the time source (``time.monotonic``).
     """
 
@@ -92,8 +110,8 @@ class RoundCollector:
         session: str,
         max_message_bytes: int,
         timeout_s: float,
-        deadline_fraction: float | None = None,
-        deadline_factor: float = 1.5,
+        rules: RoundRules | None = None,
+        carried: Sequence[_Slot] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.round = int(rnd)
@@ -101,17 +119,20 @@ class RoundCollector:
         self.session = session
         self.max_message_bytes = int(max_message_bytes)
         self.timeout_s = float(timeout_s)
-        self.deadline_fraction = deadline_fraction
-        self.deadline_factor = float(deadline_factor)
+        self.rules = rules if rules is not None else RoundRules()
         self.expected = expected
         self.clock = clock
         self.start = clock()
-        self.slots: dict[int, _Slot] = {t.client_id: _Slot(t, rank_of(t.client_id)) for t in tasks}
+        self.slots: dict[int, _Slot] = {}
+        for s in carried:
+            s.fresh = False
+            self.slots[s.task.client_id] = s
+        for t in tasks:
+            self.slots[t.client_id] = _Slot(t, rank_of(t.client_id))
         self.order = [t.client_id for t in tasks]
+        self.num_new = len(tasks)
         self.dropped = 0
-        self._arrivals: list[float] = []
         self._soft_deadline: float | None = None
-        self._end: float | None = None
 
     # -------------------------------------------------------------- sending side
     def sent(self, client_id: int, *, at: float, payload_bytes: int, wire_bytes: int) -> None:
@@ -121,13 +142,13 @@ class RoundCollector:
     def fail(self, client_id: int, kind: str, reason: str) -> None:
         """Record a failure of a pending client (no-op once it delivered or failed)."""
         s = self.slots.get(client_id)
-        if s is None or s.result is not None or s.failure is not None:
+        if s is None or s.resolved:
             return
         log.warning("round %d: client %d %s: %s", self.round, client_id, kind, reason)
-        s.failure = ClientFailure(self.round, client_id, kind, reason)
+        s.failure = ClientFailure(s.task.round, client_id, kind, reason)
 
     def pending_of_rank(self, rank: int) -> list[int]:
-        return [c for c, s in self.slots.items() if s.rank == rank and s.result is None and s.failure is None]
+        return [c for c, s in self.slots.items() if s.rank == rank and not s.resolved]
 
     # -------------------------------------------------------------- receiving side
     def offer(self, env: Envelope, wire_bytes: int) -> bool:
@@ -147,7 +168,7 @@ class RoundCollector:
         w_spec, x_spec = self.expected(s.task)
         try:
             res = decode_result(
-                env.payload, expect_round=self.round, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
+                env.payload, expect_round=s.task.round, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
                 max_bytes=self.max_message_bytes,
             )
         except PayloadError as err:
@@ -155,8 +176,8 @@ class RoundCollector:
             return True
         sent_at = s.sent_at if s.sent_at is not None else self.start
         s.seconds = now - sent_at
+        s.arrived_at = now
         s.result = dataclasses.replace(res, completion_time=s.seconds)
-        self._arrivals.append(now - self.start)
         self._update_soft_deadline()
         return True
 
@@ -167,40 +188,51 @@ class RoundCollector:
             return f"it belongs to run {env.run_id!r}, this is {self.run_id!r}"
         if env.session != self.session:
             return "it answers a task of an earlier server session (the server restarted)"
-        if env.round != self.round:
-            return f"it is for round {env.round}, the current round is {self.round}"
         cid = env.body.get("client_id")
         if not isinstance(cid, int) or isinstance(cid, bool):
             return f"its client_id {cid!r} is not an integer"
         s = self.slots.get(cid)
         if s is None:
+            if env.round != self.round:
+                return f"it is for round {env.round}, the current round is {self.round}"
             return f"client {cid} was not asked to work in round {self.round}"
+        if env.round != s.task.round:
+            if s.task.round == self.round:
+                return f"it is for round {env.round}, the current round is {self.round}"
+            return f"it is for round {env.round}, client {cid}'s task in flight is of round {s.task.round}"
         if s.rank != env.sender:
             return f"client {cid} is served by rank {s.rank}, not by rank {env.sender} (unknown sender)"
-        if s.result is not None or s.failure is not None:
+        if s.resolved:
             return f"client {cid} already {'delivered' if s.result is not None else 'failed'} in this round"
         return None
 
     # -------------------------------------------------------------- timing
+    def _arrivals(self) -> list[float]:
+        """Arrival times (seconds since the round started) of this round's fresh results."""
+        return [s.arrived_at - self.start for s in self.slots.values() if s.fresh and s.result is not None]
+
     def _update_soft_deadline(self) -> None:
-        if self.deadline_fraction is None or self._soft_deadline is not None:
+        if self._soft_deadline is not None:
             return
-        k = max(1, math.ceil(self.deadline_fraction * len(self.slots) - 1e-9))
-        if len(self._arrivals) >= k:
-            d = sorted(self._arrivals)[k - 1]
-            self._soft_deadline = self.start + self.deadline_factor * d
+        deadline = self.rules.deadline(self._arrivals(), self.num_new, complete=False)
+        if deadline is not None:
+            self._soft_deadline = self.start + deadline
 
     @property
     def done(self) -> bool:
-        """Every client delivered or failed."""
-        return all(s.result is not None or s.failure is not None for s in self.slots.values())
+        """The round can end: every client delivered or failed, or (async) enough results arrived."""
+        if self.rules.mode == "async":
+            arrived = sum(1 for s in self.slots.values() if s.result is not None)
+            live = sum(1 for s in self.slots.values() if s.failure is None)
+            return live == 0 or self.rules.async_ready(arrived, live)
+        return all(s.resolved for s in self.slots.values())
 
     def next_deadline(self) -> float:
         """The clock time at which :meth:`expire` has something to do."""
         times = [
             (s.sent_at if s.sent_at is not None else self.start) + self.timeout_s
             for s in self.slots.values()
-            if s.result is None and s.failure is None
+            if not s.resolved
         ]
         if self._soft_deadline is not None:
             times.append(self._soft_deadline)
@@ -210,7 +242,7 @@ class RoundCollector:
         """Fail every pending client whose time is up."""
         now = self.clock()
         for cid, s in self.slots.items():
-            if s.result is not None or s.failure is not None:
+            if s.resolved:
                 continue
             sent_at = s.sent_at if s.sent_at is not None else self.start
             if now >= sent_at + self.timeout_s:
@@ -220,37 +252,64 @@ class RoundCollector:
 
     # -------------------------------------------------------------- the end
     def close(self) -> Outcome:
-        """Fail whatever is still pending (the round ends now) and return the round's outcome."""
-        for cid in self.order:
-            self.fail(cid, "deadline", "the round ended before its result arrived")
+        """End the round now and return its outcome.
+
+        Sync and deadline rounds fail whatever is still pending. Async rounds take the first
+        ``async_m`` arrivals; the other tasks stay in flight (:meth:`carry`).
+        """
+        taken: set[int]
+        if self.rules.mode == "async":
+            assert self.rules.async_m is not None
+            arrived = [(s.arrived_at, c) for c, s in self.slots.items() if s.result is not None]
+            taken = {c for _, c in first_arrivals(arrived, self.rules.async_m)}
+        else:
+            for cid in list(self.slots):
+                self.fail(cid, "deadline", "the round ended before its result arrived")
+            taken = {c for c, s in self.slots.items() if s.result is not None}
         end = self.clock()
-        results = [self.slots[c].result for c in self.order if self.slots[c].result is not None]
-        failures = [self.slots[c].failure for c in self.order if self.slots[c].failure is not None]
+        order = [c for c in self.slots if c not in set(self.order)] + self.order  # carried tasks first
+        results = [self.slots[c].result for c in order if c in taken]
+        failures = [self.slots[c].failure for c in order if self.slots[c].failure is not None]
+        reported = [c for c in order if self.slots[c].fresh or c in taken or self.slots[c].failure is not None]
         per_client: dict[str, dict[str, Any]] = {}
-        for c in self.order:
+        for c in reported:
             s = self.slots[c]
+            status = "ok" if c in taken else (s.failure.kind if s.failure is not None else "in_flight")
             per_client[str(c)] = {
                 "rank": s.rank,
-                "bytes_down": s.bytes_down,
-                "bytes_up": s.bytes_up,
-                "wire_down": s.wire_down,
-                "wire_up": s.wire_up,
-                "seconds": s.seconds if math.isfinite(s.seconds) else None,
-                "status": "ok" if s.result is not None else s.failure.kind,  # type: ignore[union-attr]
+                "round": s.task.round,
+                "bytes_down": s.bytes_down if s.fresh else 0,
+                "bytes_up": s.bytes_up if (c in taken or s.failure is not None) else 0,
+                "wire_down": s.wire_down if s.fresh else 0,
+                "wire_up": s.wire_up if (c in taken or s.failure is not None) else 0,
+                "seconds": s.seconds if math.isfinite(s.seconds) and c in taken else None,
+                "status": status,
             }
+        self._left = [s for c, s in self.slots.items() if c not in taken and s.failure is None]
         extra: dict[str, Any] = {}
-        if self.deadline_fraction is not None:
+        if self.rules.mode == "deadline":
             extra["deadline"] = (self._soft_deadline - self.start) if self._soft_deadline is not None else math.nan
-            extra["num_late"] = sum(1 for f in failures if f.kind == "deadline")
+            extra["num_late"] = sum(1 for f in failures if f is not None and f.kind == "deadline")
+        if self.rules.mode == "async":
+            stale = [self.round - self.slots[c].task.round for c in taken]
+            extra["staleness_mean"] = sum(stale) / len(stale) if stale else math.nan
+            extra["staleness_max"] = float(max(stale)) if stale else math.nan
+            extra["num_in_flight"] = len(self._left)
+        received = [s for c, s in self.slots.items() if c in taken or s.failure is not None]
+        fresh = [s for s in self.slots.values() if s.fresh]
         return Outcome(
             results=[r for r in results if r is not None],
             failures=[f for f in failures if f is not None],
-            bytes_down=sum(s.bytes_down for s in self.slots.values()),
-            bytes_up=sum(s.bytes_up for s in self.slots.values()),
-            wire_down=sum(s.wire_down for s in self.slots.values()),
-            wire_up=sum(s.wire_up for s in self.slots.values()),
+            bytes_down=sum(s.bytes_down for s in fresh),
+            bytes_up=sum(s.bytes_up for s in received),
+            wire_down=sum(s.wire_down for s in fresh),
+            wire_up=sum(s.wire_up for s in received),
             seconds=end - self.start,
             per_client=per_client,
             dropped=self.dropped,
             extra=extra,
         )
+
+    def carry(self) -> list[_Slot]:
+        """Async mode: the tasks still in flight after :meth:`close` (arrived but not taken, or pending)."""
+        return list(getattr(self, "_left", []))

@@ -1,178 +1,141 @@
-"""The server process of a FedML deployment: the simulator's round, over real messages.
+"""The server process of a FedML deployment: the round driver over real messages.
 
-A round, as in :class:`~lightning_fedprune.simulation.SimulationEngine` but with real clocks and
-bytes::
+:class:`FedMLTransport` is the transport of a deployment's server (FedML rank 0): it knows which
+client processes said hello, sends each task (``encode_task`` inside an envelope) to the process
+serving its client, and collects results with a
+:class:`~lightning_fedprune.fedml_adapters.rounds.RoundCollector` until the round rules end the
+round (the same :class:`~lightning_fedprune.core.rounds.RoundRules` the simulation applies to
+simulated arrival times: sync, deadline, async m-of-N, joins). :class:`FedMLServer` is the
+:class:`~lightning_fedprune.driver.RoundDriver` over it: the loop, evaluation, checkpoints,
+early stop, listeners and summary are the simulation's, so the same metric files, plots and
+summary table come out.
 
-    available = clients of the processes that said hello (minus clients sitting out a deadline miss)
-    tasks     = strategy.configure_round(round, available)
-    send each task (encode_task inside an envelope) to the process serving its client
-    collect results until all delivered or failed, or the round's deadline passed
-    metrics   = strategy.aggregate(round, results (with measured completion_time), failures)
-    evaluate the global model, report the round to listeners, checkpoint
-
-The server holds no algorithm: it calls the same :class:`~lightning_fedprune.strategies.Strategy`
-methods as the simulator and writes the same round records, so the same metric files, plots and
-summary table come out. Records add what only a deployment has: ``wire_bytes_up/down`` (bytes on
-the transport), per-client bytes/seconds/status (``clients``) and ``dropped_messages``.
-``sim_time`` holds *measured* seconds (the sum of the rounds' real durations).
+Records add what only a deployment has: ``wire_bytes_up/down`` (bytes on the transport), the
+clients asked (``selected``), per-client bytes/seconds/status (``clients``) and
+``dropped_messages``. ``sim_time`` holds *measured* seconds (the sum of the rounds' real
+durations). In async mode, tasks still in flight when the server restarts are lost (their
+results answer an earlier server session and are dropped); their clients are asked again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lightning_fedprune.core.messages import encode_task
-from lightning_fedprune.core.serialization import load_state, save_state
-from lightning_fedprune.errors import AllClientsFailedError, ConfigError
+from lightning_fedprune.core.messages import ClientTask, encode_task
+from lightning_fedprune.core.rounds import RoundRules
+from lightning_fedprune.core.serialization import save_state
+from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
+from lightning_fedprune.errors import AllClientsFailedError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, FINISH, HELLO, READY, RESULT, TASK, Envelope
 from lightning_fedprune.fedml_adapters.rounds import RoundCollector
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
-from lightning_fedprune.reporting import round_outcome_fields
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FedMLServer", "CHECKPOINT_NAME", "GLOBAL_MODEL_NAME"]
+__all__ = ["FedMLServer", "FedMLTransport", "CHECKPOINT_NAME", "GLOBAL_MODEL_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 GLOBAL_MODEL_NAME = "global_model.safetensors"
-_CHECKPOINT_FORMAT = 1
-_CHECKPOINT_KIND = "fedml_server"
 
 
-class FedMLServer:
-    """Runs the rounds of a deployment (FedML rank 0).
+class FedMLTransport:
+    """Dispatches tasks to client processes and collects their results (rank 0).
 
     Args:
         cfg: the deployment config.
-        listeners: round listeners (progress bar, metric files, plots), as for the simulator.
-        endpoint: the transport (default: :class:`~lightning_fedprune.fedml_adapters.transport.FedMLEndpoint`
-            of rank 0, which imports FedML).
-        resume: continue from ``<run_dir>/checkpoint.safetensors`` when it exists.
+        expected: ``strategy.expected_result`` (task -> what a valid result holds).
+        endpoint: the transport endpoint (default: FedML's, made at :meth:`start`).
 
     Attributes:
-        history: the round records.
         session: this server process's id (results of tasks sent by an earlier process are dropped).
+        dropped_messages: messages refused (logged with their reason).
     """
 
-    def __init__(
-        self,
-        cfg: DeploymentConfig,
-        *,
-        listeners: Sequence[Any] = (),
-        endpoint: Any = None,
-        resume: bool = False,
-    ) -> None:
-        from lightning_fedprune.fedml_adapters.components import build_server_parts
+    name = "fedml"
 
-        cfg.require_services()
+    def __init__(self, cfg: DeploymentConfig, *, expected: Any, endpoint: Any = None) -> None:
         self.cfg = cfg
-        self.listeners = list(listeners)
-        self.resume = bool(resume)
-        self.parts = build_server_parts(cfg)
-        self.strategy = self.parts.strategy
-        self.rounds = self.parts.rounds
-        self.run_dir = cfg.run_dir
+        self.expected = expected
         self.session = uuid.uuid4().hex[:16]
-        self.history: list[dict[str, Any]] = []
-        self.next_round = 0
-        self._clock = 0.0
-        self._wall = 0.0
-        self._cpu = 0.0
-        self._cum = {"up": 0, "down": 0, "wire_up": 0, "wire_down": 0}
-        self._benched: dict[int, int] = {}
+        self.dropped_messages = 0
+        self._endpoint = endpoint
         self._online: dict[int, str] = {}  # rank -> the client process's session
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._collector: RoundCollector | None = None
-        self._endpoint = endpoint
+        self._carried: list[Any] = []  # async mode: tasks in flight from earlier rounds
         self._pool: ThreadPoolExecutor | None = None
-        self.dropped_messages = 0
+        self._cum_wire = {"up": 0, "down": 0}
 
-    # ------------------------------------------------------------------ public
-    def run(self) -> dict[str, Any]:
-        """Run the deployment's rounds (resuming if asked) and return the run summary.
-
-        Raises:
-            AllClientsFailedError: every client selected in a round failed, or none came up.
-        """
-        if self.resume:
-            path = self.run_dir / CHECKPOINT_NAME
-            if path.exists():
-                self.load_state_dict(load_state(path))
-                log.info("resumed from %s at round %d", path, self.next_round)
-            else:
-                log.info("nothing to resume at %s; starting afresh", path)
-        self._emit("on_run_start", {
-            "num_rounds": self.rounds,
-            "start_round": self.next_round,
-            "strategy": type(self.strategy).__name__,
-            "num_clients": self.parts.num_clients,
-            "run_dir": str(self.run_dir),
-        })
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Bring the endpoint up, announce this server and wait for the client processes."""
         if self._endpoint is None:
             from lightning_fedprune.fedml_adapters.transport import make_endpoint
 
             self._endpoint = make_endpoint(self.cfg, 0)
         self._pool = ThreadPoolExecutor(max_workers=min(8, self.cfg.worker_num + 1), thread_name_prefix="lfp-send")
-        stopped_early = self._reached_target()
-        try:
-            self._endpoint.start(self._on_message, self._on_refused)
-            log.info(
-                "server of run %r (session %s) up on %s; waiting for %d client process(es)",
-                self.cfg.run_id, self.session, self.cfg.comm_args.backend, self.cfg.worker_num,
-            )
-            self._announce()
-            self._wait_for_clients(all_of_them=True, timeout_s=self.cfg.train_args.startup_timeout_s)
-            while self.next_round < self.rounds and not stopped_early:
-                rnd = self.next_round
-                record = self.run_round(rnd, last=(rnd == self.rounds - 1))
-                stopped_early = self._reached_target()
-                self._emit("on_round_end", record)
-                if (rnd + 1) % self.cfg.recipe.checkpoint_every == 0 or rnd == self.rounds - 1 or stopped_early:
-                    self.save_checkpoint()
-            save_state(dict(self.strategy.global_state), self.run_dir / GLOBAL_MODEL_NAME)
-        finally:
-            self._finish_clients()
-        summary = self.summary(stopped_early=stopped_early)
-        self._emit("on_run_end", summary)
-        return summary
+        self._endpoint.start(self._on_message, self._on_refused)
+        log.info(
+            "server of run %r (session %s) up on %s; waiting for %d client process(es)",
+            self.cfg.run_id, self.session, self.cfg.comm_args.backend, self.cfg.worker_num,
+        )
+        self._announce()
+        self._wait_for_clients(all_of_them=True, timeout_s=self.cfg.train_args.startup_timeout_s)
 
-    def run_round(self, rnd: int, *, last: bool = False) -> dict[str, Any]:
-        """Run one round over the transport and return its record (appended to :attr:`history`)."""
-        if rnd != self.next_round:
-            raise ConfigError(f"round {rnd} requested but the next round is {self.next_round}")
-        cfg = self.cfg
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        available = self._available(rnd)
-        if not available:
-            log.warning("round %d: no client process is up; waiting up to %g s", rnd, cfg.train_args.startup_timeout_s)
-            self._wait_for_clients(all_of_them=False, timeout_s=cfg.train_args.startup_timeout_s)
-            available = self._available(rnd)
-        if not available:
+    def stop(self) -> None:
+        """Tell the clients the run is over, then release the transport (no hung RPCs)."""
+        if self._endpoint is None:
+            return
+        jobs = []
+        if self._pool is not None:
+            for rank in sorted(self._online):
+                jobs.append(self._submit(Envelope(FINISH, 0, rank, self.cfg.run_id, self.session), wait_s=0.0))
+            for job in jobs:
+                try:
+                    job.result(timeout=self.cfg.comm_args.send_timeout_s)
+                except Exception as err:  # a client gone already is fine
+                    log.debug("finish not delivered: %s", err)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._endpoint.close()
+        finally:
+            log.info("transport: %s", self.stats)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(getattr(self._endpoint, "stats", {}) or {})
+
+    # -------------------------------------------------------------- the driver's interface
+    def candidates(self, rnd: int) -> list[int]:
+        """Clients of the processes that said hello (waiting for one when none is up)."""
+        if not self._online:
+            log.warning("round %d: no client process is up; waiting up to %g s", rnd, self.cfg.train_args.startup_timeout_s)
+            self._wait_for_clients(all_of_them=False, timeout_s=self.cfg.train_args.startup_timeout_s)
+        if not self._online:
             raise AllClientsFailedError(f"round {rnd}: no client process said hello within train_args.startup_timeout_s")
-        tasks = self.strategy.configure_round(rnd, available)
-        bad = [t.client_id for t in tasks if t.client_id not in set(available) or t.round != rnd]
-        if bad:
-            raise ConfigError(f"{type(self.strategy).__name__} built tasks for unavailable clients or another round: {bad}")
-        e = cfg.recipe.engine
+        return sorted(c for rank in self._online for c in self.cfg.clients_of_rank(rank))
+
+    def in_flight(self) -> set[int]:
+        return {s.task.client_id for s in self._carried}
+
+    def execute(self, rnd: int, tasks: Sequence[ClientTask], rules: RoundRules) -> RoundOutcome:
         collector = RoundCollector(
             rnd,
             tasks,
-            rank_of=cfg.rank_of_client,
-            expected=self.strategy.expected_result,
-            run_id=cfg.run_id,
+            rank_of=self.cfg.rank_of_client,
+            expected=self.expected,
+            run_id=self.cfg.run_id,
             session=self.session,
-            max_message_bytes=cfg.comm_args.max_message_bytes,
-            timeout_s=cfg.train_args.round_timeout_s,
-            deadline_fraction=e.deadline_fraction if e.mode == "deadline" else None,
-            deadline_factor=e.deadline_factor,
+            max_message_bytes=self.cfg.comm_args.max_message_bytes,
+            timeout_s=self.cfg.train_args.round_timeout_s,
+            rules=rules,
+            carried=self._carried,
         )
         self._collector = collector
         try:
@@ -181,57 +144,29 @@ class FedMLServer:
         finally:
             self._collector = None
         out = collector.close()
-        if e.mode == "deadline":
-            for f in out.failures:
-                if f.kind == "deadline":
-                    self._benched[f.client_id] = rnd + 1 + e.deadline_backoff
-        if tasks and not out.results:
-            reasons = "; ".join(f"client {f.client_id}: {f.kind}: {f.reason}" for f in out.failures[:5])
-            raise AllClientsFailedError(f"round {rnd}: all {len(tasks)} selected clients failed, nothing to aggregate. {reasons}")
-        agg = self.strategy.aggregate(rnd, out.results, out.failures) if (out.results or out.failures) else {}
-        self._clock += out.seconds
-        self._cum["up"] += out.bytes_up
-        self._cum["down"] += out.bytes_down
-        self._cum["wire_up"] += out.wire_up
-        self._cum["wire_down"] += out.wire_down
-        record: dict[str, Any] = {
-            "round": rnd,
-            "sim_time": self._clock,
-            "round_sim_time": out.seconds,
-            "bytes_up": out.bytes_up,
-            "bytes_down": out.bytes_down,
-            "cum_bytes": self._cum["up"] + self._cum["down"],
+        self._carried = collector.carry() if rules.mode == "async" else []
+        self._cum_wire["up"] += out.wire_up
+        self._cum_wire["down"] += out.wire_down
+        late = [f.client_id for f in out.failures if f.kind == "deadline"] if rules.mode == "deadline" else []
+        extra: dict[str, Any] = {
             "wire_bytes_up": out.wire_up,
             "wire_bytes_down": out.wire_down,
-            "num_selected": len(tasks),
-            "num_results": len(out.results),
-            "num_failures": len(out.failures),
             "selected": [t.client_id for t in tasks],
             "clients": out.per_client,
             "dropped_messages": out.dropped,
+            **out.extra,
         }
-        record.update(out.extra)
-        record.update(self._evaluate_global(rnd, last))
-        record.update(round_outcome_fields(out.results, out.failures, agg))
-        self._wall += time.perf_counter() - wall0
-        self._cpu += time.process_time() - cpu0
-        record["wall_time"] = self._wall
-        record["cpu_time"] = self._cpu
-        self.history.append(record)
-        self.next_round = rnd + 1
-        log.info(
-            "round %d done in %.2f s: %d/%d results, accuracy %s",
-            rnd, out.seconds, len(out.results), len(tasks), f"{record['test_accuracy']:.4f}" if math.isfinite(record["test_accuracy"]) else "-",
-        )
-        return record
+        log.info("round %d done in %.2f s: %d/%d results", rnd, out.seconds, len(out.results), len(tasks))
+        return RoundOutcome(out.results, out.failures, out.seconds, out.bytes_up, out.bytes_down, late=late, extra=extra)
 
-    # ------------------------------------------------------------------ round pieces
-    def _available(self, rnd: int) -> list[int]:
-        return sorted(
-            c for rank in self._online for c in self.cfg.clients_of_rank(rank) if self._benched.get(c, 0) <= rnd
-        )
+    def state_dict(self) -> dict[str, Any]:
+        return {"cum_wire_bytes_up": self._cum_wire["up"], "cum_wire_bytes_down": self._cum_wire["down"]}
 
-    def _send_tasks(self, rnd: int, tasks: Sequence[Any], collector: RoundCollector) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._cum_wire = {"up": int(state.get("cum_wire_bytes_up", 0)), "down": int(state.get("cum_wire_bytes_down", 0))}
+
+    # -------------------------------------------------------------- round pieces
+    def _send_tasks(self, rnd: int, tasks: Sequence[ClientTask], collector: RoundCollector) -> None:
         per_rank: dict[int, int] = {}
         for t in tasks:
             r = self.cfg.rank_of_client(t.client_id)
@@ -261,30 +196,7 @@ class FedMLServer:
                 continue
             self._handle(event)
 
-    def _evaluate_global(self, rnd: int, last: bool) -> dict[str, float]:
-        from lightning_fedprune.evaluation import evaluate
-
-        out = {"test_loss": math.nan, "test_accuracy": math.nan}
-        if self.parts.perplexity:
-            out["test_perplexity"] = math.nan
-        loader = self.parts.test_loader
-        if loader is None or not ((rnd + 1) % self.cfg.recipe.eval_every == 0 or last):
-            return out
-        self.parts.eval_module.load_federated_state(self.strategy.global_state)
-        ev = evaluate(self.parts.eval_module, loader, perplexity=self.parts.perplexity)
-        out["test_loss"], out["test_accuracy"] = ev["loss"], ev["accuracy"]
-        if self.parts.perplexity:
-            out["test_perplexity"] = ev["perplexity"]
-        return out
-
-    def _reached_target(self) -> bool:
-        target = self.cfg.recipe.target_accuracy
-        if target is None or not self.history:
-            return False
-        acc = self.history[-1].get("test_accuracy", math.nan)
-        return bool(math.isfinite(acc) and acc >= target)
-
-    # ------------------------------------------------------------------ messages
+    # -------------------------------------------------------------- messages
     def _on_message(self, env: Envelope, wire_bytes: int) -> None:
         # transport thread: hand over, never block
         self._events.put(("message", env, wire_bytes))
@@ -300,12 +212,14 @@ class FedMLServer:
             self.dropped_messages += 1  # already logged by the transport
         elif kind == "task_sent":
             _, rnd, cid, wire = event
-            if self._collector is not None and self._collector.round == rnd and cid in self._collector.slots:
-                self._collector.slots[cid].wire_down = int(wire)
+            col = self._collector
+            if col is not None and cid in col.slots and col.slots[cid].task.round == rnd:
+                col.slots[cid].wire_down = int(wire)
         elif kind == "task_failed":
             _, rnd, rank, cid, reason = event
-            if self._collector is not None and self._collector.round == rnd:
-                self._collector.fail(cid, "dropout", f"could not deliver its task to rank {rank}: {reason}")
+            col = self._collector
+            if col is not None and cid in col.slots and col.slots[cid].task.round == rnd:
+                col.fail(cid, "dropout", f"could not deliver its task to rank {rank}: {reason}")
             if self._online.pop(rank, None) is not None:
                 log.warning("rank %d is unreachable; it is asked again once it says hello", rank)
 
@@ -343,9 +257,11 @@ class FedMLServer:
         self._online[rank] = client_session
         if previous != client_session:
             log.info("rank %d is up (clients %s)", rank, expected)
-            if previous is not None and self._collector is not None:
-                for cid in self._collector.pending_of_rank(rank):
-                    self._collector.fail(cid, "dropout", f"the process of rank {rank} restarted and lost its task")
+            if previous is not None:
+                if self._collector is not None:
+                    for cid in self._collector.pending_of_rank(rank):
+                        self._collector.fail(cid, "dropout", f"the process of rank {rank} restarted and lost its task")
+                self._carried = [s for s in self._carried if s.rank != rank]
         reply = Envelope(READY, 0, rank, self.cfg.run_id, self.session, body={"reply": True})
         self._submit(reply, wait_s=0.0)
         return None
@@ -389,86 +305,82 @@ class FedMLServer:
             self._handle(event)
         log.info("%d of %d client process(es) up", len(self._online), self.cfg.worker_num)
 
-    def _finish_clients(self) -> None:
-        """Tell the clients the run is over, then release the transport (no hung RPCs)."""
-        if self._endpoint is None:
-            return
-        jobs = []
-        if self._pool is not None:
-            for rank in sorted(self._online):
-                jobs.append(self._submit(Envelope(FINISH, 0, rank, self.cfg.run_id, self.session), wait_s=0.0))
-            for job in jobs:
-                try:
-                    job.result(timeout=self.cfg.comm_args.send_timeout_s)
-                except Exception as err:  # a client gone already is fine
-                    log.debug("finish not delivered: %s", err)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+
+class FedMLServer(RoundDriver):
+    """Runs the rounds of a deployment (FedML rank 0): the round driver over :class:`FedMLTransport`.
+
+    Args:
+        cfg: the deployment config.
+        listeners: round listeners (progress bar, metric files, plots), as for the simulator.
+        endpoint: the transport endpoint (default: FedML's endpoint of rank 0, which imports FedML).
+        resume: continue from ``<run_dir>/checkpoint.safetensors`` when it exists.
+
+    Attributes:
+        history: the round records.
+        session: this server process's id.
+        parts: what the server was built from (:class:`~lightning_fedprune.config.RunParts`).
+    """
+
+    def __init__(
+        self,
+        cfg: DeploymentConfig,
+        *,
+        listeners: Sequence[Any] = (),
+        endpoint: Any = None,
+        resume: bool = False,
+    ) -> None:
+        from lightning_fedprune.fedml_adapters.components import build_server_parts, round_rules
+
+        cfg.require_services()
+        self.cfg = cfg
+        self.resume = bool(resume)
+        self.parts = build_server_parts(cfg)
+        self.rounds = int(cfg.recipe.rounds)
+        r = cfg.recipe
+        super().__init__(
+            strategy=self.parts.strategy,
+            transport=FedMLTransport(cfg, expected=self.parts.strategy.expected_result, endpoint=endpoint),
+            rules=round_rules(r),
+            num_clients=self.parts.num_clients,
+            seed=r.seed,
+            evaluator=self.parts.evaluator,
+            eval_every=r.eval_every,
+            target_accuracy=r.target_accuracy,
+            run_dir=cfg.run_dir,
+            checkpoint_every=r.checkpoint_every,
+            listeners=listeners,
+        )
+
+    @property
+    def session(self) -> str:
+        return self.transport.session
+
+    @property
+    def dropped_messages(self) -> int:
+        return self.transport.dropped_messages
+
+    def run(self, num_rounds: int | None = None, *, resume: bool | None = None) -> dict[str, Any]:  # type: ignore[override]
+        """Run the deployment's rounds (resuming if asked) and return the run summary.
+
+        Raises:
+            AllClientsFailedError: every client selected in a round failed, or none came up.
+        """
         try:
-            self._endpoint.close()
+            self.transport.start()
+            summary = super().run(self.rounds if num_rounds is None else num_rounds, resume=self.resume if resume is None else resume)
+            save_state(dict(self.strategy.global_state), Path(self.cfg.run_dir) / GLOBAL_MODEL_NAME)
         finally:
-            stats = getattr(self._endpoint, "stats", {})
-            log.info("transport: %s", stats)
+            self.transport.stop()
+        return summary
 
-    # ------------------------------------------------------------------ reporting
     def summary(self, *, stopped_early: bool = False) -> dict[str, Any]:
-        from lightning_fedprune.reporting import summarize
-
-        out = summarize(self.history, target_accuracy=self.cfg.recipe.target_accuracy)
-        out["stopped_early"] = bool(stopped_early)
-        out["run_dir"] = str(self.run_dir)
+        out = super().summary(stopped_early=stopped_early)
+        t = self.transport.state_dict()
         out["transport"] = {
             "backend": self.cfg.comm_args.backend,
-            "dropped_messages": self.dropped_messages,
-            "cum_wire_bytes_up": self._cum["wire_up"],
-            "cum_wire_bytes_down": self._cum["wire_down"],
-            **dict(getattr(self._endpoint, "stats", {}) or {}),
+            "dropped_messages": self.transport.dropped_messages,
+            "cum_wire_bytes_up": t["cum_wire_bytes_up"],
+            "cum_wire_bytes_down": t["cum_wire_bytes_down"],
+            **self.transport.stats,
         }
         return out
-
-    def _emit(self, hook: str, payload: dict[str, Any]) -> None:
-        for listener in self.listeners:
-            fn = getattr(listener, hook, None)
-            if callable(fn):
-                fn(payload)
-
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a restarted server needs to continue: strategy, counters, history."""
-        return {
-            "format": _CHECKPOINT_FORMAT,
-            "kind": _CHECKPOINT_KIND,
-            "seed": self.cfg.recipe.seed,
-            "num_clients": self.parts.num_clients,
-            "next_round": self.next_round,
-            "strategy": self.strategy.state_dict(),
-            "clock": self._clock,
-            "wall_time": self._wall,
-            "cpu_time": self._cpu,
-            "cum": dict(self._cum),
-            "history": self.history,
-            "benched": {str(c): r for c, r in self._benched.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != _CHECKPOINT_FORMAT or state.get("kind") != _CHECKPOINT_KIND:
-            raise ConfigError(
-                f"{self.run_dir / CHECKPOINT_NAME} is not a FedML server checkpoint (format {state.get('format')!r}, "
-                f"kind {state.get('kind')!r}); a simulator checkpoint cannot resume a deployment"
-            )
-        for key, mine in (("seed", self.cfg.recipe.seed), ("num_clients", self.parts.num_clients)):
-            if state.get(key) != mine:
-                raise ConfigError(f"checkpoint was made with {key}={state.get(key)!r}, this run has {key}={mine!r}")
-        self.strategy.load_state_dict(state["strategy"])
-        self.next_round = int(state["next_round"])
-        self._clock = float(state["clock"])
-        self._wall = float(state["wall_time"])
-        self._cpu = float(state["cpu_time"])
-        self._cum = {k: int(v) for k, v in state["cum"].items()}
-        self.history = list(state["history"])
-        self._benched = {int(c): int(r) for c, r in state.get("benched", {}).items()}
-
-    def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINT_NAME
-        save_state(self.state_dict(), path)
-        return path
-

@@ -92,7 +92,7 @@ def load_client_model(cfg: DeploymentConfig, client_id: int, *, path: str | os.P
     from lightning_fedprune.core.serialization import load_state
     from lightning_fedprune.fedml_adapters.client import model_path
     from lightning_fedprune.fedml_adapters.components import build_client_module
-    from lightning_fedprune.runtime import _LOCAL_STATE_KEY, ClientRuntime
+    from lightning_fedprune.runtime import LOCAL_STATE_KEY, ClientRuntime
 
     path = Path(path) if path is not None else model_path(cfg, client_id)
     if not path.is_file():
@@ -103,7 +103,7 @@ def load_client_model(cfg: DeploymentConfig, client_id: int, *, path: str | os.P
     module = build_client_module(cfg, info)
     task = ClientTask(round=int(state["round"]), client_id=int(state["client_id"]), weights=state["weights"], config=state["config"])
     # the runtime's own loading: reshapes a sub-model's layers, then loads the local tensors
-    ClientRuntime(module, data=None, seed=cfg.recipe.seed)._load_task(module, task, {_LOCAL_STATE_KEY: state["local"]})
+    ClientRuntime(module, data=None, seed=cfg.recipe.seed).load_task(module, task, {LOCAL_STATE_KEY: state["local"]})
     dtype = torch.long if info.task == "language_model" else torch.float32
     return ClientModel(module, client_id=task.client_id, round=task.round, input_shape=info.input_shape, input_dtype=dtype)
 

@@ -42,7 +42,8 @@ from typing import Any
 
 import yaml
 
-from lightning_fedprune.config import RecipeConfig, _coerce, _parse_section, _unknown_key
+from lightning_fedprune.config import RecipeConfig
+from lightning_fedprune.config.schema import coerce, parse_section, unknown_key
 from lightning_fedprune.errors import ConfigError
 
 __all__ = [
@@ -247,10 +248,10 @@ class DeploymentConfig:
         valid = ["recipe", "recipe_overrides", *SECTIONS]
         for key in data:
             if key not in valid:
-                raise _unknown_key(str(key), str(key), valid, " in the deployment config")
+                raise unknown_key(str(key), str(key), valid, " in the deployment config")
         if "recipe" not in data:
             raise ConfigError("a deployment config needs `recipe`: a recipe file (relative to the config) or a mapping")
-        recipe_overrides = _coerce(data.get("recipe_overrides") or [], list[str], "recipe_overrides")
+        recipe_overrides = coerce(data.get("recipe_overrides") or [], list[str], "recipe_overrides")
         sections_data = {k: dict(data.get(k) or {}) for k in SECTIONS}
         for item in overrides:
             key, sep, raw = str(item).partition("=")
@@ -259,7 +260,7 @@ class DeploymentConfig:
                 _set_section_key(sections_data, key.strip(), raw)
             else:
                 recipe_overrides.append(str(item))
-        sections: _Sections = _parse_section(_Sections, sections_data, "")
+        sections: _Sections = parse_section(_Sections, sections_data, "")
         recipe = _load_recipe(data["recipe"], base)
         mapped = []
         if sections.common_args.random_seed is not None:
@@ -395,17 +396,6 @@ class DeploymentConfig:
             raise ConfigError(
                 f"`device_args.worker_num` must be in 1..data.num_clients ({self.num_clients}): every process serves "
                 f"at least one client, got {w}"
-            )
-        mode = self.recipe.engine.mode
-        if mode not in ("sync", "deadline"):
-            raise ConfigError(
-                f"`engine.mode` {mode!r} is not supported by the FedML transport: use sync or deadline "
-                "(async rounds run in the simulator)"
-            )
-        if self.recipe.engine.join_rounds:
-            raise ConfigError(
-                "`engine.join_rounds` simulates clients joining late; in a deployment clients join when their process "
-                "starts: remove it"
             )
         for key, need in (("customized_training_mqtt_config", MQTT_KEYS), ("customized_training_s3_config", S3_KEYS)):
             value = getattr(c, key)

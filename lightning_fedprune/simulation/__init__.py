@@ -1,6 +1,6 @@
 """The in-process simulation transport: engine, simulated devices and clock."""
 
-from lightning_fedprune.simulation.devices import (
+from lightning_fedprune.core.devices import (
     FEDMP_CLUSTERS,
     FEDMP_SCENARIOS,
     JETSON_TX2_MODES,
@@ -16,10 +16,13 @@ from lightning_fedprune.simulation.devices import (
     make_devices,
     round_time,
 )
-from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, MODES, SimulationEngine
+from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, MODES, SimulationEngine, SimulationTransport, build_engine, build_run
 
 __all__ = [
     "SimulationEngine",
+    "SimulationTransport",
+    "build_engine",
+    "build_run",
     "MODES",
     "DeviceProfile",
     "make_devices",

@@ -1,21 +1,22 @@
-"""Server strategies (pure objects: no Lightning, no FedML, no engine)."""
+"""Server strategies (pure objects: no Lightning, no FedML, no engine).
+
+Strategies and wrappers are registered by name (:mod:`lightning_fedprune.strategies.registry`):
+importing this package registers the built-in ones.
+"""
 
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
-from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, FedProx, Scaffold, capability_local_steps
+from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, Scaffold, capability_local_steps
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
 from lightning_fedprune.strategies.prunefl import PruneFL
-
-#: strategy name (as used in recipes) -> class
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fednova": FedNova,
-    "scaffold": Scaffold,
-    "fedmp": FedMP,
-    "upfl": UniformPruning,
-    "flexcom": FlexCom,
-    "prunefl": PruneFL,
-}
+from lightning_fedprune.strategies.registry import (
+    STRATEGIES,
+    WRAPPERS,
+    register_strategy,
+    register_wrapper,
+    strategy_options,
+    wrapper_options,
+)
+from lightning_fedprune.strategies.wrappers import FedProx, Proximal, StrategyWrapper
 
 __all__ = [
     "Strategy",
@@ -31,5 +32,12 @@ __all__ = [
     "UniformPruning",
     "FlexCom",
     "PruneFL",
+    "StrategyWrapper",
+    "Proximal",
     "STRATEGIES",
+    "WRAPPERS",
+    "register_strategy",
+    "register_wrapper",
+    "strategy_options",
+    "wrapper_options",
 ]

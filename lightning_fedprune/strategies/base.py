@@ -77,7 +77,9 @@ class Strategy(abc.ABC):
 
     Attributes:
         client_callbacks: names of the client-side callbacks this strategy needs (resolved by the
-            client runtime, e.g. ``("fedprox",)``); plain data so it crosses process boundaries.
+            client runtime, e.g. ``("scaffold",)``); plain data so it crosses process boundaries.
+            The class attribute is the default; each instance holds its own tuple (a
+            :class:`~lightning_fedprune.strategies.StrategyWrapper` adds to its inner strategy's).
         requires_planner: the transport must pass a pruning planner in :class:`ModelSpec`.
     """
 
@@ -86,6 +88,7 @@ class Strategy(abc.ABC):
     requires_planner: bool = False
 
     def __init__(self) -> None:
+        self.client_callbacks = tuple(type(self).client_callbacks)  # per instance: wrappers add to it
         self._global: dict[str, torch.Tensor] | None = None
         self._trainable: tuple[str, ...] = ()
         self.num_clients: int = 0
@@ -98,6 +101,11 @@ class Strategy(abc.ABC):
         self._global = {k: v.detach().clone() for k, v in spec.state.items()}
         self._trainable = tuple(spec.trainable)
         self.num_clients = int(num_clients)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether :meth:`initialize` (or :meth:`load_state_dict`) gave the strategy a global model."""
+        return self._global is not None
 
     @property
     def global_state(self) -> dict[str, torch.Tensor]:

@@ -23,11 +23,12 @@ from lightning_fedprune.core.messages import ClientFailure, ClientResult, Client
 from lightning_fedprune.core.seeding import rng_for
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
+from lightning_fedprune.strategies.registry import register_strategy
 
-__all__ = ["FedAvg", "FedProx", "FedNova", "Scaffold", "capability_local_steps"]
+__all__ = ["FedAvg", "FedNova", "Scaffold", "capability_local_steps", "result_metrics"]
 
 
-
+@register_strategy("fedavg")
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al., 2017).
 
@@ -118,49 +119,10 @@ class FedAvg(Strategy):
         weights = [r.metrics.num_samples if self.weighted else 1.0 for r in results]
         new_state = weighted_average([r.weights for r in results], weights, keys=list(self.global_state))
         self._global = new_state
-        return _result_metrics(results)
+        return result_metrics(results)
 
 
-class FedProx(FedAvg):
-    """FedProx (Li et al., 2020): FedAvg whose clients add ``mu/2 * ||w - w_global||^2``.
-
-    The proximal gradient is added on the client by the ``"fedprox"`` callback
-    (:class:`lightning_fedprune.callbacks.FedProxCallback`), so ``training_step`` stays unchanged.
-
-    FedProx lets workers do different amounts of local work according to their capabilities
-    (the baseline of FedMP's evaluation): give ``client_local_steps`` (e.g. from
-    :func:`capability_local_steps`) and each client runs that many local iterations.
-
-    Args:
-        mu: proximal coefficient (>= 0).
-        client_local_steps: client id -> local optimizer steps per round (clients not listed use
-            ``local_epochs`` / ``local_steps``).
-        **fedavg_kwargs: as :class:`FedAvg`.
-    """
-
-    client_callbacks = ("fedprox",)
-
-    def __init__(self, *, mu: float = 0.01, client_local_steps: Mapping[int, int] | None = None, **fedavg_kwargs: Any) -> None:
-        super().__init__(**fedavg_kwargs)
-        if not (math.isfinite(mu) and mu >= 0):
-            raise ConfigError(f"`mu` must be a finite number >= 0, got {mu}")
-        self.mu = float(mu)
-        steps = {}
-        for c, v in (client_local_steps or {}).items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"`client_local_steps[{c}]` must be a positive int, got {v!r}")
-            steps[int(c)] = v
-        self.client_local_steps = steps
-
-    def local_work(self, rnd: int, client_id: int) -> dict[str, int | None]:
-        if client_id in self.client_local_steps:
-            return {"local_epochs": None, "local_steps": self.client_local_steps[client_id]}
-        return super().local_work(rnd, client_id)
-
-    def task_config(self, rnd: int, client_id: int) -> dict[str, Any]:
-        return {"prox_mu": self.mu}
-
-
+@register_strategy("fednova")
 class FedNova(FedAvg):
     """FedNova (Wang et al., 2020): normalized averaging of heterogeneous local steps.
 
@@ -191,11 +153,12 @@ class FedNova(FedAvg):
         self._global = fednova_aggregate(
             self.global_state, [r.weights for r in results], weights, coeffs, server_lr=self.server_lr
         )
-        metrics = _result_metrics(results)
+        metrics = result_metrics(results)
         metrics["tau_eff"] = float(sum(w * a for w, a in zip(weights, coeffs)) / sum(weights))
         return metrics
 
 
+@register_strategy("scaffold")
 class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al., 2020) with option II control-variate updates.
 
@@ -250,7 +213,7 @@ class Scaffold(FedAvg):
             x, self._control, dys, dcs, num_clients_total=self.num_clients, server_lr=self.server_lr
         )
         self._global, self._control = new_x, new_c
-        metrics = _result_metrics(results)
+        metrics = result_metrics(results)
         metrics["control_norm"] = float(torch.sqrt(sum((c.double() ** 2).sum() for c in new_c.values())))
         return metrics
 
@@ -264,8 +227,8 @@ class Scaffold(FedAvg):
         self._control = {k: v.clone() for k, v in state["control"].items()}
 
 
-def _result_metrics(results: Sequence[ClientResult]) -> dict[str, float]:
-    """Sample-weighted mean training losses of a round's results."""
+def result_metrics(results: Sequence[ClientResult]) -> dict[str, float]:
+    """The round's result count and sample-weighted mean training losses of a round's results."""
     n = sum(r.metrics.num_samples for r in results) or 1
     out = {"num_results": float(len(results))}
     for key in ("loss_before", "loss_after"):

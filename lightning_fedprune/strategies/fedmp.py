@@ -43,6 +43,17 @@ from lightning_fedprune.core.messages import ClientFailure, ClientResult, Client
 from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.strategies.base import ModelSpec
 from lightning_fedprune.strategies.fedavg import FedAvg
+from lightning_fedprune.strategies.registry import register_strategy
+from lightning_fedprune.core.contract import (
+    KEPT,
+    PROBE_LOSS,
+    PRUNING_RATIO,
+    SUBMODEL,
+    UPLOAD_ERROR_FEEDBACK,
+    UPLOAD_KEEP_RATIO,
+    WEIGHTS_FORMAT,
+    encode_kept_groups,
+)
 
 __all__ = ["SubModelStrategy", "FedMP", "UniformPruning", "FlexCom", "AGGREGATIONS"]
 
@@ -86,17 +97,21 @@ class SubModelStrategy(FedAvg):
 
     Args:
         aggregation: ``"r2sp"`` (default) or ``"bsp"`` (see the module docstring).
+        send_kept: also send each task's kept channels per group (``config["kept"]``, a few
+            bytes), so a client can line its own full-size tensors up with the sub-model
+            (``ClientContext.plan``).
         **kwargs: :class:`~lightning_fedprune.strategies.FedAvg` options (sampling, local work,
             weighting, seed).
     """
 
     requires_planner = True
 
-    def __init__(self, *, aggregation: str = "r2sp", **kwargs: Any) -> None:
+    def __init__(self, *, aggregation: str = "r2sp", send_kept: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if aggregation not in AGGREGATIONS:
             raise ConfigError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.aggregation = aggregation
+        self.send_kept = bool(send_kept)
         self.planner: Any = None
         self.bandit: Any = None  # an E-UCB bandit, checkpointed with the strategy when a subclass sets one
         self._plans: dict[tuple[int, int], Any] = {}
@@ -137,7 +152,9 @@ class SubModelStrategy(FedAvg):
             ratio = _check_ratio(f"ratio of client {cid}", ratios[cid])
             plan = self.planner.plan(state, ratio, scores=scores)
             self._plans[(rnd, cid)] = plan
-            config = {"weights_format": "submodel", "pruning_ratio": ratio, "probe_loss": True, **self.task_config(rnd, cid)}
+            config = {WEIGHTS_FORMAT: SUBMODEL, PRUNING_RATIO: ratio, PROBE_LOSS: True, **self.task_config(rnd, cid)}
+            if self.send_kept:
+                config[KEPT] = encode_kept_groups(plan)
             tasks.append(
                 ClientTask(
                     round=rnd,
@@ -149,6 +166,10 @@ class SubModelStrategy(FedAvg):
                 )
             )
         return tasks
+
+    def plan_of(self, rnd: int, client_id: int) -> Any:
+        """The plan of the task sent to ``client_id`` in round ``rnd`` (``None`` once aggregated)."""
+        return self._plans.get((int(rnd), int(client_id)))
 
     def expected_result(self, task: ClientTask) -> tuple[TensorSpec | None, TensorSpec | None]:
         return tensor_spec(task.weights), None
@@ -212,6 +233,7 @@ class SubModelStrategy(FedAvg):
         return f"{type(self).__name__}(aggregation={self.aggregation!r})"
 
 
+@register_strategy("fedmp")
 class FedMP(SubModelStrategy):
     """FedMP: per-worker pruning ratios chosen by E-UCB, R2SP aggregation.
 
@@ -225,6 +247,7 @@ class FedMP(SubModelStrategy):
             :class:`~lightning_fedprune.core.bandit.EUCBAgent`.
         fixed_ratios: client id -> ratio; replaces the bandit (clients not listed get 0).
         aggregation: ``"r2sp"`` or ``"bsp"``.
+        send_kept: send each task's kept channels (see :class:`SubModelStrategy`).
         **kwargs: :class:`~lightning_fedprune.strategies.FedAvg` options.
     """
 
@@ -237,9 +260,10 @@ class FedMP(SubModelStrategy):
         exploration: float | str = "auto",
         fixed_ratios: Mapping[int, float] | None = None,
         aggregation: str = "r2sp",
+        send_kept: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(aggregation=aggregation, **kwargs)
+        super().__init__(aggregation=aggregation, send_kept=send_kept, **kwargs)
         from lightning_fedprune.core.bandit import EUCB
 
         lo, hi = (float(v) for v in ratio_range)
@@ -277,6 +301,7 @@ class FedMP(SubModelStrategy):
         return f"FedMP(ratios={how}, aggregation={self.aggregation!r})"
 
 
+@register_strategy("upfl")
 class UniformPruning(SubModelStrategy):
     """UP-FL: one pruning ratio for every worker in a round.
 
@@ -286,6 +311,7 @@ class UniformPruning(SubModelStrategy):
             (the round ends at its slowest worker).
         theta, discount, ratio_range, exploration: the agent's settings (as :class:`FedMP`).
         aggregation: ``"r2sp"`` (default) or ``"bsp"``.
+        send_kept: send each task's kept channels (see :class:`SubModelStrategy`).
         **kwargs: :class:`~lightning_fedprune.strategies.FedAvg` options.
     """
 
@@ -300,9 +326,10 @@ class UniformPruning(SubModelStrategy):
         ratio_range: tuple[float, float] = (0.0, 1.0),
         exploration: float | str = "auto",
         aggregation: str = "r2sp",
+        send_kept: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(aggregation=aggregation, **kwargs)
+        super().__init__(aggregation=aggregation, send_kept=send_kept, **kwargs)
         from lightning_fedprune.core.bandit import EUCB
 
         self.ratio = _check_ratio("ratio", ratio) if ratio is not None else None
@@ -330,6 +357,7 @@ class UniformPruning(SubModelStrategy):
 
 
 
+@register_strategy("flexcom")
 class FlexCom(FedAvg):
     """FlexCom: full models, uploads compressed to a per-worker level set by its bandwidth.
 
@@ -383,8 +411,8 @@ class FlexCom(FedAvg):
 
     def task_config(self, rnd: int, client_id: int) -> dict[str, Any]:
         return {
-            "upload_keep_ratio": self.keep_ratios.get(client_id, self.min_keep),
-            "upload_error_feedback": self.error_feedback,
+            UPLOAD_KEEP_RATIO: self.keep_ratios.get(client_id, self.min_keep),
+            UPLOAD_ERROR_FEEDBACK: self.error_feedback,
         }
 
     def configure_round(self, rnd: int, available: Sequence[int]) -> list[ClientTask]:

@@ -6,7 +6,7 @@ The server strategy of PruneFL's procedure (Sec. 3.2.3, Fig. 1):
 
    * ``"sample"``: sample-based: train on a small server sample and prune level by level
      (done with a Lightning ``Trainer`` before the federation starts:
-     :func:`lightning_fedprune.callbacks.masking.sample_based_pruning`), the resulting masks are
+     :func:`lightning_fedprune.callbacks.server_pruning.sample_based_pruning`), the resulting masks are
      passed as ``initial_masks`` and the trained weights are the model the engine starts from;
    * ``"init"``: initialization-based: the weights with the smallest magnitude at
      initialization go;
@@ -56,7 +56,9 @@ from lightning_fedprune.core.seeding import derive_seed
 from lightning_fedprune.core.sparse import pack_state, unpack_with_masks
 from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.strategies.base import ModelSpec
-from lightning_fedprune.strategies.fedavg import FedAvg, _result_metrics
+from lightning_fedprune.strategies.fedavg import FedAvg, result_metrics
+from lightning_fedprune.strategies.registry import register_strategy
+from lightning_fedprune.core.contract import COO, WEIGHTS_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def _rate_list(value: Any, name: str) -> float | tuple[float, ...] | None:
     return tuple(check_rate(v, f"{name}[{i}]") for i, v in enumerate(values))
 
 
+@register_strategy("prunefl")
 class PruneFL(FedAvg):
     """Federated learning with initial and federated magnitude pruning by levels.
 
@@ -104,7 +107,7 @@ class PruneFL(FedAvg):
             with a bit mask).
         sample_size, sample_labels, sample_epochs_per_level: the server's sample-based pruning,
             as plain data for whoever runs it before :meth:`initialize` when ``initial_masks`` is
-            not given (:func:`lightning_fedprune.callbacks.masking.run_server_pruning`; the
+            not given (:func:`lightning_fedprune.callbacks.server_pruning.run_server_pruning`; the
             strategy itself never trains): ``sample_size`` images, a share of every client's data
             (``sample_labels`` null) or only images of these labels (a biased sample), trained
             ``sample_epochs_per_level`` epochs per level (the paper: 200 images, 50 epochs).
@@ -223,7 +226,7 @@ class PruneFL(FedAvg):
             if self.initial_masks is None:
                 raise ConfigError(
                     "`initial_pruning='sample'` but no server-side pruning has run: no `initial_masks`. HINT: call "
-                    "lightning_fedprune.callbacks.masking.run_server_pruning(strategy, module, ...) before the run starts, "
+                    "lightning_fedprune.callbacks.server_pruning.run_server_pruning(strategy, module, ...) before the run starts, "
                     "or pass the masks of sample_based_pruning(...) as `initial_masks`"
                 )
             self.initial_masks.validate(state)
@@ -297,7 +300,7 @@ class PruneFL(FedAvg):
 
     # ------------------------------------------------------------------ round
     def task_config(self, rnd: int, client_id: int) -> dict[str, Any]:
-        return {"weights_format": "coo", "prunefl_level": self.level}
+        return {WEIGHTS_FORMAT: COO, "prunefl_level": self.level}
 
     def configure_round(self, rnd: int, available: Sequence[int]) -> list[ClientTask]:
         packed = self.packed_state()
@@ -330,7 +333,7 @@ class PruneFL(FedAvg):
                 continue
             states.append(state)
             accepted.append(r)
-        metrics = _result_metrics(accepted) if accepted else {"num_results": 0.0}
+        metrics = result_metrics(accepted) if accepted else {"num_results": 0.0}
         metrics["num_rejected"] = float(len(results) - len(accepted))
         if accepted:
             weights = [r.metrics.num_samples if self.weighted else 1.0 for r in accepted]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from lightning_fedprune.callbacks.masking import biased_sample_indices  # noqa: E402
+from lightning_fedprune.data.sampling import biased_sample_indices  # noqa: E402
 from lightning_fedprune.data import FederatedDataset  # noqa: E402
 
 NAME = "sampled_clients"

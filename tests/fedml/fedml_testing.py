@@ -271,7 +271,7 @@ def simulate(cfg: Any) -> Any:
     """The simulator run of a deployment's recipe (same seeds), in this process."""
     import torch
 
-    from lightning_fedprune.config import build_run
+    from lightning_fedprune.simulation import build_run
 
     torch.set_num_threads(1)
     engine, rounds = build_run(cfg.recipe.apply_overrides(["run_dir=null"]), listeners=[])

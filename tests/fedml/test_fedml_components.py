@@ -10,7 +10,7 @@ import pytest
 import torch
 from fedml_testing import RECIPES, ROOT
 
-from lightning_fedprune.config import build_run
+from lightning_fedprune.simulation import build_run
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.fedml_adapters.components import (
@@ -35,8 +35,18 @@ def test_server_starts_from_the_simulators_initial_state():
     engine, _ = build_run(cfg.recipe, listeners=[])
     for k, v in engine.strategy.global_state.items():
         assert torch.equal(parts.strategy.global_state[k], v)
-    assert parts.rounds == 1 and parts.num_clients == 3 and parts.test_loader is not None
+    assert parts.num_clients == 3 and parts.evaluator.available
     assert parts.strategy.planner is not None  # FedMP plans sub-models on the server
+    # a server builds no runtime and, for a strategy not told about devices, no simulated devices
+    assert parts.runtime is None and parts.devices is None
+
+
+def test_a_client_builds_its_runtime_only():
+    from lightning_fedprune.config import build_parts
+
+    parts = build_parts(_cfg().recipe, role="client")
+    assert parts.runtime is not None and parts.strategy is None and parts.devices is None and parts.evaluator is None
+    assert [type(c).__name__ for c in parts.runtime.callbacks] == []  # FedMP needs no client callback
 
 
 def test_a_client_with_only_its_exported_data_trains_exactly_like_one_with_the_dataset(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from fedml_testing import RECIPES, need_fedml, read_jsonl, start_cli
 
-from lightning_fedprune.config import build_run
+from lightning_fedprune.simulation import build_run
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.messages import ClientFailure
 from lightning_fedprune.core.serialization import load_state

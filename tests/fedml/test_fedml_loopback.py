@@ -159,7 +159,7 @@ def test_a_restarted_server_resumes_from_its_checkpoint(tmp_path, loopback):
     _, threads = _start_clients(cfg2, hub, [1, 2, 3])
     first = FedMLServer(cfg2, endpoint=hub.endpoint(0))
     first.rounds = 2  # dies after round 1's checkpoint (without telling the clients)
-    first._finish_clients = lambda: first._endpoint.close()
+    first.transport.stop = lambda: first.transport._endpoint.close()
     first.run()
     second = FedMLServer(cfg2, endpoint=hub.endpoint(0), resume=True)
     second.run()
@@ -209,3 +209,38 @@ def test_processes_serving_several_stateful_clients_match_the_simulator(tmp_path
     # each process kept its clients' control variates in its own store, on disk
     assert sorted(clients[0].store.client_ids()) and set(clients[0].store.client_ids()) <= {0, 2}
     assert set(clients[1].store.client_ids()) <= {1, 3}
+
+
+def test_clients_that_join_mid_training_match_the_simulator(tmp_path, loopback):
+    # client 2 exists from round 1 on: round 0 trains clients 0 and 1 only, as in the simulator
+    cfg = _cfg(tmp_path, "rounds=3", "engine.join_rounds={2: 1}")
+    _, threads = _start_clients(cfg, loopback, [1, 2, 3])
+    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
+    server.run()
+    for t in threads:
+        t.join(timeout=30)
+    assert [rec["selected"] for rec in server.history] == [[0, 1], [0, 1, 2], [0, 1, 2]]
+    engine = simulate(cfg)
+    for k, v in engine.strategy.global_state.items():
+        torch.testing.assert_close(server.strategy.global_state[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_async_rounds_aggregate_the_first_m_arrivals_and_carry_the_rest(tmp_path, loopback):
+    cfg = _cfg(tmp_path, "rounds=4", "engine.mode=async", "engine.async_m=2")
+    _, threads = _start_clients(cfg, loopback, [1, 2, 3])
+    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
+    summary = server.run()
+    for t in threads:
+        t.join(timeout=30)
+    hist = server.history
+    assert [rec["num_results"] for rec in hist] == [2, 2, 2, 2]
+    assert [len(rec["selected"]) for rec in hist] == [3, 2, 2, 2]  # every idle client gets a task
+    # after round 0 one task is always still in flight, and it is never sent a second task
+    assert all(rec["num_in_flight"] == 1 for rec in hist)
+    for prev, rec in zip(hist, hist[1:]):
+        busy = [c for c, info in prev["clients"].items() if info["status"] == "in_flight"]
+        assert not set(int(c) for c in busy) & set(rec["selected"])
+    # a result carried from an earlier round is aggregated with its staleness
+    assert max(rec["staleness_max"] for rec in hist[1:]) >= 1
+    assert all(torch.isfinite(v).all() for v in server.strategy.global_state.values() if v.is_floating_point())
+    assert summary["final"]["round"] == 3

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_fedprune.core.messages import ClientMetrics, ClientResult, encode_result
+from lightning_fedprune.core.rounds import RoundRules
 from lightning_fedprune.fedml_adapters.envelope import Envelope
 from lightning_fedprune.fedml_adapters.rounds import RoundCollector
 from lightning_fedprune.strategies import FedAvg, ModelSpec
@@ -123,7 +124,8 @@ def test_clients_that_do_not_deliver_are_dropped_at_the_deadline(tiny_module):
 
 def test_fedmp_deadline_rounds_end_at_factor_times_the_quantile_arrival(tiny_module):
     # 3 selected, fraction 0.6 -> d = arrival of the 2nd result; deadline = 1.5 d
-    _, tasks, col, clock = _setup(tiny_module, timeout_s=100.0, deadline_fraction=0.6, deadline_factor=1.5)
+    rules = RoundRules(mode="deadline", deadline_fraction=0.6, deadline_factor=1.5)
+    _, tasks, col, clock = _setup(tiny_module, timeout_s=100.0, rules=rules)
     clock.t += 2.0
     col.offer(_result_env(tasks[0]), 10)
     assert col.next_deadline() == pytest.approx(200.0)  # no soft deadline before the 2nd arrival

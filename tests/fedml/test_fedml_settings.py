@@ -62,7 +62,7 @@ def test_to_dict_reloads_to_the_same_config(tmp_path):
         (["common_args.run_id=a/b"], "run_id` must be 1-100 characters"),
         (["device_args.worker_num=4"], r"worker_num` must be in 1..data.num_clients \(3\)"),
         (["train_args.round_timeout_s=0"], "round_timeout_s` must be a number of seconds > 0"),
-        (["engine.mode=async", "engine.async_m=2"], "`engine.mode` 'async' is not supported by the FedML transport"),
+        (["engine.mode=async"], "engine.async_m` must be an integer >= 1 in async mode"),
         (["comm_args.customized_training_s3_config={BUCKET_NAME: b}"], r"customized_training_s3_config` lacks \['CN_S3_ENDPOINT'"),
         (["common_args.training_type=vertical"], "training_type` can be cross_silo, cross_device"),
     ],

@@ -11,7 +11,7 @@ from lightning_fedprune.core.messages import encode_result, encode_task
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.runtime import ClientRuntime
 from lightning_fedprune.simulation import DeviceProfile, SimulationEngine
-from lightning_fedprune.simulation.devices import round_time
+from lightning_fedprune.core.devices import round_time
 from lightning_fedprune.strategies import FedAvg
 
 FAST_NET = 1e15  # bytes/s: transfers take no time, compute alone orders the arrivals
@@ -140,7 +140,7 @@ def test_async_resume_with_results_in_flight_is_bit_identical(tiny_module, tiny_
     a.run(5)
     b1 = _engine(tiny_module, data, speeds, run_dir=tmp_path / "b", mode="async", async_m=2)
     b1.run(2)
-    assert b1._inflight  # something was in flight at the checkpoint
+    assert b1.transport.in_flight()  # something was in flight at the checkpoint
     b2 = _engine(tiny_module, data, speeds, run_dir=tmp_path / "b", mode="async", async_m=2)
     b2.run(5, resume=True)
     for k, v in a.strategy.global_state.items():

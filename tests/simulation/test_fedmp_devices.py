@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from lightning_fedprune.errors import ConfigError
-from lightning_fedprune.simulation.devices import (
+from lightning_fedprune.core.devices import (
     FEDMP_CLUSTERS,
     GPU_EFFECTIVE_UTILIZATION,
     HOST_FLOP_PER_CPU_CYCLE,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import lightning.pytorch as pl
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fedprune.core.messages import ClientFailure, ClientMetrics, ClientResult
+from lightning_fedprune.core.messages import ClientFailure, ClientMetrics, ClientResult, encode_task
 from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.module import FederatedModuleMixin
 from lightning_fedprune.runtime import ClientRuntime, build_planner
@@ -185,22 +187,35 @@ def _tiny_engine(tiny, strategy, *, run_dir=None, devices=None, **kw):
 def test_fedmp_through_the_engine_trains_sub_models_of_different_sizes(tiny):
     eng = _tiny_engine(tiny, FedMP(seed=1, ratio_range=(0.0, 0.9)))
     hidden = []
-    orig = eng.runtime._load_task
+    orig = eng.runtime.load_task
 
     def spy(module, task, state):
         orig(module, task, state)
         hidden.append(module.body.weight.shape[0])
 
-    eng.runtime._load_task = spy
+    eng.runtime.load_task = spy
+    sent = []
+    run_many = eng.runtime.run_many
+
+    def spy_many(tasks, store):
+        sent.append(list(tasks))
+        return run_many(tasks, store)
+
+    eng.runtime.run_many = spy_many
+    full_state = {k: v.clone() for k, v in eng.strategy.global_state.items()}
     recs = [eng.run_round(r) for r in range(3)]
     assert all(r["num_results"] == 4 for r in recs)
     assert len(set(hidden)) > 1 and max(hidden) <= 16  # clients trained physically different sub-models
     assert eng.strategy.global_state["body.weight"].shape == (16, 8)
     assert all(0.0 <= r["agg/ratio_mean"] < 1.0 for r in recs)
     assert all(math.isfinite(r["test_accuracy"]) for r in recs)
-    # smaller sub-models send fewer bytes than the full model would
-    full = sum(v.numel() * 4 for v in eng.strategy.global_state.values() if v.is_floating_point())
-    assert recs[0]["bytes_down"] < 4 * full + 4 * 4096
+    # bytes_down counts the encoded sub-model tasks exactly, and a pruned task is smaller than the
+    # same task carrying the full model
+    assert recs[0]["bytes_down"] == sum(len(encode_task(t)) for t in sent[0])
+    pruned = [t for r in sent for t in r if t.config["pruning_ratio"] > 0.1]
+    assert pruned
+    for t in pruned:
+        assert len(encode_task(t)) < len(encode_task(dataclasses.replace(t, weights=full_state)))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_fedprune.core.messages import ClientMetrics, ClientResult, ClientTask
+from lightning_fedprune.core.messages import ClientMetrics, ClientResult, decode_task, encode_task
 from lightning_fedprune.core.serialization import dumps_state, loads_state
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies import STRATEGIES, FedAvg, FedNova, FedProx, ModelSpec, Scaffold, sample_clients
@@ -289,7 +289,10 @@ def test_strategy_registry_names():
     assert {k: v for k, v in STRATEGIES.items() if k in expected} == expected
 
 
-def test_tasks_are_valid_client_tasks():
-    s = FedProx(mu=0.0, local_steps=3)
+def test_fedprox_tasks_survive_the_wire_with_their_local_work_and_mu():
+    s = FedProx(mu=0.25, local_steps=3)
     s.initialize(_spec(), num_clients=2)
-    assert all(isinstance(t, ClientTask) and t.local_steps == 3 for t in s.configure_round(0, [0, 1]))
+    for t in s.configure_round(0, [0, 1]):
+        back = decode_task(encode_task(t), expect_round=0, expect_client=t.client_id)
+        assert (back.local_epochs, back.local_steps, back.config) == (None, 3, {"prox_mu": 0.25})
+        assert all(torch.equal(back.weights[k], v) for k, v in t.weights.items())
