@@ -151,8 +151,12 @@ class RoundCollector:
         return [c for c, s in self.slots.items() if s.rank == rank and not s.resolved]
 
     # -------------------------------------------------------------- receiving side
-    def offer(self, env: Envelope, wire_bytes: int) -> bool:
-        """Take a result or failure envelope; False (and a logged reason) when it is dropped."""
+    def offer(self, env: Envelope, wire_bytes: int, *, at: float | None = None) -> bool:
+        """Take a result or failure envelope; False (and a logged reason) when it is dropped.
+
+        ``at``: when the message was received (default: now); a result that came in while the
+        server was between rounds keeps its true arrival time.
+        """
         reason = self._check(env)
         if reason is not None:
             self.dropped += 1
@@ -160,7 +164,7 @@ class RoundCollector:
             return False
         cid = int(env.body["client_id"])
         s = self.slots[cid]
-        now = self.clock()
+        now = self.clock() if at is None else float(at)
         if env.type == FAILURE:
             self.fail(cid, "error", str(env.body.get("reason", "the client reported a failure"))[:2000])
             return True

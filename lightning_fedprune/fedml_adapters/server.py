@@ -89,9 +89,16 @@ class FedMLTransport:
         self._wait_for_clients(all_of_them=True, timeout_s=self.cfg.train_args.startup_timeout_s)
 
     def stop(self) -> None:
-        """Tell the clients the run is over, then release the transport (no hung RPCs)."""
+        """Tell the clients the run is over, then release the transport (no hung RPCs).
+
+        Async runs end with tasks still in flight: their results are awaited (each up to
+        ``train_args.round_timeout_s`` after it was sent) and discarded first, so no client is
+        left sending to a server that is gone.
+        """
         if self._endpoint is None:
             return
+        if self._carried and self._pool is not None:
+            self._drain()
         jobs = []
         if self._pool is not None:
             for rank in sorted(self._online):
@@ -165,6 +172,22 @@ class FedMLTransport:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._cum_wire = {"up": int(state.get("cum_wire_bytes_up", 0)), "down": int(state.get("cum_wire_bytes_down", 0))}
 
+    def _drain(self) -> None:
+        """Wait for the tasks still in flight (async mode) and drop their results."""
+        log.info("waiting for %d task(s) still in flight before finishing", len(self._carried))
+        rnd = max(s.task.round for s in self._carried)
+        collector = RoundCollector(
+            rnd, [], rank_of=self.cfg.rank_of_client, expected=self.expected, run_id=self.cfg.run_id, session=self.session,
+            max_message_bytes=self.cfg.comm_args.max_message_bytes, timeout_s=self.cfg.train_args.round_timeout_s,
+            carried=self._carried,
+        )
+        self._collector = collector
+        try:
+            self._collect(collector)
+        finally:
+            self._collector = None
+            self._carried = []
+
     # -------------------------------------------------------------- round pieces
     def _send_tasks(self, rnd: int, tasks: Sequence[ClientTask], collector: RoundCollector) -> None:
         per_rank: dict[int, int] = {}
@@ -198,8 +221,8 @@ class FedMLTransport:
 
     # -------------------------------------------------------------- messages
     def _on_message(self, env: Envelope, wire_bytes: int) -> None:
-        # transport thread: hand over, never block
-        self._events.put(("message", env, wire_bytes))
+        # transport thread: hand over (with the time it came in), never block
+        self._events.put(("message", env, wire_bytes, time.monotonic()))
 
     def _on_refused(self, reason: str) -> None:
         self._events.put(("refused", reason))
@@ -207,7 +230,7 @@ class FedMLTransport:
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == "message":
-            self._handle_message(event[1], event[2])
+            self._handle_message(event[1], event[2], event[3])
         elif kind == "refused":
             self.dropped_messages += 1  # already logged by the transport
         elif kind == "task_sent":
@@ -223,7 +246,7 @@ class FedMLTransport:
             if self._online.pop(rank, None) is not None:
                 log.warning("rank %d is unreachable; it is asked again once it says hello", rank)
 
-    def _handle_message(self, env: Envelope, wire_bytes: int) -> None:
+    def _handle_message(self, env: Envelope, wire_bytes: int, received_at: float) -> None:
         reason = None
         if env.receiver != 0:
             reason = f"it is addressed to rank {env.receiver}"
@@ -237,7 +260,7 @@ class FedMLTransport:
                 return
         elif reason is None and env.type in (RESULT, FAILURE):
             if self._collector is not None:
-                if not self._collector.offer(env, wire_bytes):
+                if not self._collector.offer(env, wire_bytes, at=received_at):
                     self.dropped_messages += 1
                 return
             reason = "no round is in progress"
