@@ -28,7 +28,11 @@ has one ``hidden_size`` for all layers, so every layer must keep the same number
 :meth:`LSTMPruner.prune_out_channels` (what torch-pruning calls for the group of the LSTM's
 output) prunes the last layer with the given indices and, for ``num_layers > 1``, every lower layer
 to the same width, keeping its units with the largest L1 norm of the four gate rows of
-``weight_ih`` and ``weight_hh`` (FedMP's neuron score). :meth:`LSTMPruner.prune_hidden_units`
+``weight_ih`` and ``weight_hh`` (FedMP's neuron score). Every layer is scored on the weights the
+call starts from (every column of ``weight_ih_l{k}``, also those that read units of layer ``k-1``
+that this call removes), exactly as
+:meth:`~lightning_fedprune.core.pruning.planner.Planner.importance` scores each layer's group
+from the full model: both choose the same units for every layer of any depth. :meth:`LSTMPruner.prune_hidden_units`
 prunes one layer with explicit indices.
 
 Only unidirectional LSTMs without projections (``proj_size == 0``) are supported; bidirectional
@@ -146,15 +150,18 @@ class LSTMPruner(tp.pruner.BasePruningFunc):
         """
         check_lstm_supported(layer)
         last = layer.num_layers - 1
+        # every layer is scored on the weights as they are BEFORE this call (all columns), as the
+        # last layer's units were chosen and as the Planner scores each layer's group
+        scores = [
+            lstm_unit_scores(getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")) for k in range(last)
+        ]
         self.prune_hidden_units(layer, last, idxs)
         width = getattr(layer, f"weight_hh_l{last}").shape[1]
         for k in range(last):
-            w_ih, w_hh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
-            current = w_hh.shape[1]
+            current = getattr(layer, f"weight_hh_l{k}").shape[1]
             if current == width:
                 continue
-            scores = lstm_unit_scores(w_ih, w_hh)
-            order = torch.sort(scores, descending=True, stable=True).indices
+            order = torch.sort(scores[k], descending=True, stable=True).indices
             kept = set(order[:width].tolist())
             self.prune_hidden_units(layer, k, [i for i in range(current) if i not in kept])
         return layer

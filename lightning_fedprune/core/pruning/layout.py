@@ -37,14 +37,17 @@ __all__ = ["Part", "DimMap", "Layout", "fingerprint_of", "encode_kept", "decode_
 LAYOUT_FORMAT = "lightning_fedprune.plan/1"
 
 
-def fingerprint_of(shapes: Mapping[str, Sequence[int]]) -> str:
-    """Stable hash of ``(key, shape)`` of every tensor (order-independent), 16 hex digits."""
+def fingerprint_of(shapes: Mapping[str, Sequence[int]], wiring: str = "") -> str:
+    """Stable hash of ``(key, shape)`` of every tensor (order-independent) and of the graph's
+    ``wiring`` hash (when given), 16 hex digits."""
     h = hashlib.sha256()
     for key in sorted(shapes):
         h.update(key.encode())
         h.update(b":")
         h.update(",".join(str(int(s)) for s in shapes[key]).encode())
         h.update(b";")
+    if wiring:
+        h.update(b"wiring:" + wiring.encode())
     return h.hexdigest()[:16]
 
 
@@ -191,6 +194,10 @@ class Layout:
         maps: The distinct dimension maps.
         dims: Per key, per dimension, an index into ``maps`` or ``None`` (dimension untouched).
         ties: Groups that must keep equal numbers of channels.
+        wiring: Hash of the traced graph's wiring (which layer and operation reads which, in
+            argument order), so that models with the same tensors but other connections (e.g. the
+            inputs of a ``torch.cat`` swapped) have other fingerprints; ``""`` for layouts saved
+            before it existed. The fingerprint covers it.
     """
 
     fingerprint: str
@@ -200,8 +207,14 @@ class Layout:
     maps: tuple[DimMap, ...]
     dims: dict[str, tuple[int | None, ...]]
     ties: tuple[tuple[int, ...], ...] = ()
+    wiring: str = ""
 
     # ------------------------------------------------------------------ derived
+    @property
+    def shapes_fingerprint(self) -> str:
+        """:func:`fingerprint_of` the shapes alone (without the wiring)."""
+        return fingerprint_of(self.shapes)
+
     @property
     def num_groups(self) -> int:
         return len(self.group_sizes)
@@ -231,18 +244,23 @@ class Layout:
     def canonical_json(self) -> str:
         cache = self.__dict__.get("_canon")
         if cache is None:
-            cache = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+            data = self.to_json()
+            data.pop("wiring", None)  # the structure only (the fingerprint covers the wiring)
+            cache = json.dumps(data, sort_keys=True, separators=(",", ":"))
             object.__setattr__(self, "_canon", cache)
         return cache
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "groups": [[n, s] for n, s in zip(self.group_names, self.group_sizes)],
             "maps": [m.to_json() for m in self.maps],
             "tensors": [[k, list(self.shapes[k]), list(self.dims[k])] for k in self.shapes],
             "ties": [list(t) for t in self.ties],
         }
+        if self.wiring:
+            data["wiring"] = self.wiring
+        return data
 
     @staticmethod
     def from_json(data: Any, fingerprint: Any) -> "Layout":
@@ -335,17 +353,25 @@ class Layout:
                 raise PayloadError(f"layout.ties[{i}] refers to missing groups or groups of different sizes")
             ties.append(members)
 
-        expected = fingerprint_of(shapes)
+        wiring = data.get("wiring", "")
+        if not isinstance(wiring, str) or (wiring and not _is_hex(wiring, 16)):
+            raise PayloadError(f"layout.wiring must be a string of 16 hex digits, got {wiring!r:.40}")
+        expected = fingerprint_of(shapes, wiring)
         if fingerprint != expected:
             raise PayloadError(
-                f"plan fingerprint {fingerprint!r} does not match its own tensor shapes ({expected!r}): corrupted plan"
+                f"plan fingerprint {fingerprint!r} does not match its own tensor shapes and wiring ({expected!r}): "
+                "corrupted plan"
             )
-        return Layout(expected, tuple(names), tuple(sizes), shapes, tuple(maps), dims, tuple(ties))
+        return Layout(expected, tuple(names), tuple(sizes), shapes, tuple(maps), dims, tuple(ties), wiring)
 
 
 # --------------------------------------------------------------------------------------------------
 # JSON validation helpers
 # --------------------------------------------------------------------------------------------------
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise PayloadError(f"{where} must be a list, got {type(value).__name__}")

@@ -23,6 +23,7 @@ import contextlib
 
 import copy
 import fnmatch
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,6 +44,27 @@ __all__ = ["Planner", "matches_unprunable"]
 
 #: Module types whose output channels are filters / neurons (scored by importance).
 _WRITER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.LSTM)
+
+
+class _OpaqueRecurrent(tp.pruner.BasePruningFunc):
+    """``nn.GRU`` / ``nn.RNN`` as one traced op (torch-pruning has no pruner for them and its trace
+    of their outputs fails). Plans prune only their input features (columns of ``weight_ih_l0``);
+    their hidden units are never pruned (:meth:`Planner.from_module` refuses them unless listed as
+    unprunable)."""
+
+    TARGET_MODULES = (nn.GRU, nn.RNN)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise ModelError(f"the hidden units of {type(layer).__name__} layers cannot be pruned")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise ModelError(f"plans prune the input features of {type(layer).__name__} layers by index maps only")
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.hidden_size * (2 if layer.bidirectional else 1)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.input_size
 
 
 def matches_unprunable(name: str, patterns: Iterable[str]) -> bool:
@@ -120,8 +142,18 @@ class Planner:
         for n, m in named.items():
             if isinstance(m, nn.LSTM) and id(m) not in ignored_ids:
                 check_lstm_supported(m, n)
+        for n, m in named.items():
+            if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM) and id(m) not in ignored_ids:
+                raise ModelError(
+                    f"layer {n!r} is an {type(m).__name__}; structured plans prune the hidden units of nn.LSTM "
+                    f"only. HINT: list {n!r} as unprunable (the layers feeding it stay prunable)."
+                )
         pruner = LSTMPruner()
-        customized = {t: pruner for t in lstm_types}
+        customized: dict[type, tp.pruner.BasePruningFunc] = {t: pruner for t in lstm_types}
+        opaque = _OpaqueRecurrent()
+        for m in model.modules():
+            if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM):
+                customized[type(m)] = opaque
 
         traced, traced_example = model, example_input
         if any(
@@ -136,7 +168,7 @@ class Planner:
             named = dict(traced.named_modules())
             ignored = [m for n in matched for m in named[n].modules()]
         modes = [(m, m.training) for m in model.modules()]
-        with _without_metrics(traced):
+        with _without_metrics(traced), _opaque_recurrent(traced):
             graph, groups = _trace(traced, traced_example, customized, ignored, named)
         try:
             return _build(cls, traced, graph, groups, named, matched)
@@ -147,7 +179,8 @@ class Planner:
     # ------------------------------------------------------------------ description
     @property
     def fingerprint(self) -> str:
-        """Stable hash of ``(key, shape)`` of every parameter and buffer of the full model."""
+        """Stable hash of ``(key, shape)`` of every parameter and buffer of the full model and of
+        the traced graph's wiring (see :class:`~lightning_fedprune.core.pruning.layout.Layout`)."""
         return self.layout.fingerprint
 
     @property
@@ -184,7 +217,16 @@ class Planner:
         """Raise :class:`ConfigError` unless ``plan`` was made for this architecture."""
         if not isinstance(plan, Plan):
             raise ConfigError(f"expected a Plan, got {type(plan).__name__}")
-        if plan.fingerprint != self.fingerprint:
+        ours, theirs = self.layout, plan.layout
+        if plan.fingerprint != self.fingerprint and not (
+            not theirs.wiring and theirs.fingerprint == ours.shapes_fingerprint  # saved without wiring
+        ):
+            if theirs.shapes_fingerprint == ours.shapes_fingerprint:
+                raise ConfigError(
+                    f"plan fingerprint {plan.fingerprint} does not match this model's fingerprint {self.fingerprint}: "
+                    "the plan was made for a model with the same tensors but other wiring (its layers connect "
+                    "differently, e.g. the inputs of a torch.cat in another order)"
+                )
             raise ConfigError(
                 f"plan fingerprint {plan.fingerprint} does not match this model's fingerprint "
                 f"{self.fingerprint}: the plan was made for another architecture"
@@ -405,7 +447,7 @@ def _check_ratio(ratio: Any) -> float:
 def _trace(
     model: nn.Module,
     example_input: Any,
-    customized: dict[type, LSTMPruner],
+    customized: dict[type, tp.pruner.BasePruningFunc],
     ignored: list[nn.Module],
     named: dict[str, nn.Module],
 ) -> tuple[tp.DependencyGraph, list[Any]]:
@@ -424,12 +466,15 @@ def _trace(
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
+    graph = tp.DependencyGraph()
+    phase = "forward"
     try:
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
+            graph.build_dependency(
                 model, example_inputs=example_input, forward_fn=_forward, customized_pruners=customized, verbose=False
             )
         stack.clear()
+        phase = "groups"
         groups = list(
             graph.get_all_groups(
                 ignored_layers=ignored, root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.LSTM)
@@ -438,14 +483,61 @@ def _trace(
     except ModelError:
         raise
     except Exception as exc:  # torch-pruning raises plain exceptions (AssertionError, RuntimeError, ...)
-        where = f" in layer {stack[-1]!r}" if stack else ""
+        what = f"{type(exc).__name__}: {exc}"
+        if stack:  # the forward itself failed inside a layer
+            raise ModelError(f"cannot trace {type(model).__name__} with torch-pruning in layer {stack[-1]!r}: {what}") from exc
+        layers = _layers_near(_failing_node(exc), name_of)
+        near = f" after layer(s) {layers}" if layers else ""
+        if phase == "forward":  # mapping channels through the traced graph (every layer is traced)
+            raise ModelError(
+                f"cannot trace {type(model).__name__} with torch-pruning: it cannot map channels through an "
+                f"operation{near} ({what}). Listing layers as unprunable does not avoid this: every operation is "
+                "traced. HINT: write the operation with layers torch-pruning maps (e.g. a channel shuffle as an "
+                "explicit index_select) or prune this model with masks instead of plans."
+            ) from exc
+        hint = f"list {layers[0]!r} as unprunable" if layers else "list the layers around it as unprunable"
         raise ModelError(
-            f"cannot trace {type(model).__name__} with torch-pruning{where}: {type(exc).__name__}: {exc}"
+            f"cannot trace {type(model).__name__} with torch-pruning: grouping the channels{near} fails "
+            f"({what}). HINT: {hint}."
         ) from exc
     finally:
         for h in handles:
             h.remove()
     return graph, groups
+
+
+def _failing_node(exc: BaseException) -> Any:
+    """The innermost torch-pruning graph node among the locals of ``exc``'s traceback, if any."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, tp.dependency.Node):
+                found = value
+        tb = tb.tb_next
+    return found
+
+
+def _layers_near(node: Any, name_of: Mapping[int, str], limit: int = 3) -> list[str]:
+    """Names of the closest named layers at or upstream of graph ``node`` (breadth first)."""
+    if node is None:
+        return []
+    out: list[str] = []
+    seen = {id(node)}
+    frontier = [node]
+    while frontier and len(out) < limit:
+        nxt = []
+        for n in frontier:
+            name = name_of.get(id(n.module))
+            if name:
+                out.append(name)
+                continue
+            for i in n.inputs:
+                if id(i) not in seen:
+                    seen.add(id(i))
+                    nxt.append(i)
+        frontier = nxt
+    return out[:limit]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,6 +595,16 @@ def _build(
     def key_of(prefix: str, attr: str) -> str:
         return f"{prefix}.{attr}" if prefix else attr
 
+    name_of = {i: ns[0] for i, ns in names_of.items()}
+
+    def feeders(module: nn.Module) -> list[str]:
+        """The closest named layers upstream of ``module`` (those whose outputs it reads)."""
+        node = graph.module2node.get(module)
+        out: list[str] = []
+        for i in node.inputs if node is not None else ():
+            out.extend(n for n in _layers_near(i, name_of) if n not in out)
+        return out
+
     for group in groups:
         gi = len(group_sizes)
         root_dep = group[0].dep
@@ -534,7 +636,7 @@ def _build(
             layer = prefixes[0]
             is_out = graph.is_out_channel_pruning_fn(dep.handler)
             for prefix in prefixes:
-                entries, writer_entries = _tensor_dims(module, is_out, layer, tgt, root)
+                entries, writer_entries = _tensor_dims(module, is_out, layer, tgt, root, feeders)
                 for attr, dim, t, r in entries:
                     builder.add(key_of(prefix, attr), dim, gi, t, r, layer)
                 if prefix is prefixes[0]:
@@ -621,18 +723,39 @@ def _build(
 
     names = [group_names[g] for g in order]
     sizes = [group_sizes[g] for g in order]
+    wiring = _wiring_of(graph, name_of)
     layout = Layout(
-        fingerprint=fingerprint_of(shapes),
+        fingerprint=fingerprint_of(shapes, wiring),
         group_names=tuple(names),
         group_sizes=tuple(sizes),
         shapes=shapes,
         maps=tuple(maps),
         dims={k: tuple(v) for k, v in dims.items()},
         ties=tuple(tuple(position[g] for g in t) for t in ties),
+        wiring=wiring,
     )
     if len(set(names)) != len(names):
         raise ModelError(f"duplicate group names {names}: a module is reached under several names")
     return cls(layout, [writers[g] for g in order], unprunable_modules=unprunable_names)
+
+
+def _wiring_of(graph: tp.DependencyGraph, name_of: Mapping[int, str]) -> str:
+    """Hash of the traced graph: every node (layer name, parameter name or operation) with its
+    inputs in argument order. Independent of the unprunable layers and of tensor shapes' values
+    except where an operation records them (a concatenation's offsets)."""
+    param_name = getattr(graph, "_param_to_name", {})
+
+    def label(node: Any) -> str:
+        m = node.module
+        if isinstance(m, nn.Parameter):
+            return "parameter:" + str(param_name.get(m, "?"))
+        name = name_of.get(id(m))
+        if name is not None:
+            return f"layer:{name}:{type(m).__name__}"
+        return repr(m)
+
+    lines = sorted(label(n) + "<-" + ",".join(label(i) for i in n.inputs) for n in graph.module2node.values())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def _gate_row_table(units: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -661,7 +784,7 @@ def _lstm_layer_entries(lstm: nn.LSTM, k: int, tgt: torch.Tensor, root: torch.Te
 
 
 def _tensor_dims(
-    module: nn.Module, is_out: bool, layer: str, tgt: torch.Tensor, root: torch.Tensor
+    module: nn.Module, is_out: bool, layer: str, tgt: torch.Tensor, root: torch.Tensor, feeders: Any
 ) -> tuple[list[tuple[str, int, torch.Tensor, torch.Tensor]], list[tuple[str, int, torch.Tensor, torch.Tensor]]]:
     """The (attribute, dim, positions, channels) entries a dependency prunes, and the writer rows.
 
@@ -679,9 +802,13 @@ def _tensor_dims(
     if isinstance(module, nn.modules.conv._ConvNd):
         depthwise = module.groups > 1 and module.groups == module.out_channels == module.in_channels
         if module.groups > 1 and not depthwise:
+            # its output channels are pruned only if it is prunable, its input channels whenever the
+            # layers feeding it are: both must be unprunable
+            names = [layer, *feeders(module)]
             raise ModelError(
                 f"layer {layer!r} is a grouped convolution (groups={module.groups}); structured plans support "
-                "groups=1 and depthwise convolutions only. HINT: list it as unprunable."
+                f"groups=1 and depthwise convolutions only. HINT: list {' and '.join(repr(n) for n in names)} "
+                "as unprunable (the layer and the layers feeding it)."
             )
         out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
         if depthwise:
@@ -734,14 +861,46 @@ def _tensor_dims(
             writer.append((f"weight_hh_l{last}", 0, table, root))
         else:
             entries.append(("weight_ih_l0", 1, tgt, root))
+    elif isinstance(module, (nn.GRU, nn.RNN)) and not is_out:
+        entries.append(("weight_ih_l0", 1, tgt, root))
     elif any(True for _ in module.parameters(recurse=False)) or any(
         b is not None for b in module._buffers.values()
     ):
+        names = [layer] if is_out else feeders(module) or [layer]
         raise ModelError(
             f"layer {layer!r} ({type(module).__name__}) is coupled with pruned channels but structured plans "
-            "cannot prune its tensors. HINT: list it (or the layers feeding it) as unprunable."
+            f"cannot prune its tensors. HINT: list {' and '.join(repr(n) for n in names)} as unprunable."
         )
     return entries, writer
+
+
+@contextlib.contextmanager
+def _opaque_recurrent(model: nn.Module) -> Iterator[None]:
+    """Trace ``nn.GRU`` / ``nn.RNN`` as one op.
+
+    Autograd decomposes them into their gate arithmetic (no fused op on CPU), which torch-pruning's
+    trace cannot follow (measured: ``IndexError`` in its split mapping). While tracing, their forward
+    is a stand-in with the same input and output shapes that reads the input through one matmul, so
+    the graph couples their input features with the layers feeding them, as for a fused LSTM.
+    """
+    patched = []
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM):
+            def stand_in(input: torch.Tensor, hx: Any = None, _m: nn.RNNBase = m) -> tuple[torch.Tensor, torch.Tensor]:
+                dirs = 2 if _m.bidirectional else 1
+                ones = torch.ones(_m.input_size, _m.hidden_size * dirs, dtype=input.dtype, device=input.device)
+                out = input @ ones
+                batch = input.shape[0] if _m.batch_first or input.dim() == 2 else input.shape[1]
+                h = torch.zeros(_m.num_layers * dirs, batch, _m.hidden_size, dtype=input.dtype, device=input.device)
+                return out, h
+
+            m.forward = stand_in  # an instance attribute shadows the class's forward
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ from lightning_fedprune.errors import ModelError
 __all__ = ["resize_module"]
 
 _CONV = nn.modules.conv._ConvNd
+#: Gate blocks per hidden unit of each ``nn.RNNBase`` mode.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORM_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -23,7 +25,7 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
     fixed from the new shapes: ``Linear`` in/out features, ``ConvNd`` in/out channels (and
     ``groups`` of depthwise convolutions), ``BatchNorm`` / ``InstanceNorm`` ``num_features``,
     ``LayerNorm`` ``normalized_shape``, ``GroupNorm`` ``num_channels``, ``Embedding`` sizes,
-    ``PReLU`` ``num_parameters`` and ``LSTM`` ``input_size`` / ``hidden_size`` (flat weights
+    ``PReLU`` ``num_parameters`` and ``LSTM`` / ``GRU`` / ``RNN`` ``input_size`` / ``hidden_size`` (flat weights
     refreshed). Tied tensors (one parameter under several names) stay tied. Works from a full model
     to a sub-model and between sub-model shapes. Tensors whose shape already matches are untouched.
 
@@ -100,14 +102,14 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
 
 
 def _check_fixable(module: nn.Module, name: str) -> None:
-    supported = (_CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.LSTM)
+    supported = (_CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.RNNBase)
     if not isinstance(module, supported):
         raise ModelError(
             f"resize_module: cannot change tensors of module {name!r} ({type(module).__name__}); supported: "
-            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM."
+            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM, GRU, RNN."
         )
-    if isinstance(module, nn.LSTM) and getattr(module, "proj_size", 0):
-        raise ModelError(f"resize_module: LSTM {name!r} with proj_size > 0 is not supported")
+    if isinstance(module, nn.RNNBase) and getattr(module, "proj_size", 0):
+        raise ModelError(f"resize_module: {type(module).__name__} {name!r} with proj_size > 0 is not supported")
 
 
 def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
@@ -166,7 +168,8 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
         return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"num_parameters": tensor("weight").numel()}
-    if isinstance(module, nn.LSTM):
+    if isinstance(module, nn.RNNBase):
+        gates = _GATES.get(module.mode, 1)
         dirs = 2 if module.bidirectional else 1
         hidden = tensor("weight_hh_l0").shape[1]
         in_size = tensor("weight_ih_l0").shape[1]
@@ -174,14 +177,15 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
             for suffix in ([""] if dirs == 1 else ["", "_reverse"]):
                 expect_in = in_size if k == 0 else hidden * dirs
                 w_ih, w_hh = tensor(f"weight_ih_l{k}{suffix}"), tensor(f"weight_hh_l{k}{suffix}")
-                if tuple(w_ih.shape) != (4 * hidden, expect_in) or tuple(w_hh.shape) != (4 * hidden, hidden):
+                if tuple(w_ih.shape) != (gates * hidden, expect_in) or tuple(w_hh.shape) != (gates * hidden, hidden):
                     raise bad(
                         f"layer {k}{suffix}: weight_ih {tuple(w_ih.shape)} / weight_hh {tuple(w_hh.shape)} do not fit "
-                        f"one hidden_size={hidden} (every layer of an nn.LSTM must keep the same number of units)"
+                        f"one hidden_size={hidden} (every layer of an nn.{type(module).__name__} must keep the same "
+                        "number of units)"
                     )
                 if module.bias:
                     for b in (f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}"):
-                        if tuple(tensor(b).shape) != (4 * hidden,):
-                            raise bad(f"{b} has shape {tuple(tensor(b).shape)}, expected ({4 * hidden},)")
+                        if tuple(tensor(b).shape) != (gates * hidden,):
+                            raise bad(f"{b} has shape {tuple(tensor(b).shape)}, expected ({gates * hidden},)")
         return {"input_size": in_size, "hidden_size": hidden}
     raise bad("unsupported module type")
