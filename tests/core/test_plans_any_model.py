@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -160,3 +161,280 @@ def test_a_plan_for_other_wiring_is_refused_with_that_reason():
     assert other.fingerprint == plain.fingerprint
     with pytest.raises(ConfigError, match="other unprunable layers"):
         plain.check(other.plan(_Cat().state_dict(), 0.5))
+
+
+# --------------------------------------------------------------------------------------------------
+# every model either plans exactly or is refused naming the layer
+# --------------------------------------------------------------------------------------------------
+class _LNMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.norm(self.fc(x))))
+
+
+class _GNCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.classifier = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.norm(self.conv(x)))).mean((2, 3))
+
+
+class _Attention(nn.Module):
+    """timm's attention block, written out: qkv reshaped into (3, heads, head_dim)."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4, hard_coded: bool = False) -> None:
+        super().__init__()
+        self.hard_coded = hard_coded
+        if not hard_coded:
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        heads, head_dim = (4, 4) if self.hard_coded else (self.num_heads, self.head_dim)
+        q, k, v = self.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, heads * head_dim))
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self, hard_coded: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = _Attention(hard_coded=hard_coded)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.attn(torch.relu(self.embed(x)))))
+
+
+class _MHANet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        return self.classifier(self.mha(h, h, h, need_weights=False)[0])
+
+
+class _ConcatCNN(_Cat):
+    pass
+
+
+class _FlattenCNN(nn.Module):
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.classifier = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x.permute(0, 2, 3, 1).flatten(1) if self.channels_last else x.flatten(1)
+        return self.classifier(torch.relu(self.fc(x)))
+
+
+class _LSTMTagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 6)
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.classifier = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.classifier(self.lstm(self.embedding(x))[0])
+
+
+def _timm(name: str, **kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return model, (model.pretrained_cfg["classifier"],)
+
+
+_gen = torch.Generator().manual_seed(0)
+# name -> (builder of (model, unprunable), example input)
+CASES = {
+    "resnet10t": (lambda: _timm("resnet10t"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "mobilenetv3_small_050": (lambda: _timm("mobilenetv3_small_050"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "efficientnet_b0": (lambda: _timm("efficientnet_b0"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "densenet121": (lambda: _timm("densenet121"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "convnext_atto": (lambda: _timm("convnext_atto"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "vit_tiny_patch16_224": (
+        lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
+        torch.randn(2, 3, 32, 32, generator=_gen),
+    ),
+    "layernorm_mlp": (lambda: (_LNMLP(), ("classifier",)), torch.randn(4, 6, generator=_gen)),
+    "groupnorm_cnn": (lambda: (_GNCNN(), ("classifier",)), torch.randn(2, 3, 6, 6, generator=_gen)),
+    "attention_reshape": (lambda: (_AttentionNet(), ("classifier",)), torch.randn(2, 5, 6, generator=_gen)),
+    "multihead_attention": (lambda: (_MHANet(), ("classifier",)), torch.randn(2, 5, 6, generator=_gen)),
+    "concat_cnn": (lambda: (_ConcatCNN(), ("classifier",)), torch.randn(2, 3, 4, 4, generator=_gen)),
+    "flatten_cnn": (lambda: (_FlattenCNN(), ("classifier",)), torch.randn(2, 3, 6, 6, generator=_gen)),
+    "lstm_tagger": (lambda: (_LSTMTagger(), ("classifier",)), torch.randint(0, 20, (2, 7), generator=_gen)),
+    "lstm_3_layers": (lambda: (_LSTM3(), ("classifier",)), torch.randn(2, 7, 3, generator=_gen)),
+}
+REFUSED = {
+    "channels_last_flatten": (
+        lambda: (_FlattenCNN(channels_last=True), ("classifier",)),
+        torch.randn(2, 3, 6, 6, generator=_gen),
+        r"group 'conv' cannot be pruned.*relative error.*The Linear 'fc' reads these channels through a flatten.*"
+        r"channels-last.*HINT: list 'conv' as unprunable",
+    ),
+    "attention_without_head_attributes": (
+        lambda: (_AttentionNet(hard_coded=True), ("classifier",)),
+        torch.randn(2, 5, 6, generator=_gen),
+        r"group 'attn.qkv' cannot be pruned.*fails: RuntimeError: shape .* is invalid.*Its layers: 'attn.qkv', "
+        r"'attn.proj'.*HINT: list 'attn.qkv' as unprunable",
+    ),
+    "gru": (
+        lambda: (_GRUTagger(), ("classifier",)),
+        torch.randn(2, 4, 3, generator=_gen),
+        r"layer 'gru' is an GRU.*HINT: list 'gru' as unprunable",
+    ),
+}
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(name: str):
+    """(model with random state, example input, planner), once per case."""
+    if name not in _BUILT:
+        build, x = CASES[name]
+        model, unprunable = build()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for k, t in model.state_dict().items():
+                if t.is_floating_point():  # random statistics and parameters, well scaled
+                    fan_in = max(1, t.numel() // t.shape[0]) if t.dim() > 1 else 1
+                    r = torch.randn(t.shape, generator=gen) / fan_in**0.5
+                    t.copy_(r.abs() + 0.5 if k.endswith("running_var") else r)
+        _BUILT[name] = (model.eval(), x, Planner.from_module(model, x, unprunable=unprunable))
+    return _BUILT[name]
+
+
+def _sub(model: nn.Module, plan, state) -> nn.Module:
+    sub = copy.deepcopy(model)
+    resize_module(sub, plan.sub_shapes())
+    sub.load_state_dict(plan.extract(state))
+    return sub.eval()
+
+
+class _MaskedNorm(nn.Module):
+    """Reference for a norm over pruned channels: statistics over the kept channels only."""
+
+    def __init__(self, norm: nn.Module, kept: torch.Tensor, channel_dim: int) -> None:
+        super().__init__()
+        self.norm, self.kept, self.dim = norm, kept, channel_dim
+
+    def forward(self, x):
+        x = x.movedim(self.dim, -1)
+        out = torch.zeros_like(x)
+        k = x[..., self.kept]
+        w, b = self.norm.weight[self.kept], self.norm.bias[self.kept]
+        if isinstance(self.norm, nn.GroupNorm):  # per original group, over its kept channels (and positions)
+            size = self.norm.num_channels // self.norm.num_groups
+            for g in range(self.norm.num_groups):
+                cols = [i for i, c in enumerate(self.kept.tolist()) if c // size == g]
+                part = k[..., cols]
+                dims = tuple(range(1, part.dim()))
+                mean = part.mean(dims, keepdim=True)
+                var = part.var(dims, unbiased=False, keepdim=True)
+                out[..., self.kept[cols]] = (part - mean) / torch.sqrt(var + self.norm.eps) * w[cols] + b[cols]
+        else:
+            mean, var = k.mean(-1, keepdim=True), k.var(-1, unbiased=False, keepdim=True)
+            out[..., self.kept] = (k - mean) / torch.sqrt(var + self.norm.eps) * w + b
+        return out.movedim(-1, self.dim)
+
+
+def _reference(model: nn.Module, plan, state) -> nn.Module:
+    """The sparse model; norms over pruned channels replaced by :class:`_MaskedNorm`."""
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(plan.sparse(state))
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and f"{name}.weight" in plan.layout.shapes:
+            kept = plan.indices(f"{name}.weight")[-1]
+            if kept is None or kept.numel() == m.weight.shape[-1]:
+                continue
+            channels_first = isinstance(m, nn.GroupNorm) or type(m).__name__ == "LayerNorm2d"
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, attr, _MaskedNorm(m, kept, 1 if channels_first else -1))
+    return ref.eval()
+
+
+def _tp_pruned(model: nn.Module, x, planner, plan) -> nn.Module:
+    """torch-pruning's own pruning functions, group by group, removing what ``plan`` prunes."""
+    ref = copy.deepcopy(model)
+    graph = tp.DependencyGraph().build_dependency(ref, x, customized_pruners={nn.LSTM: LSTMPruner()}, verbose=False)
+    modules = dict(ref.named_modules())
+    for g, name in enumerate(planner.group_names):
+        root = modules[name]
+        pruned = [i for i in range(planner.group_sizes[g]) if i not in set(plan.kept[g].tolist())]
+        if pruned:
+            graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, pruned).prune()
+    for m in ref.modules():  # torch-pruning's ViT recipe: heads follow the qkv rows
+        if hasattr(m, "qkv") and hasattr(m, "num_heads"):
+            m.num_heads = m.qkv.out_features // (3 * m.head_dim)
+            if hasattr(m, "attn_dim"):
+                m.attn_dim = m.num_heads * m.head_dim
+    return ref.eval()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_any_model_plans_exactly(name):
+    model, x, planner = _built(name)
+    state = model.state_dict()
+    assert planner.num_groups > 0
+    for ratio in (0.3, 0.6):
+        plan = planner.plan(state, ratio)
+        assert any(k.numel() < s for k, s in zip(plan.kept, plan.group_sizes)), "nothing pruned"
+        sub = _sub(model, plan, state)
+        with torch.no_grad():
+            a, b = sub(x), _reference(model, plan, state)(x)
+        rel = float((a - b).abs().max() / b.abs().max())
+        assert rel < 1e-5, rel
+        # recovery is exact: untouched positions bit-identical, kept positions the sub-model's
+        trained = {k: v + 1.5 if v.is_floating_point() else v for k, v in plan.extract(state).items()}
+        rec = plan.recover(trained, base=state)
+        back = plan.extract(rec)
+        for k, full in state.items():
+            mask = plan.mask(k)
+            assert torch.equal(rec[k].masked_fill(mask, 0), full.masked_fill(mask, 0)), k
+            assert torch.equal(back[k], trained[k]), k
+        # torch-pruning's own pruning with the same channels gives the same tensors
+        if not any(".l" in n and isinstance(getattr(model, "lstm", None), nn.LSTM) for n in planner.group_names):
+            ref = _tp_pruned(model, x, planner, plan)
+            ref_sd = ref.state_dict()
+            assert {k: tuple(v.shape) for k, v in ref_sd.items()} == plan.sub_shapes()
+            reordered = []
+            for k, v in plan.extract(state).items():
+                if torch.equal(v, ref_sd[k]):
+                    continue
+                # torch-pruning 1.6's LayerNorm pruner keeps its channels in set order (it calls
+                # `keep_idxs.sort()`, which does not sort in place): same values, other order
+                assert isinstance(model.get_submodule(k.rpartition(".")[0]), nn.LayerNorm), k
+                assert torch.equal(v.sort().values, ref_sd[k].sort().values), k
+                reordered.append(k)
+            if not reordered and not isinstance(getattr(model, "mha", None), nn.MultiheadAttention):
+                with torch.no_grad():  # MultiheadAttention: torch-pruning shrinks head_dim, plans drop heads
+                    assert torch.allclose(ref(x), a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_model_refused_naming_the_layer(name):
+    build, x, match = REFUSED[name]
+    model, unprunable = build()
+    with pytest.raises(ModelError, match=match):
+        Planner.from_module(model, x, unprunable=unprunable)

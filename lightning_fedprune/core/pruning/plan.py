@@ -57,6 +57,8 @@ def _check_kept(layout: Layout, kept: Sequence[torch.Tensor], error: type[Except
             raise error(f"group {name!r}: kept indices must lie in [0, {size}), got min {int(t.min())} max {int(t.max())}")
         if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
             raise error(f"group {name!r}: kept indices must be sorted ascending and unique")
+        if layout.units and layout.blocks_of(g, t) is None:
+            raise error(f"group {name!r}: kept indices must be {layout.describe_units(g)}")
         out.append(t.contiguous())
     for tie in layout.ties:
         counts = {out[g].numel() for g in tie}

@@ -30,12 +30,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from lightning_fedprune.core.lstm_pruning import LSTMPruner, check_lstm_supported, gate_rows
 from lightning_fedprune.core.pruning.layout import DimMap, Layout, Part, fingerprint_of
 from lightning_fedprune.core.pruning.plan import Plan, _check_kept
+from lightning_fedprune.core.pruning.resize import is_head_attention, resize_module
 from lightning_fedprune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,20 @@ class Planner:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_module(cls, model: nn.Module, example_input: Any, *, unprunable: Iterable[str] = ()) -> "Planner":
-        """Trace ``model`` once and derive its prunable groups and index maps.
+    def from_module(
+        cls, model: nn.Module, example_input: Any, *, unprunable: Iterable[str] = (), self_check: bool = True
+    ) -> "Planner":
+        """Trace ``model`` once and derive its prunable groups and index maps, then check them.
+
+        The self-check (``self_check=True``) makes plans at a few ratios for a copy of the model with
+        random 1-d tensors (biases, norm parameters, BN statistics) and compares, in eval mode on
+        ``example_input``, the sub-model's forward with the sparse model's (:meth:`Plan.sparse`).
+        Where a ``LayerNorm`` / ``GroupNorm`` normalizes pruned channels the sparse model's
+        statistics cover every channel and the sub-model's only the kept ones, so there the sparse
+        model is run with those norms computing their statistics over the kept channels (the
+        sub-model's definition). A group whose pruning makes the outputs differ (relative error
+        above 1e-4) or the sub-model fail is refused with a :class:`ModelError` naming its layers
+        and the cause. It costs about two forwards per ratio and a copy of the model.
 
         The model's train/eval mode (of every submodule) is restored afterwards and its weights are
         not changed. ``model`` may be a bare network or a LightningModule whose forward calls its
@@ -114,10 +128,12 @@ class Planner:
             example_input: An input batch for one forward (tensor, tuple of tensors or dict).
             unprunable: Module name patterns whose OUTPUT channels are never pruned (their inputs
                 may be); see :func:`matches_unprunable`. Submodules of a match are unprunable too.
+            self_check: Check every group's sub-model against the sparse model (see above).
 
         Raises:
             ModelError: If the model cannot be traced (naming the layer being run), contains a
-                coupled layer the plans cannot handle (naming it), or is a ``torch.compile`` wrapper.
+                coupled layer the plans cannot handle (naming it), fails the self-check (naming the
+                group's layers and the cause) or is a ``torch.compile`` wrapper.
         """
         if not isinstance(model, nn.Module):
             raise ModelError(f"Planner.from_module expects an nn.Module, got {type(model).__name__}")
@@ -171,10 +187,13 @@ class Planner:
         with _without_metrics(traced), _opaque_recurrent(traced):
             graph, groups = _trace(traced, traced_example, customized, ignored, named)
         try:
-            return _build(cls, traced, graph, groups, named, matched)
+            planner = _build(cls, traced, graph, groups, named, matched)
         finally:
             for m, training in modes:
                 m.training = training
+        if self_check:
+            _self_check(planner, model, example_input)
+        return planner
 
     # ------------------------------------------------------------------ description
     @property
@@ -306,7 +325,11 @@ class Planner:
         """
         ratio = _check_ratio(ratio)
         candidates = self._candidates(within)
-        keep = [max(1, int(c.numel() * (1 - ratio))) for c in candidates]
+        keep = []
+        for g, c in enumerate(candidates):
+            chunks, unit = self.layout.group_units(g)
+            block = chunks * unit  # channels per kept block (1 for most groups)
+            keep.append(max(1, int(c.numel() // block * (1 - ratio))) * block)
         return Plan._trusted(self.layout, self._select(state, candidates, keep, scores), ratio)
 
     def plan_from_keep(
@@ -345,6 +368,12 @@ class Planner:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c.numel():
                 raise ConfigError(
                     f"keep count of group {self.layout.group_names[g]!r} must be an int in [1, {c.numel()}], got {k!r}"
+                )
+            chunks, unit = self.layout.group_units(g)
+            if k % (chunks * unit):
+                raise ConfigError(
+                    f"keep count of group {self.layout.group_names[g]!r} must be a multiple of {chunks * unit}: the "
+                    f"group keeps {self.layout.describe_units(g)}; got {k}"
                 )
         for tie in self.layout.ties:
             if len({counts[g] for g in tie}) > 1:
@@ -406,9 +435,17 @@ class Planner:
                 f"(sizes {list(self.layout.group_sizes)[:8]}...)"
             )
         kept = []
-        for s, cand, k in zip(scores, candidates, keep):
+        for g, (s, cand, k) in enumerate(zip(scores, candidates, keep)):
             if k >= cand.numel():
                 kept.append(cand.clone())
+                continue
+            chunks, unit = self.layout.group_units(g)
+            if (chunks, unit) != (1, 1):  # score whole blocks: the sum over their channels in every chunk
+                blocks = self.layout.blocks_of(g, cand)
+                sc = s.view(chunks, -1, unit).sum((0, 2))[blocks]
+                sc = torch.nan_to_num(sc, nan=-math.inf)
+                order = torch.sort(sc, descending=True, stable=True).indices[: k // (chunks * unit)]
+                kept.append(self.layout.expand_units(g, torch.sort(blocks[order]).values))
                 continue
             sc = torch.nan_to_num(s[cand], nan=-math.inf)
             order = torch.sort(sc, descending=True, stable=True).indices[:k]
@@ -586,6 +623,9 @@ def _build(
     param_name = {p: n for p, n in getattr(graph, "_param_to_name", {}).items()}
 
     builder = _Builder(shapes)
+    group_units: list[tuple[int, int]] = []
+    # timm-style attention blocks by their qkv Linear
+    attention_of = {id(m.qkv): m for m in model.modules() if is_head_attention(m)}
     group_names: list[str] = []
     group_sizes: list[int] = []
     writers: list[list[_Writer]] = []
@@ -615,12 +655,34 @@ def _build(
             root_name = f"{root_name}.l{root_module.num_layers - 1}"
         group_names.append(root_name)
         group_sizes.append(int(size))
+        group_units.append(_units_of_root(root_module, int(size), attention_of))
         gw: list[_Writer] = []
+        seen_deps: set[tuple[int, str]] = set()
         for item in group:
             dep = item.dep
             module = dep.target.module
             tgt = torch.as_tensor(list(item.idxs), dtype=torch.long)
             root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            if isinstance(module, nn.MultiheadAttention):
+                # torch-pruning prunes its embedding with one function for inputs and outputs
+                if (id(module), "mha") in seen_deps:
+                    continue
+                seen_deps.add((id(module), "mha"))
+                units = (1, module.head_dim)
+                if group_units[gi] not in ((1, 1), units):
+                    raise ModelError(
+                        f"layer {names_of[id(module)][0]!r}: group {root_name!r} would need blocks of "
+                        f"{group_units[gi]} and {units}. HINT: list {root_name!r} as unprunable."
+                    )
+                group_units[gi] = units
+            if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
+                units = (module.num_groups, 1)
+                if group_units[gi] not in ((1, 1), units):
+                    raise ModelError(
+                        f"layer {names_of[id(module)][0]!r}: group {root_name!r} would need blocks of "
+                        f"{group_units[gi]} and {units}. HINT: list {root_name!r} as unprunable."
+                    )
+                group_units[gi] = units
             if tgt.numel() != torch.unique(tgt).numel():
                 raise ModelError(f"torch-pruning maps a channel twice in group {root_name!r}: unsupported coupling")
             if isinstance(module, nn.Parameter):
@@ -671,6 +733,7 @@ def _build(
                     new = len(group_sizes)
                     group_names.append(f"{n_lstm}.l{k}")
                     group_sizes.append(hidden)
+                    group_units.append((1, 1))
                     units = torch.arange(hidden)
                     gw = []
                     for prefix in names_of[id(lstm)]:
@@ -733,10 +796,20 @@ def _build(
         dims={k: tuple(v) for k, v in dims.items()},
         ties=tuple(tuple(position[g] for g in t) for t in ties),
         wiring=wiring,
+        units=tuple(group_units[g] for g in order) if any(u != (1, 1) for u in group_units) else (),
     )
     if len(set(names)) != len(names):
         raise ModelError(f"duplicate group names {names}: a module is reached under several names")
     return cls(layout, [writers[g] for g in order], unprunable_modules=unprunable_names)
+
+
+def _units_of_root(root: nn.Module, size: int, attention_of: Mapping[int, nn.Module]) -> tuple[int, int]:
+    """``(chunks, unit)`` of a group rooted at ``root``: whole heads, the same in q, k and v, for the
+    ``qkv`` Linear of a timm-style attention block; free channels otherwise."""
+    attn = attention_of.get(id(root))
+    if attn is not None and size == 3 * attn.num_heads * attn.head_dim:
+        return (3, attn.head_dim)
+    return (1, 1)
 
 
 def _wiring_of(graph: tp.DependencyGraph, name_of: Mapping[int, str]) -> str:
@@ -831,16 +904,41 @@ def _tensor_dims(
     elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         for attr in ("weight", "bias", "running_mean", "running_var"):
             add(attr, 0)
+    elif isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.bias_k is not None:
+            raise ModelError(
+                f"layer {layer!r}: MultiheadAttention with kdim / vdim != embed_dim or add_bias_kv is not supported. "
+                f"HINT: list {' and '.join(repr(n) for n in feeders(module) or [layer])} as unprunable."
+            )
+        embed = module.embed_dim
+        rows = torch.cat([tgt + s * embed for s in range(3)])
+        rows_root = root.repeat(3)
+        entries.append(("in_proj_weight", 0, rows, rows_root))
+        entries.append(("in_proj_weight", 1, tgt, root))
+        if module.in_proj_bias is not None:
+            entries.append(("in_proj_bias", 0, rows, rows_root))
+        entries.append(("out_proj.weight", 0, tgt, root))
+        entries.append(("out_proj.weight", 1, tgt, root))
+        if module.out_proj.bias is not None:
+            entries.append(("out_proj.bias", 0, tgt, root))
+        writer.append(("out_proj.weight", 0, rows1, root))
     elif isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            raise ModelError(
+                f"layer {layer!r} is a LayerNorm over {tuple(module.normalized_shape)}"
+                f"{'' if module.elementwise_affine else ' without affine parameters'}; plans prune LayerNorms over "
+                f"one dimension with weights. HINT: list {' and '.join(repr(n) for n in feeders(module) or [layer])} "
+                "as unprunable."
+            )
         for attr in ("weight", "bias"):
             p = getattr(module, attr, None)
             if p is not None:
                 entries.append((attr, p.dim() - 1, tgt, root))
     elif isinstance(module, nn.GroupNorm):
-        if module.num_groups != 1:
+        if not module.affine:
             raise ModelError(
-                f"layer {layer!r} is a GroupNorm with {module.num_groups} groups; structured plans support "
-                "num_groups=1 only. HINT: list the layers feeding it as unprunable."
+                f"layer {layer!r} is a GroupNorm without affine parameters; plans prune GroupNorms with weights. "
+                f"HINT: list {' and '.join(repr(n) for n in feeders(module) or [layer])} as unprunable."
             )
         add("weight", 0)
         add("bias", 0)
@@ -928,3 +1026,222 @@ def _without_metrics(model: nn.Module) -> Iterator[None]:
     finally:
         for parent, name, child in removed:
             setattr(parent, name, child)
+
+
+# --------------------------------------------------------------------------------------------------
+# self-check: sub-model forward == sparse-model forward, per group
+# --------------------------------------------------------------------------------------------------
+#: Ratios the self-check plans at.
+CHECK_RATIOS = (0.3, 0.7)
+#: Largest relative error (max |sub - sparse| / max |sparse|) the self-check accepts.
+CHECK_TOLERANCE = 1e-4
+
+
+def _self_check(planner: Planner, model: nn.Module, example: Any) -> None:
+    """Refuse (``ModelError``) any group whose sub-model does not compute the sparse model's output."""
+    if planner.num_groups == 0:
+        return
+    work = copy.deepcopy(model)
+    with _without_metrics(work):
+        work.eval()
+        state = _check_state(work.state_dict())
+        full = planner.layout.shapes
+        for ratio in CHECK_RATIOS:
+            plan = planner.plan(state, ratio)
+            if _compare(work, plan, state, full, example)[0] <= CHECK_TOLERANCE:
+                continue
+            failures = []
+            for members in _check_units(planner.layout):
+                kept = [torch.arange(s) for s in planner.layout.group_sizes]
+                for g in members:
+                    kept[g] = plan.kept[g]
+                one = Plan._trusted(planner.layout, tuple(kept), None)
+                error, exc = _compare(work, one, state, full, example)
+                if error > CHECK_TOLERANCE:
+                    failures.append((members, error, exc))
+            if not failures:
+                raise ModelError(
+                    f"{type(model).__name__}: the sub-model at ratio {ratio} computes something else than the sparse "
+                    "model although every group alone is exact: groups interact in a way the dependency graph does "
+                    "not capture. HINT: list layers as unprunable until Planner.from_module accepts the model."
+                )
+            raise ModelError(_failure_message(planner, work, failures[0], ratio))
+
+
+def _check_units(layout: Layout) -> list[tuple[int, ...]]:
+    """Groups checked together: the layers of one LSTM (tied), every other group alone."""
+    tied = {g for t in layout.ties for g in t}
+    return [tuple(t) for t in layout.ties] + [(g,) for g in range(layout.num_groups) if g not in tied]
+
+
+def _check_state(state: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors for the self-check: weights with ``1/sqrt(fan_in)`` scale, 1-d tensors
+    (biases, norm parameters, layer scales, BN means) ``N(0, 0.5)``, BN variances in ``[0.5, 1.5]``;
+    so that a channel the maps miss leaks a visible non-zero value."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        if k.endswith("running_var"):
+            r = torch.rand(v.shape, generator=gen) + 0.5
+        elif v.dim() <= 1:
+            r = torch.randn(v.shape, generator=gen) * 0.5
+        else:
+            fan_in = max(1, v.numel() // v.shape[0])
+            r = torch.randn(v.shape, generator=gen) / math.sqrt(fan_in)
+        out[k] = r.to(dtype=v.dtype, device=v.device)
+    return out
+
+
+def _compare(
+    work: nn.Module, plan: Plan, state: Mapping[str, torch.Tensor], full: Mapping[str, tuple[int, ...]], example: Any
+) -> tuple[float, BaseException | None]:
+    """Relative error between the sub-model's and the (norm-masked) sparse model's outputs;
+    ``inf`` and the exception if the sub-model cannot be built or run."""
+    try:
+        try:
+            resize_module(work, plan.sub_shapes())
+            work.load_state_dict(plan.extract(state))
+            with torch.no_grad():
+                sub_out = _tensors(_forward(work, example))
+        finally:
+            resize_module(work, full)
+    except Exception as exc:  # noqa: BLE001 - any failure of the sub-model is the finding
+        return math.inf, exc
+    work.load_state_dict(plan.sparse(state))
+    with torch.no_grad(), _masked_norms(work, plan):
+        sparse_out = _tensors(_forward(work, example))
+    if len(sub_out) != len(sparse_out) or any(a.shape != b.shape for a, b in zip(sub_out, sparse_out)):
+        shapes = [tuple(t.shape) for t in sub_out], [tuple(t.shape) for t in sparse_out]
+        return math.inf, _ShapeChange(f"the sub-model's outputs have shapes {shapes[0]}, the full model's {shapes[1]}")
+    worst = 0.0
+    for a, b in zip(sub_out, sparse_out):
+        a, b = a.double(), b.double()
+        if not bool(torch.isfinite(b).all()):
+            continue  # the random state overflowed this output: nothing to compare
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        diff = float((a - b).abs().max()) if b.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst, None
+
+
+class _ShapeChange(Exception):
+    """The group prunes the model's outputs."""
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _group_layers(layout: Layout, g: int) -> list[str]:
+    """Module names whose tensors group ``g``'s channels index."""
+    maps = {i for i, m in enumerate(layout.maps) if any(p.group == g for p in m.parts)}
+    out: list[str] = []
+    for key, dims in layout.dims.items():
+        if any(d in maps for d in dims if d is not None):
+            module = key.rsplit(".", 1)[0] if "." in key else key
+            if module not in out:
+                out.append(module)
+    return out
+
+
+def _flatten_readers(layout: Layout, g: int, work: nn.Module) -> list[str]:
+    """Linear layers that read group ``g``'s channels through a flatten (several columns per channel)."""
+    modules = dict(work.named_modules())
+    out = []
+    for key, dims in layout.dims.items():
+        module = modules.get(key.rsplit(".", 1)[0] if "." in key else "")
+        if not isinstance(module, nn.Linear) or not key.endswith("weight") or dims[1] is None:
+            continue
+        for p in layout.maps[dims[1]].parts:
+            if p.group == g and p.tgt.numel() > layout.group_sizes[g]:
+                out.append(key.rsplit(".", 1)[0])
+    return out
+
+
+def _failure_message(planner: Planner, work: nn.Module, failure: tuple, ratio: float) -> str:
+    members, error, exc = failure
+    layout = planner.layout
+    names = [layout.group_names[g] for g in members]
+    layers = list(dict.fromkeys(n for g in members for n in _group_layers(layout, g)))
+    shown = ", ".join(repr(n) for n in layers[:8]) + (f" (+{len(layers) - 8} more)" if len(layers) > 8 else "")
+    root = names[-1].rsplit(".l", 1)[0] if len(members) > 1 else names[0]
+    label = repr(names[0]) if len(names) == 1 else repr(names)
+    if isinstance(exc, _ShapeChange):
+        return (
+            f"group {label} cannot be pruned: it prunes the model's output ({exc}). Its layers: {shown}. "
+            f"HINT: list {root!r} (the output layer) as unprunable."
+        )
+    if exc is not None:
+        cause = f"a sub-model that fails: {type(exc).__name__}: {str(exc)[:300]}"
+    else:
+        cause = f"a sub-model whose output differs from the sparse model's (relative error {error:.2g})"
+    readers = [r for g in members for r in _flatten_readers(layout, g, work)]
+    if readers and exc is None:
+        why = (
+            f" The Linear {readers[0]!r} reads these channels through a flatten; torch-pruning maps its columns "
+            "channels-first (column c*HW + j to channel c), which is wrong after a channels-last "
+            "permute(0, 2, 3, 1).flatten(1)."
+        )
+    else:
+        why = (
+            " An operation between these layers mixes or reorders channels in a way the dependency graph does "
+            "not capture (e.g. a reshape of channels into heads, a channels-last flatten)."
+        )
+    return (
+        f"group {label} cannot be pruned: at ratio {ratio} it gives {cause}. "
+        f"Its layers: {shown}.{why} HINT: list {root!r} as unprunable."
+    )
+
+
+@contextlib.contextmanager
+def _masked_norms(model: nn.Module, plan: Plan) -> Iterator[None]:
+    """While active, ``LayerNorm`` / ``GroupNorm`` whose channels ``plan`` prunes compute their
+    statistics over the kept channels only (pruned channels output 0), as the sub-model's do."""
+    masks: dict[int, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            key = f"{name}.weight" if name else "weight"
+            if key not in plan.layout.shapes:
+                continue
+            idx = plan.indices(key)[-1]
+            if idx is not None and idx.numel() < m.weight.shape[-1]:
+                mask = torch.zeros(m.weight.shape[-1], dtype=torch.bool)
+                mask[idx] = True
+                masks[id(m.weight)] = mask.to(m.weight.device)
+    if not masks:
+        yield
+        return
+    layer_norm, group_norm = F.layer_norm, F.group_norm
+
+    def masked_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: ANN001
+        mask = masks.get(id(weight)) if weight is not None else None
+        if mask is None or len(normalized_shape) != 1:
+            return layer_norm(input, normalized_shape, weight, bias, eps)
+        out = input.new_zeros(input.shape)
+        kept = input[..., mask]
+        out[..., mask] = layer_norm(kept, (kept.shape[-1],), weight[mask], None if bias is None else bias[mask], eps)
+        return out
+
+    def masked_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: ANN001
+        mask = masks.get(id(weight)) if weight is not None else None
+        if mask is None:
+            return group_norm(input, num_groups, weight, bias, eps)
+        out = input.new_zeros(input.shape)
+        kept = input[:, mask]
+        out[:, mask] = group_norm(kept, num_groups, weight[mask], None if bias is None else bias[mask], eps)
+        return out
+
+    F.layer_norm, F.group_norm = masked_layer_norm, masked_group_norm
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm = layer_norm, group_norm

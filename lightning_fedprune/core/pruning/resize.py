@@ -72,6 +72,11 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
             touched[id(module)] = (module, mod_name)
     for module, mod_name in touched.values():
         _check_fixable(module, mod_name)
+    # attention modules whose qkv projection changes (the projection itself is a touched Linear)
+    for mod_name, module in model.named_modules():
+        qkv = getattr(module, "qkv", None)
+        if is_head_attention(module) and id(qkv.weight) in changes:
+            touched[id(module)] = (module, mod_name)
 
     # new tensors first, then attributes, checked before anything is assigned
     new_tensors: dict[int, torch.Tensor] = {}
@@ -86,7 +91,10 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
                 return None
             return new_tensors.get(id(t), t)
 
-        plans.append((module, _attributes(module, mod_name, tensor)))
+        if is_head_attention(module):
+            plans.append((module, _head_attributes(module, mod_name, new_tensors)))
+        else:
+            plans.append((module, _attributes(module, mod_name, tensor)))
 
     for tid, new in new_tensors.items():
         for module, attr, _ in holders[tid]:
@@ -101,15 +109,57 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
             module._init_flat_weights()
 
 
+_SUPPORTED = (
+    _CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.RNNBase,
+    nn.MultiheadAttention,
+)
+
+
+def _is_builtin(module: nn.Module) -> bool:
+    """True for PyTorch's own module types (whose shape attributes would need fixing)."""
+    return type(module).__module__.split(".")[0] == "torch"
+
+
+def is_head_attention(module: nn.Module) -> bool:
+    """A multi-head attention block written as timm's: a ``qkv`` Linear of ``3 * num_heads * head_dim``
+    outputs and int ``num_heads`` / ``head_dim`` attributes (timm ``Attention``)."""
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "num_heads", None), int)
+        and isinstance(getattr(module, "head_dim", None), int)
+    )
+
+
 def _check_fixable(module: nn.Module, name: str) -> None:
-    supported = (_CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.RNNBase)
-    if not isinstance(module, supported):
+    if not isinstance(module, _SUPPORTED) and not _is_builtin(module):
+        return  # bare parameters of a model's own module (layer scale, cls_token, pos_embed): no attributes
+    if not isinstance(module, _SUPPORTED):
         raise ModelError(
             f"resize_module: cannot change tensors of module {name!r} ({type(module).__name__}); supported: "
-            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM, GRU, RNN."
+            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM, GRU, RNN, "
+            "MultiheadAttention, and bare parameters of modules that are not PyTorch's own."
         )
     if isinstance(module, nn.RNNBase) and getattr(module, "proj_size", 0):
         raise ModelError(f"resize_module: {type(module).__name__} {name!r} with proj_size > 0 is not supported")
+    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        raise ModelError(f"resize_module: MultiheadAttention {name!r} with kdim / vdim != embed_dim is not supported")
+
+
+def _head_attributes(module: nn.Module, name: str, new_tensors: Mapping[int, torch.Tensor]) -> dict[str, object]:
+    """``num_heads`` (and ``attn_dim``) of a timm-style attention block from its new qkv rows; the
+    head dimension is kept (plans prune whole heads)."""
+    w = new_tensors.get(id(module.qkv.weight), module.qkv.weight)
+    rows = w.shape[0]
+    if rows % (3 * module.head_dim):
+        raise ModelError(
+            f"resize_module: module {name!r} ({type(module).__name__}): {rows} qkv outputs are not 3 x whole heads "
+            f"of head_dim={module.head_dim}"
+        )
+    heads = rows // (3 * module.head_dim)
+    attrs: dict[str, object] = {"num_heads": heads}
+    if isinstance(getattr(module, "attn_dim", None), int):
+        attrs["attn_dim"] = heads * module.head_dim
+    return attrs
 
 
 def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
@@ -168,6 +218,16 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
         return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"num_parameters": tensor("weight").numel()}
+    if isinstance(module, nn.MultiheadAttention):
+        w = tensor("in_proj_weight")
+        embed = w.shape[1]
+        if tuple(w.shape) != (3 * embed, embed) or embed % module.head_dim:
+            raise bad(
+                f"in_proj_weight {tuple(w.shape)} is not (3E, E) with E whole heads of head_dim={module.head_dim}"
+            )
+        return {"embed_dim": embed, "kdim": embed, "vdim": embed, "num_heads": embed // module.head_dim}
+    if not _is_builtin(module):
+        return {}
     if isinstance(module, nn.RNNBase):
         gates = _GATES.get(module.mode, 1)
         dirs = 2 if module.bidirectional else 1
