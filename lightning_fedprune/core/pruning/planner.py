@@ -7,6 +7,19 @@ prunable group on the UNPRUNED model, so every index is in original coordinates.
 :class:`~lightning_fedprune.core.pruning.layout.Layout`); after that no module is needed: plans are
 computed from state dicts and applied by plain tensor indexing.
 
+The dependency graph is trusted only as far as the self-check confirms it: every group's
+sub-model must compute what the sparse model computes (see :meth:`Planner.from_module`); a group
+whose channels an operation maps in a way the graph does not capture (a channels-last flatten
+before a Linear, a reshape into heads without ``num_heads`` / ``head_dim`` attributes) is refused
+by name instead of yielding a wrong sub-model.
+
+Attention: in a block written as timm's ``Attention`` (a ``qkv`` Linear, int ``num_heads`` and
+``head_dim``) the qkv group keeps whole heads, the same in q, k and v, and ``proj`` the matching
+inputs; ``nn.MultiheadAttention`` keeps whole heads of its embedding. Torch-pruning's default for
+attention shrinks the head dimension instead, which changes the softmax scale wherever it is
+derived from the head size (``scaled_dot_product_attention``'s default, ``nn.MultiheadAttention``):
+such a sub-model is not the sparse model. Whole heads keep ``head_dim`` and therefore the scale.
+
 FedMP's rule (Jiang et al., Sec. III-B) is :meth:`Planner.plan`: the same ratio in every group,
 keeping the channels with the largest L1 norm of their filter / neuron weights::
 
@@ -555,8 +568,9 @@ def _failing_node(exc: BaseException) -> Any:
     return found
 
 
-def _layers_near(node: Any, name_of: Mapping[int, str], limit: int = 3) -> list[str]:
-    """Names of the closest named layers at or upstream of graph ``node`` (breadth first)."""
+def _layers_near(node: Any, name_of: Mapping[int, str], limit: int = 3, types: tuple[type, ...] = ()) -> list[str]:
+    """Names of the closest named layers (of ``types``, if given) at or upstream of graph ``node``
+    (breadth first)."""
     if node is None:
         return []
     out: list[str] = []
@@ -566,7 +580,7 @@ def _layers_near(node: Any, name_of: Mapping[int, str], limit: int = 3) -> list[
         nxt = []
         for n in frontier:
             name = name_of.get(id(n.module))
-            if name:
+            if name and (not types or isinstance(n.module, types)):
                 out.append(name)
                 continue
             for i in n.inputs:
@@ -638,12 +652,14 @@ def _build(
     name_of = {i: ns[0] for i, ns in names_of.items()}
 
     def feeders(module: nn.Module) -> list[str]:
-        """The closest named layers upstream of ``module`` (those whose outputs it reads)."""
+        """The closest layers upstream of ``module`` whose output channels reach its inputs."""
         node = graph.module2node.get(module)
         out: list[str] = []
         for i in node.inputs if node is not None else ():
-            out.extend(n for n in _layers_near(i, name_of) if n not in out)
+            out.extend(n for n in _layers_near(i, name_of, types=_WRITER_TYPES) if n not in out)
         return out
+
+    _check_grouped_convolutions(graph, named, unprunable_names, name_of, feeders)
 
     for group in groups:
         gi = len(group_sizes)
@@ -803,6 +819,35 @@ def _build(
     return cls(layout, [writers[g] for g in order], unprunable_modules=unprunable_names)
 
 
+def _check_grouped_convolutions(
+    graph: tp.DependencyGraph, named: Mapping[str, nn.Module], unprunable: Sequence[str], name_of: Mapping[int, str], feeders: Any
+) -> None:
+    """Refuse grouped (not depthwise) convolutions whose output channels or inputs would be pruned,
+    naming every layer to list as unprunable at once."""
+    ignored = {id(m) for n in unprunable for m in named[n].modules()}
+    needed: list[str] = []
+    for module in graph.module2node:
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+            continue
+        if module.groups == module.in_channels == module.out_channels:
+            continue  # depthwise
+        name = name_of.get(id(module))
+        if name is None:
+            continue
+        for n in [name, *feeders(module)]:
+            if id(named[n]) not in ignored and n not in needed:
+                needed.append(n)
+    if needed:
+        grouped = [name_of[id(m)] for m in graph.module2node if isinstance(m, nn.modules.conv._ConvNd)
+                   and 1 < m.groups and not m.groups == m.in_channels == m.out_channels and id(m) in name_of]
+        raise ModelError(
+            f"layer {grouped[0]!r} is a grouped convolution (groups={named[grouped[0]].groups}); structured plans "
+            "support groups=1 and depthwise convolutions only: neither the output channels of a grouped convolution "
+            f"nor those of the layers feeding it can be pruned ({len(grouped)} grouped convolution(s)). HINT: list "
+            f"{', '.join(repr(n) for n in needed)} as unprunable."
+        )
+
+
 def _units_of_root(root: nn.Module, size: int, attention_of: Mapping[int, nn.Module]) -> tuple[int, int]:
     """``(chunks, unit)`` of a group rooted at ``root``: whole heads, the same in q, k and v, for the
     ``qkv`` Linear of a timm-style attention block; free channels otherwise."""
@@ -874,15 +919,8 @@ def _tensor_dims(
     rows1 = tgt[:, None]
     if isinstance(module, nn.modules.conv._ConvNd):
         depthwise = module.groups > 1 and module.groups == module.out_channels == module.in_channels
-        if module.groups > 1 and not depthwise:
-            # its output channels are pruned only if it is prunable, its input channels whenever the
-            # layers feeding it are: both must be unprunable
-            names = [layer, *feeders(module)]
-            raise ModelError(
-                f"layer {layer!r} is a grouped convolution (groups={module.groups}); structured plans support "
-                f"groups=1 and depthwise convolutions only. HINT: list {' and '.join(repr(n) for n in names)} "
-                "as unprunable (the layer and the layers feeding it)."
-            )
+        if module.groups > 1 and not depthwise:  # refused before (_check_grouped_convolutions)
+            raise ModelError(f"layer {layer!r} is a grouped convolution (groups={module.groups})")
         out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
         if depthwise:
             add("weight", 0)

@@ -25,9 +25,15 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
     fixed from the new shapes: ``Linear`` in/out features, ``ConvNd`` in/out channels (and
     ``groups`` of depthwise convolutions), ``BatchNorm`` / ``InstanceNorm`` ``num_features``,
     ``LayerNorm`` ``normalized_shape``, ``GroupNorm`` ``num_channels``, ``Embedding`` sizes,
-    ``PReLU`` ``num_parameters`` and ``LSTM`` / ``GRU`` / ``RNN`` ``input_size`` / ``hidden_size`` (flat weights
-    refreshed). Tied tensors (one parameter under several names) stay tied. Works from a full model
-    to a sub-model and between sub-model shapes. Tensors whose shape already matches are untouched.
+    ``PReLU`` ``num_parameters``, ``LSTM`` / ``GRU`` / ``RNN`` ``input_size`` / ``hidden_size``
+    (flat weights refreshed), ``MultiheadAttention`` ``embed_dim`` / ``num_heads`` (``head_dim``
+    kept: plans prune whole heads) and, for an attention block written as timm's (a ``qkv`` Linear
+    and int ``num_heads`` / ``head_dim``), ``num_heads`` (and ``attn_dim``) from its qkv rows. Bare
+    parameters of a model's own modules (ConvNeXt's ``gamma``, ViT's ``cls_token`` and
+    ``pos_embed``, layer scales) are resized as they are: such modules read their shapes from the
+    tensors. PyTorch's own module types not listed here are refused. Tied tensors (one parameter
+    under several names) stay tied. Works from a full model to a sub-model and between sub-model
+    shapes. Tensors whose shape already matches are untouched.
 
     Args:
         model: The module to reshape (keys are relative to it, as in ``model.state_dict()``).
