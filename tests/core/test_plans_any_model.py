@@ -283,6 +283,12 @@ def _timm(name: str, **kwargs):
     return model, (model.pretrained_cfg["classifier"],)
 
 
+def _torchvision(name: str, head: str, **kwargs):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=10, **kwargs), (head,)
+
+
 _gen = torch.Generator().manual_seed(0)
 # name -> (builder of (model, unprunable), example input)
 CASES = {
@@ -295,6 +301,13 @@ CASES = {
         lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
         torch.randn(2, 3, 32, 32, generator=_gen),
     ),
+    "tv_resnet50": (lambda: _torchvision("resnet50", "fc"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "tv_mobilenet_v2": (lambda: _torchvision("mobilenet_v2", "classifier.1"), torch.randn(2, 3, 64, 64, generator=_gen)),
+    "tv_googlenet": (
+        lambda: _torchvision("googlenet", "fc", aux_logits=False, init_weights=True),
+        torch.randn(2, 3, 64, 64, generator=_gen),
+    ),
+    "tv_squeezenet1_1": (lambda: _torchvision("squeezenet1_1", "classifier.1"), torch.randn(2, 3, 64, 64, generator=_gen)),
     "layernorm_mlp": (lambda: (_LNMLP(), ("classifier",)), torch.randn(4, 6, generator=_gen)),
     "groupnorm_cnn": (lambda: (_GNCNN(), ("classifier",)), torch.randn(2, 3, 6, 6, generator=_gen)),
     "attention_reshape": (lambda: (_AttentionNet(), ("classifier",)), torch.randn(2, 5, 6, generator=_gen)),

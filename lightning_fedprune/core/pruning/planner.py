@@ -535,7 +535,9 @@ def _trace(
     except Exception as exc:  # torch-pruning raises plain exceptions (AssertionError, RuntimeError, ...)
         what = f"{type(exc).__name__}: {exc}"
         if stack:  # the forward itself failed inside a layer
-            raise ModelError(f"cannot trace {type(model).__name__} with torch-pruning in layer {stack[-1]!r}: {what}") from exc
+            raise ModelError(
+                f"cannot trace {type(model).__name__} with torch-pruning in layer {stack[-1]!r}: {what}"
+            ) from exc
         layers = _layers_near(_failing_node(exc), name_of)
         near = f" after layer(s) {layers}" if layers else ""
         if phase == "forward":  # mapping channels through the traced graph (every layer is traced)
@@ -819,27 +821,32 @@ def _build(
     return cls(layout, [writers[g] for g in order], unprunable_modules=unprunable_names)
 
 
+def _is_grouped(module: Any) -> bool:
+    """A grouped convolution that is not depthwise."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and not module.groups == module.in_channels == module.out_channels
+    )
+
+
 def _check_grouped_convolutions(
-    graph: tp.DependencyGraph, named: Mapping[str, nn.Module], unprunable: Sequence[str], name_of: Mapping[int, str], feeders: Any
+    graph: tp.DependencyGraph,
+    named: Mapping[str, nn.Module],
+    unprunable: Sequence[str],
+    name_of: Mapping[int, str],
+    feeders: Any,
 ) -> None:
     """Refuse grouped (not depthwise) convolutions whose output channels or inputs would be pruned,
     naming every layer to list as unprunable at once."""
     ignored = {id(m) for n in unprunable for m in named[n].modules()}
+    grouped = [name_of[id(m)] for m in graph.module2node if _is_grouped(m) and id(m) in name_of]
     needed: list[str] = []
-    for module in graph.module2node:
-        if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
-            continue
-        if module.groups == module.in_channels == module.out_channels:
-            continue  # depthwise
-        name = name_of.get(id(module))
-        if name is None:
-            continue
-        for n in [name, *feeders(module)]:
+    for name in grouped:
+        for n in [name, *feeders(named[name])]:
             if id(named[n]) not in ignored and n not in needed:
                 needed.append(n)
     if needed:
-        grouped = [name_of[id(m)] for m in graph.module2node if isinstance(m, nn.modules.conv._ConvNd)
-                   and 1 < m.groups and not m.groups == m.in_channels == m.out_channels and id(m) in name_of]
         raise ModelError(
             f"layer {grouped[0]!r} is a grouped convolution (groups={named[grouped[0]].groups}); structured plans "
             "support groups=1 and depthwise convolutions only: neither the output channels of a grouped convolution "
@@ -918,9 +925,9 @@ def _tensor_dims(
 
     rows1 = tgt[:, None]
     if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.out_channels == module.in_channels
-        if module.groups > 1 and not depthwise:  # refused before (_check_grouped_convolutions)
+        if _is_grouped(module):  # refused before (_check_grouped_convolutions)
             raise ModelError(f"layer {layer!r} is a grouped convolution (groups={module.groups})")
+        depthwise = module.groups > 1
         out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
         if depthwise:
             add("weight", 0)
