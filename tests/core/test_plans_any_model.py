@@ -4,6 +4,7 @@ message naming the layer (tracing failures, recurrent layers, grouped convolutio
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_fedprune.core.lstm_pruning import LSTMPruner
-from lightning_fedprune.core.plans import Planner, resize_module
-from lightning_fedprune.errors import ConfigError, ModelError
+from lightning_fedprune.core.plans import Plan, Planner, resize_module
+from lightning_fedprune.errors import ConfigError, ModelError, PayloadError
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -495,3 +496,31 @@ def test_attention_keeps_whole_heads_the_same_in_q_k_and_v():
     assert plan.kept_counts == (4,)
     sub = _sub(mha_model, plan, mha_model.state_dict())
     assert (sub.mha.embed_dim, sub.mha.num_heads, sub.mha.head_dim) == (4, 1, 4)
+
+
+def test_units_and_wiring_in_json():
+    model, _, planner = _built("vit_tiny_patch16_224")
+    plan = planner.plan(model.state_dict(), 0.3)
+    data = json.loads(json.dumps(plan.to_json()))
+    assert data["layout"]["wiring"] == planner.layout.wiring and len(data["layout"]["units"]) == 12
+    back = Plan.from_json(data)
+    assert back == plan and back.layout.units == planner.layout.units
+    planner.check(back)
+    bad = json.loads(json.dumps(data))
+    bad["layout"]["units"][0][2] = 7  # 576 channels are not 3 chunks of blocks of 7
+    with pytest.raises(PayloadError, match=r"layout.units\[0\]"):
+        Plan.from_json(bad)
+    # a plan saved without the wiring (shapes-only fingerprint) is still accepted
+    legacy = json.loads(json.dumps(data))
+    del legacy["layout"]["wiring"]
+    legacy["fingerprint"] = planner.layout.shapes_fingerprint
+    old = Plan.from_json(legacy)
+    planner.check(old)
+    assert all(torch.equal(a, b) for a, b in zip(old.kept, plan.kept))
+
+
+def test_half_precision_model_is_checked_in_float32():
+    model = _LNMLP().half()
+    planner = Planner.from_module(model, torch.randn(4, 6).half(), unprunable=("classifier",))
+    assert planner.group_names == ["fc"] and planner.full_shapes["norm.weight"] == (8,)
+    assert next(model.parameters()).dtype == torch.float16  # the model itself is untouched

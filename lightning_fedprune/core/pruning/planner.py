@@ -128,8 +128,10 @@ class Planner:
         statistics cover every channel and the sub-model's only the kept ones, so there the sparse
         model is run with those norms computing their statistics over the kept channels (the
         sub-model's definition). A group whose pruning makes the outputs differ (relative error
-        above 1e-4) or the sub-model fail is refused with a :class:`ModelError` naming its layers
-        and the cause. It costs about two forwards per ratio and a copy of the model.
+        above 1e-4, in float32 whatever the model's dtype) or the sub-model fail is refused with a
+        :class:`ModelError` naming its layers and the cause. It costs a float32 copy of the model
+        and about two forwards per ratio (more only to name a failing group): measured 0.1-0.9 s
+        for the timm and torchvision CNNs of the tests at 64x64, one thread.
 
         The model's train/eval mode (of every submodule) is restored afterwards and its weights are
         not changed. ``model`` may be a bare network or a LightningModule whose forward calls its
@@ -1086,7 +1088,8 @@ def _self_check(planner: Planner, model: nn.Module, example: Any) -> None:
     """Refuse (``ModelError``) any group whose sub-model does not compute the sparse model's output."""
     if planner.num_groups == 0:
         return
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model).float()  # float32 whatever the model's precision
+    example = _float32(example)
     with _without_metrics(work):
         work.eval()
         state = _check_state(work.state_dict())
