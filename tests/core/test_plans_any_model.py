@@ -435,7 +435,7 @@ def test_any_model_plans_exactly(name):
         with torch.no_grad():
             a, b = sub(x), _reference(model, plan, state)(x)
         rel = float((a - b).abs().max() / b.abs().max())
-        assert rel < 1e-6, rel  # measured: at most 3.9e-7
+        assert rel < 1e-6, rel  # measured: at most 4.2e-7
         # recovery is exact: untouched positions bit-identical, kept positions the sub-model's
         trained = {k: v + 1.5 if v.is_floating_point() else v for k, v in plan.extract(state).items()}
         rec = plan.recover(trained, base=state)

@@ -130,7 +130,7 @@ class Planner:
         sub-model's definition). A group whose pruning makes the outputs differ (relative error
         above 1e-4, in float32 whatever the model's dtype) or the sub-model fail is refused with a
         :class:`ModelError` naming its layers and the cause. It costs a float32 copy of the model
-        and about two forwards per ratio (more only to name a failing group): measured 0.1-0.9 s
+        and about two forwards per ratio (more only to name a failing group): measured 0.1-0.6 s
         for the timm and torchvision CNNs of the tests at 64x64, one thread.
 
         The model's train/eval mode (of every submodule) is restored afterwards and its weights are
