@@ -60,44 +60,48 @@ __all__ = [
 NUM_GATES = 4
 
 
-def check_lstm_supported(layer: nn.LSTM, name: str = "") -> None:
-    """Raise :class:`ModelError` unless ``layer`` is a unidirectional LSTM without projections.
+def check_lstm_supported(layer: nn.RNNBase, name: str = "") -> None:
+    """Raise :class:`ModelError` unless ``layer`` is a unidirectional recurrent layer (``nn.LSTM``,
+    ``nn.GRU``, ``nn.RNN``) without projections.
 
     Args:
-        layer: The LSTM.
+        layer: The LSTM (or GRU / RNN).
         name: Its qualified module name, for the message.
 
     Raises:
-        ModelError: For bidirectional LSTMs or ``proj_size > 0``.
+        ModelError: For bidirectional layers or ``proj_size > 0``.
     """
-    label = f"LSTM {name!r}" if name else "this LSTM"
+    kind = type(layer).__name__ if isinstance(layer, (nn.LSTM, nn.GRU, nn.RNN)) else "LSTM"
+    label = f"{kind} {name!r}" if name else f"this {kind}"
     if layer.bidirectional:
         raise ModelError(
-            f"{label} is bidirectional; structured pruning supports unidirectional nn.LSTM only. "
+            f"{label} is bidirectional; structured pruning supports unidirectional nn.{kind} only. "
             "HINT: list it as unprunable to keep it whole."
         )
     if getattr(layer, "proj_size", 0):
         raise ModelError(
-            f"{label} has proj_size={layer.proj_size}; structured pruning supports nn.LSTM "
+            f"{label} has proj_size={layer.proj_size}; structured pruning supports nn.{kind} "
             "without projections only. HINT: list it as unprunable to keep it whole."
         )
 
 
-def gate_rows(units: torch.Tensor, hidden_size: int) -> torch.Tensor:
+def gate_rows(units: torch.Tensor, hidden_size: int, gates: int = NUM_GATES) -> torch.Tensor:
     """Rows of ``weight_ih`` / ``weight_hh`` / the biases that belong to hidden ``units``.
 
     Args:
         units: int64 hidden-unit indices (any order).
         hidden_size: ``H`` of the layer.
+        gates: Gate blocks per unit: 4 for ``nn.LSTM`` (the default), 3 for ``nn.GRU`` (reset,
+            update, new), 1 for ``nn.RNN``.
 
     Returns:
-        ``cat([units + g * H for g in range(4)])``: the four gate blocks in gate order.
+        ``cat([units + g * H for g in range(gates)])``: the gate blocks in gate order.
 
     Example:
         ``gate_rows(tensor([1, 3]), 4)`` is ``[1, 3, 5, 7, 9, 11, 13, 15]``.
     """
     units = torch.as_tensor(units, dtype=torch.long)
-    return torch.cat([units + g * hidden_size for g in range(NUM_GATES)])
+    return torch.cat([units + g * hidden_size for g in range(gates)])
 
 
 def lstm_unit_scores(weight_ih: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:

@@ -29,35 +29,56 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 # recurrent layers
 # --------------------------------------------------------------------------------------------------
 class _GRUTagger(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, num_layers: int = 1, bidirectional: bool = False) -> None:
         super().__init__()
         self.encoder = nn.Linear(3, 5)
-        self.gru = nn.GRU(5, 6, batch_first=True)
-        self.classifier = nn.Linear(6, 2)
+        self.gru = nn.GRU(5, 6, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
+        self.classifier = nn.Linear(12 if bidirectional else 6, 2)
 
     def forward(self, x):
         return self.classifier(self.gru(torch.tanh(self.encoder(x)))[0])
 
 
-def test_gru_is_refused_by_name_or_kept_whole_with_its_inputs_pruned():
+class _BiGRUTagger(_GRUTagger):
+    def __init__(self) -> None:
+        super().__init__(bidirectional=True)
+
+
+def test_gru_hidden_units_pruned_with_their_three_gates_or_kept_whole():
     x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ModelError, match="layer 'gru' is an GRU.*HINT: list 'gru' as unprunable"):
-        Planner.from_module(_GRUTagger(), x, unprunable=("classifier",))
     model = _randomize(_GRUTagger())
-    planner = Planner.from_module(model, x, unprunable=("classifier", "gru"))
-    assert planner.group_names == ["encoder"]
-    plan = planner.plan(model.state_dict(), 0.4)  # keeps int(5 * 0.6) = 3 encoder neurons
-    kept = plan.kept[0].tolist()
-    assert len(kept) == 3
+    state = model.state_dict()
+    planner = Planner.from_module(model, x, unprunable=("classifier",))
+    assert planner.group_names == ["gru.l0", "encoder"]
+    plan = planner.plan(state, 0.5)  # 3 of 6 hidden units, 2 of 5 encoder neurons
+    H = 6
+    ih, hh = state["gru.weight_ih_l0"], state["gru.weight_hh_l0"]
+    score = [sum(float(ih[g * H + j].abs().sum() + hh[g * H + j].abs().sum()) for g in range(3)) for j in range(H)]
+    units = sorted(sorted(range(H), key=lambda j: -score[j])[:3])
+    assert plan.kept[0].tolist() == units
+    rows = [g * H + j for g in range(3) for j in units]  # reset, update and new gate of each kept unit
+    enc = plan.kept[1].tolist()
+    sub_state = plan.extract(state)
+    assert torch.equal(sub_state["gru.weight_ih_l0"], ih[rows][:, enc])
+    assert torch.equal(sub_state["gru.weight_hh_l0"], hh[rows][:, units])
+    assert torch.equal(sub_state["gru.bias_hh_l0"], state["gru.bias_hh_l0"][rows])
+    assert torch.equal(sub_state["classifier.weight"], state["classifier.weight"][:, units])
     sub = copy.deepcopy(model)
     resize_module(sub, plan.sub_shapes())
-    sub.load_state_dict(plan.extract(model.state_dict()))
-    assert sub.gru.input_size == 3 and torch.equal(sub.gru.weight_ih_l0, model.gru.weight_ih_l0[:, kept])
+    sub.load_state_dict(sub_state)
+    assert (sub.gru.input_size, sub.gru.hidden_size) == (2, 3)
     sparse = copy.deepcopy(model)
-    sparse.load_state_dict(plan.sparse(model.state_dict()))
+    sparse.load_state_dict(plan.sparse(state))
     with torch.no_grad():
         a, b = sub(x), sparse(x)
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6  # measured 6e-8
+    # kept whole: only its input features follow the encoder
+    whole = Planner.from_module(model, x, unprunable=("classifier", "gru"))
+    assert whole.group_names == ["encoder"]
+    plan = whole.plan(state, 0.4)
+    kept = plan.kept[0].tolist()
+    assert plan.sub_shapes()["gru.weight_ih_l0"] == (18, 3) and plan.sub_shapes()["gru.weight_hh_l0"] == (18, 6)
+    assert torch.equal(plan.extract(state)["gru.weight_ih_l0"], ih[:, kept])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +338,7 @@ CASES = {
     "flatten_cnn": (lambda: (_FlattenCNN(), ("classifier",)), torch.randn(2, 3, 6, 6, generator=_gen)),
     "lstm_tagger": (lambda: (_LSTMTagger(), ("classifier",)), torch.randint(0, 20, (2, 7), generator=_gen)),
     "lstm_3_layers": (lambda: (_LSTM3(), ("classifier",)), torch.randn(2, 7, 3, generator=_gen)),
+    "gru_2_layers": (lambda: (_GRUTagger(num_layers=2), ("classifier",)), torch.randn(2, 7, 3, generator=_gen)),
 }
 REFUSED = {
     "channels_last_flatten": (
@@ -331,10 +353,10 @@ REFUSED = {
         r"group 'attn.qkv' cannot be pruned.*fails: RuntimeError: shape .* is invalid.*Its layers: 'attn.qkv', "
         r"'attn.proj'.*HINT: list 'attn.qkv' as unprunable",
     ),
-    "gru": (
-        lambda: (_GRUTagger(), ("classifier",)),
+    "bidirectional_gru": (
+        lambda: (_BiGRUTagger(), ("classifier",)),
         torch.randn(2, 4, 3, generator=_gen),
-        r"layer 'gru' is an GRU.*HINT: list 'gru' as unprunable",
+        r"GRU 'gru' is bidirectional.*HINT: list it as unprunable",
     ),
 }
 _BUILT: dict[str, tuple] = {}
@@ -445,7 +467,7 @@ def test_any_model_plans_exactly(name):
             assert torch.equal(rec[k].masked_fill(mask, 0), full.masked_fill(mask, 0)), k
             assert torch.equal(back[k], trained[k]), k
         # torch-pruning's own pruning with the same channels gives the same tensors
-        if not any(".l" in n and isinstance(getattr(model, "lstm", None), nn.LSTM) for n in planner.group_names):
+        if not any(isinstance(m, nn.RNNBase) for m in model.modules()):  # recurrent: see the LSTM/GRU tests
             ref = _tp_pruned(model, x, planner, plan)
             ref_sd = ref.state_dict()
             assert {k: tuple(v.shape) for k, v in ref_sd.items()} == plan.sub_shapes()

@@ -78,8 +78,8 @@ def _check_kept(layout: Layout, kept: Sequence[torch.Tensor], error: type[Except
         if len(counts) > 1:
             names = [layout.group_names[g] for g in tie]
             raise error(
-                f"groups {names} (the layers of one nn.LSTM) must keep the same number of hidden units, "
-                f"got {[out[g].numel() for g in tie]}"
+                f"groups {names} (the layers of one nn.LSTM / nn.GRU / nn.RNN) must keep the same number of "
+                f"hidden units, got {[out[g].numel() for g in tie]}"
             )
     return tuple(out)
 

@@ -1,7 +1,8 @@
 """Build pruning plans from a torch-pruning dependency graph.
 
 :meth:`Planner.from_module` traces the model ONCE with torch-pruning's ``DependencyGraph``
-(``nn.LSTM`` handled by :class:`~lightning_fedprune.core.lstm_pruning.LSTMPruner`) and queries every
+(``nn.LSTM`` handled by :class:`~lightning_fedprune.core.lstm_pruning.LSTMPruner`, ``nn.GRU`` /
+``nn.RNN`` traced as one op) and queries every
 prunable group on the UNPRUNED model, so every index is in original coordinates. Each group's
 ``(dependency, indices)`` pairs are turned into per-tensor index maps (the
 :class:`~lightning_fedprune.core.pruning.layout.Layout`); after that no module is needed: plans are
@@ -50,7 +51,7 @@ from torch import nn
 from lightning_fedprune.core.lstm_pruning import LSTMPruner, check_lstm_supported, gate_rows
 from lightning_fedprune.core.pruning.layout import DimMap, Layout, Part, fingerprint_of
 from lightning_fedprune.core.pruning.plan import Plan, _check_kept
-from lightning_fedprune.core.pruning.resize import is_head_attention, resize_module
+from lightning_fedprune.core.pruning.resize import RNN_GATES, is_head_attention, resize_module
 from lightning_fedprune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -58,22 +59,22 @@ log = logging.getLogger(__name__)
 __all__ = ["Planner", "matches_unprunable"]
 
 #: Module types whose output channels are filters / neurons (scored by importance).
-_WRITER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.LSTM)
+_WRITER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.RNNBase)
 
 
-class _OpaqueRecurrent(tp.pruner.BasePruningFunc):
-    """``nn.GRU`` / ``nn.RNN`` as one traced op (torch-pruning has no pruner for them and its trace
-    of their outputs fails). Plans prune only their input features (columns of ``weight_ih_l0``);
-    their hidden units are never pruned (:meth:`Planner.from_module` refuses them unless listed as
-    unprunable)."""
+class _RecurrentStandIn(tp.pruner.BasePruningFunc):
+    """``nn.GRU`` / ``nn.RNN`` registered with the dependency graph as one op (torch-pruning has no
+    pruner for them), so that it couples their hidden units with the layers reading them and their
+    input features with the layers feeding them. Plans prune them by index maps (their gate rows,
+    as for an LSTM's); these pruning functions are never called."""
 
     TARGET_MODULES = (nn.GRU, nn.RNN)
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        raise ModelError(f"the hidden units of {type(layer).__name__} layers cannot be pruned")
+        raise ModelError(f"{type(layer).__name__} hidden units are pruned by plans (index maps), not in place")
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        raise ModelError(f"plans prune the input features of {type(layer).__name__} layers by index maps only")
+        raise ModelError(f"{type(layer).__name__} input features are pruned by plans (index maps), not in place")
 
     def get_out_channels(self, layer: nn.Module) -> int:
         return layer.hidden_size * (2 if layer.bidirectional else 1)
@@ -171,20 +172,14 @@ class Planner:
 
         lstm_types = {type(m) for m in model.modules() if isinstance(m, nn.LSTM)}
         for n, m in named.items():
-            if isinstance(m, nn.LSTM) and id(m) not in ignored_ids:
+            if isinstance(m, nn.RNNBase) and id(m) not in ignored_ids:
                 check_lstm_supported(m, n)
-        for n, m in named.items():
-            if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM) and id(m) not in ignored_ids:
-                raise ModelError(
-                    f"layer {n!r} is an {type(m).__name__}; structured plans prune the hidden units of nn.LSTM "
-                    f"only. HINT: list {n!r} as unprunable (the layers feeding it stay prunable)."
-                )
         pruner = LSTMPruner()
         customized: dict[type, tp.pruner.BasePruningFunc] = {t: pruner for t in lstm_types}
-        opaque = _OpaqueRecurrent()
+        stand_in = _RecurrentStandIn()
         for m in model.modules():
             if isinstance(m, nn.RNNBase) and not isinstance(m, nn.LSTM):
-                customized[type(m)] = opaque
+                customized[type(m)] = stand_in
 
         traced, traced_example = model, example_input
         if any(
@@ -199,7 +194,7 @@ class Planner:
             named = dict(traced.named_modules())
             ignored = [m for n in matched for m in named[n].modules()]
         modes = [(m, m.training) for m in model.modules()]
-        with _without_metrics(traced), _opaque_recurrent(traced):
+        with _without_metrics(traced), _recurrent_stand_in(traced):
             graph, groups = _trace(traced, traced_example, customized, ignored, named)
         try:
             planner = _build(cls, traced, graph, groups, named, matched)
@@ -277,7 +272,8 @@ class Planner:
         """FedMP's L1 importance of every channel of every group, from ``state``.
 
         A channel's score is the sum of ``|w|`` over its output filter (conv), neuron row (linear)
-        or the four gate rows of ``weight_ih`` and ``weight_hh`` (LSTM hidden unit). Channels written
+        or the gate rows of ``weight_ih`` and ``weight_hh`` (four for an LSTM hidden unit, three
+        for a GRU's, one for an RNN's). Channels written
         by several layers (residual streams) score the SUM over all writer layers.
 
         Args:
@@ -366,7 +362,7 @@ class Planner:
 
         Raises:
             ConfigError: On unknown groups, counts outside ``[1, candidates]`` or unequal counts for
-                the layers of one LSTM.
+                the layers of one LSTM / GRU / RNN.
         """
         candidates = self._candidates(within)
         counts = [c.numel() for c in candidates]
@@ -393,7 +389,10 @@ class Planner:
         for tie in self.layout.ties:
             if len({counts[g] for g in tie}) > 1:
                 names = [self.layout.group_names[g] for g in tie]
-                raise ConfigError(f"groups {names} (layers of one nn.LSTM) need equal keep counts, got {[counts[g] for g in tie]}")
+                raise ConfigError(
+                    f"groups {names} (layers of one nn.LSTM / nn.GRU / nn.RNN) need equal keep counts, "
+                    f"got {[counts[g] for g in tie]}"
+                )
         return Plan._trusted(self.layout, self._select(state, candidates, counts, scores), None)
 
     def plan_from_indices(self, kept: Sequence[Sequence[int]] | Mapping[str | int, Sequence[int]]) -> Plan:
@@ -529,7 +528,7 @@ def _trace(
         phase = "groups"
         groups = list(
             graph.get_all_groups(
-                ignored_layers=ignored, root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.LSTM)
+                ignored_layers=ignored, root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.RNNBase)
             )
         )
     except ModelError:
@@ -671,7 +670,7 @@ def _build(
         root_module = root_dep.target.module
         root_name = names_of[id(root_module)][0]
         size = graph.get_out_channels(root_module)
-        if isinstance(root_module, nn.LSTM):
+        if isinstance(root_module, nn.RNNBase):
             root_name = f"{root_name}.l{root_module.num_layers - 1}"
         group_names.append(root_name)
         group_sizes.append(int(size))
@@ -736,17 +735,17 @@ def _build(
                         "element-wise (e.g. F.pad on channels). HINT: use a layer torch-pruning understands "
                         "(a 1x1 conv projection) or list the layer as unprunable."
                     )
-            if is_out and isinstance(module, nn.LSTM):
+            if is_out and isinstance(module, nn.RNNBase):
                 lstm_out_group[id(module)] = gi
         if not gw:
             raise ModelError(f"group {root_name!r} has no layer whose output filters could be scored")
         writers.append(gw)
 
-    # inner layers of multi-layer LSTMs: one group per layer, tied to the last layer's group
+    # inner layers of multi-layer LSTMs (GRUs, RNNs): one group per layer, tied to the last layer's group
     order: list[int] = []
     for gi in range(len(group_sizes)):
         for n_lstm, lstm in named.items():
-            if isinstance(lstm, nn.LSTM) and lstm_out_group.get(id(lstm)) == gi and lstm.num_layers > 1:
+            if isinstance(lstm, nn.RNNBase) and lstm_out_group.get(id(lstm)) == gi and lstm.num_layers > 1:
                 tie = []
                 hidden = lstm.hidden_size
                 for k in range(lstm.num_layers - 1):
@@ -760,7 +759,7 @@ def _build(
                         for attr, dim, t, r in _lstm_layer_entries(lstm, k, units, units):
                             builder.add(key_of(prefix, attr), dim, new, t, r, n_lstm)
                     for attr in (f"weight_ih_l{k}", f"weight_hh_l{k}"):
-                        gw.append(_Writer(key_of(n_lstm, attr), 0, _gate_row_table(units, hidden), units))
+                        gw.append(_Writer(key_of(n_lstm, attr), 0, _gate_row_table(units, hidden, RNN_GATES[lstm.mode]), units))
                     writers.append(gw)
                     order.append(new)
                     tie.append(new)
@@ -885,19 +884,19 @@ def _wiring_of(graph: tp.DependencyGraph, name_of: Mapping[int, str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _gate_row_table(units: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(n, 4) rows of each unit's four gates."""
-    return gate_rows(units, hidden).view(4, -1).t().contiguous()
+def _gate_row_table(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
+    """(n, gates) rows of each unit's gates."""
+    return gate_rows(units, hidden, gates).view(gates, -1).t().contiguous()
 
 
-def _expand_gates(tgt: torch.Tensor, root: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return gate_rows(tgt, hidden), root.repeat(4)
-
-
-def _lstm_layer_entries(lstm: nn.LSTM, k: int, tgt: torch.Tensor, root: torch.Tensor) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
-    """Tensor dims owned by hidden units ``tgt`` of layer ``k`` (pairs with group channels ``root``)."""
+def _lstm_layer_entries(
+    lstm: nn.RNNBase, k: int, tgt: torch.Tensor, root: torch.Tensor
+) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """Tensor dims owned by hidden units ``tgt`` of layer ``k`` of an LSTM / GRU / RNN (pairs with
+    group channels ``root``)."""
     hidden = getattr(lstm, f"weight_hh_l{k}").shape[1]
-    rows, rows_root = _expand_gates(tgt, root, hidden)
+    gates = RNN_GATES[lstm.mode]
+    rows, rows_root = gate_rows(tgt, hidden, gates), root.repeat(gates)
     out = [
         (f"weight_ih_l{k}", 0, rows, rows_root),
         (f"weight_hh_l{k}", 0, rows, rows_root),
@@ -995,19 +994,17 @@ def _tensor_dims(
     elif isinstance(module, nn.Embedding):
         add("weight", 1)
         writer.append(("weight", 1, rows1, root))
-    elif isinstance(module, nn.LSTM):
+    elif isinstance(module, nn.RNNBase):
         check_lstm_supported(module, layer)
         if is_out:
             last = module.num_layers - 1
             entries.extend(_lstm_layer_entries(module, last, tgt, root))
             hidden = getattr(module, f"weight_hh_l{last}").shape[1]
-            table = _gate_row_table(tgt, hidden)
+            table = _gate_row_table(tgt, hidden, RNN_GATES[module.mode])
             writer.append((f"weight_ih_l{last}", 0, table, root))
             writer.append((f"weight_hh_l{last}", 0, table, root))
         else:
             entries.append(("weight_ih_l0", 1, tgt, root))
-    elif isinstance(module, (nn.GRU, nn.RNN)) and not is_out:
-        entries.append(("weight_ih_l0", 1, tgt, root))
     elif any(True for _ in module.parameters(recurse=False)) or any(
         b is not None for b in module._buffers.values()
     ):
@@ -1020,13 +1017,14 @@ def _tensor_dims(
 
 
 @contextlib.contextmanager
-def _opaque_recurrent(model: nn.Module) -> Iterator[None]:
+def _recurrent_stand_in(model: nn.Module) -> Iterator[None]:
     """Trace ``nn.GRU`` / ``nn.RNN`` as one op.
 
     Autograd decomposes them into their gate arithmetic (no fused op on CPU), which torch-pruning's
     trace cannot follow (measured: ``IndexError`` in its split mapping). While tracing, their forward
     is a stand-in with the same input and output shapes that reads the input through one matmul, so
-    the graph couples their input features with the layers feeding them, as for a fused LSTM.
+    the graph couples their input features with the layers feeding them and their hidden units with
+    the layers reading them, as for a fused LSTM.
     """
     patched = []
     for m in model.modules():
@@ -1117,7 +1115,7 @@ def _self_check(planner: Planner, model: nn.Module, example: Any) -> None:
 
 
 def _check_units(layout: Layout) -> list[tuple[int, ...]]:
-    """Groups checked together: the layers of one LSTM (tied), every other group alone."""
+    """Groups checked together: the layers of one LSTM / GRU / RNN (tied), every other group alone."""
     tied = {g for t in layout.ties for g in t}
     return [tuple(t) for t in layout.ties] + [(g,) for g in range(layout.num_groups) if g not in tied]
 

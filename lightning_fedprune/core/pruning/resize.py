@@ -12,8 +12,8 @@ from lightning_fedprune.errors import ModelError
 __all__ = ["resize_module"]
 
 _CONV = nn.modules.conv._ConvNd
-#: Gate blocks per hidden unit of each ``nn.RNNBase`` mode.
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+#: Gate blocks per hidden unit of each ``nn.RNNBase`` mode (rows ``g * H + j`` of unit ``j``).
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORM_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -235,7 +235,7 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
     if not _is_builtin(module):
         return {}
     if isinstance(module, nn.RNNBase):
-        gates = _GATES.get(module.mode, 1)
+        gates = RNN_GATES[module.mode]
         dirs = 2 if module.bidirectional else 1
         hidden = tensor("weight_hh_l0").shape[1]
         in_size = tensor("weight_ih_l0").shape[1]
