@@ -605,7 +605,9 @@ class _Builder:
         self.pairs: dict[tuple[str, int], dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
         self.owner: dict[tuple[str, int], str] = {}
 
-    def add(self, key: str, dim: int, group: int, tgt: torch.Tensor, root: torch.Tensor, layer: str) -> None:
+    def add(
+        self, key: str, dim: int, group: int, tgt: torch.Tensor, root: torch.Tensor, layer: str, group_root: str
+    ) -> None:
         if key not in self.shapes:
             return  # e.g. a non-persistent buffer: not part of any state dict
         size = self.shapes[key][dim]
@@ -614,7 +616,7 @@ class _Builder:
                 f"layer {layer!r}: torch-pruning couples positions up to {int(tgt.max())} of {key!r} (dim {dim}), "
                 f"which has only {size}: an operation between layers changes the number of channels but was "
                 "traced as element-wise (e.g. F.pad on channels). HINT: use a layer torch-pruning understands "
-                "(a 1x1 conv projection) or list the layer as unprunable."
+                f"(a 1x1 conv projection) or list {group_root!r} (whose output channels reach it) as unprunable."
             )
         bucket = self.pairs.setdefault((key, dim), {})
         t_list, r_list = bucket.setdefault(group, ([], []))
@@ -668,7 +670,7 @@ def _build(
         gi = len(group_sizes)
         root_dep = group[0].dep
         root_module = root_dep.target.module
-        root_name = names_of[id(root_module)][0]
+        root_name = root_layer = names_of[id(root_module)][0]
         size = graph.get_out_channels(root_module)
         if isinstance(root_module, nn.RNNBase):
             root_name = f"{root_name}.l{root_module.num_layers - 1}"
@@ -709,7 +711,7 @@ def _build(
                 if pname is None:
                     raise ModelError(f"group {root_name!r} couples an unnamed parameter of shape {tuple(module.shape)}")
                 dim = dep.target.pruning_dim % module.dim()
-                builder.add(pname, dim, gi, tgt, root, pname)
+                builder.add(pname, dim, gi, tgt, root, pname, root_layer)
                 continue
             if id(module) not in names_of:
                 continue  # torch-pruning's pseudo ops (element-wise, reshape, concat, output, ...)
@@ -719,7 +721,7 @@ def _build(
             for prefix in prefixes:
                 entries, writer_entries = _tensor_dims(module, is_out, layer, tgt, root, feeders)
                 for attr, dim, t, r in entries:
-                    builder.add(key_of(prefix, attr), dim, gi, t, r, layer)
+                    builder.add(key_of(prefix, attr), dim, gi, t, r, layer, root_layer)
                 if prefix is prefixes[0]:
                     for attr, dim, rows, r in writer_entries:
                         key = key_of(prefix, attr)
@@ -733,7 +735,7 @@ def _build(
                         f"layer {layer!r}: torch-pruning couples only {tgt.numel()} of its {full} output channels "
                         f"with group {root_name!r}; an operation between layers was probably traced as "
                         "element-wise (e.g. F.pad on channels). HINT: use a layer torch-pruning understands "
-                        "(a 1x1 conv projection) or list the layer as unprunable."
+                        f"(a 1x1 conv projection) or list {root_layer!r} as unprunable."
                     )
             if is_out and isinstance(module, nn.RNNBase):
                 lstm_out_group[id(module)] = gi
@@ -757,7 +759,7 @@ def _build(
                     gw = []
                     for prefix in names_of[id(lstm)]:
                         for attr, dim, t, r in _lstm_layer_entries(lstm, k, units, units):
-                            builder.add(key_of(prefix, attr), dim, new, t, r, n_lstm)
+                            builder.add(key_of(prefix, attr), dim, new, t, r, n_lstm, n_lstm)
                     for attr in (f"weight_ih_l{k}", f"weight_hh_l{k}"):
                         gw.append(_Writer(key_of(n_lstm, attr), 0, _gate_row_table(units, hidden, RNN_GATES[lstm.mode]), units))
                     writers.append(gw)
