@@ -344,7 +344,7 @@ REFUSED = {
     "channels_last_flatten": (
         lambda: (_FlattenCNN(channels_last=True), ("classifier",)),
         torch.randn(2, 3, 6, 6, generator=_gen),
-        r"group 'conv' cannot be pruned.*relative error.*The Linear 'fc' reads these channels through a flatten.*"
+        r"group 'conv' cannot be pruned.*relative error.*the Linear 'fc' reads these channels through a flatten.*"
         r"channels-last.*HINT: list 'conv' as unprunable",
     ),
     "attention_without_head_attributes": (
@@ -546,3 +546,19 @@ def test_half_precision_model_is_checked_in_float32():
     planner = Planner.from_module(model, torch.randn(4, 6).half(), unprunable=("classifier",))
     assert planner.group_names == ["fc"] and planner.full_shapes["norm.weight"] == (8,)
     assert next(model.parameters()).dtype == torch.float16  # the model itself is untouched
+
+
+class _Overflowing(_LNMLP):
+    def forward(self, x):
+        return super().forward(x) * float("inf")
+
+
+def test_self_check_refuses_a_model_it_cannot_compare_and_can_be_turned_off():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelError, match="_Overflowing: the self-check cannot compare.*not finite.*self_check=False"):
+        Planner.from_module(_Overflowing(), x, unprunable=("classifier",))
+    planner = Planner.from_module(_Overflowing(), x, unprunable=("classifier",), self_check=False)
+    assert planner.group_names == ["fc"]
+    # unchecked, a channels-last flatten is planned (wrongly): the self-check is what refuses it
+    flat = Planner.from_module(_FlattenCNN(channels_last=True), torch.zeros(1, 3, 6, 6), self_check=False, unprunable=("classifier",))
+    assert flat.group_names == ["fc", "conv"]

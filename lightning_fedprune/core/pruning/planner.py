@@ -1092,11 +1092,24 @@ def _self_check(planner: Planner, model: nn.Module, example: Any) -> None:
     example = _float32(example)
     with _without_metrics(work):
         work.eval()
-        state = _check_state(work.state_dict())
+        own = work.state_dict()
+        params = {n for n, _ in work.named_parameters()}
+        state = _check_state(own, params)
         full = planner.layout.shapes
         for ratio in CHECK_RATIOS:
             plan = planner.plan(state, ratio)
-            if _compare(work, plan, state, full, example)[0] <= CHECK_TOLERANCE:
+            error = _compare(work, plan, state, full, example)[0]
+            if math.isnan(error):  # the random tensors make the output non-finite: the model's own
+                state = {k: v.clone() for k, v in own.items()}
+                plan = planner.plan(state, ratio)
+                error = _compare(work, plan, state, full, example)[0]
+                if math.isnan(error):
+                    raise ModelError(
+                        f"{type(model).__name__}: the self-check cannot compare sub-models: the model's output on "
+                        "the example input is not finite. HINT: pass another example input, or self_check=False "
+                        "to trust the dependency graph unchecked."
+                    )
+            if error <= CHECK_TOLERANCE:
                 continue
             failures = []
             for members in _check_units(planner.layout):
@@ -1105,7 +1118,7 @@ def _self_check(planner: Planner, model: nn.Module, example: Any) -> None:
                     kept[g] = plan.kept[g]
                 one = Plan._trusted(planner.layout, tuple(kept), None)
                 error, exc = _compare(work, one, state, full, example)
-                if error > CHECK_TOLERANCE:
+                if not error <= CHECK_TOLERANCE:  # NaN too
                     failures.append((members, error, exc))
             if not failures:
                 raise ModelError(
@@ -1122,14 +1135,16 @@ def _check_units(layout: Layout) -> list[tuple[int, ...]]:
     return [tuple(t) for t in layout.ties] + [(g,) for g in range(layout.num_groups) if g not in tied]
 
 
-def _check_state(state: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors for the self-check: weights with ``1/sqrt(fan_in)`` scale, 1-d tensors
-    (biases, norm parameters, layer scales, BN means) ``N(0, 0.5)``, BN variances in ``[0.5, 1.5]``;
-    so that a channel the maps miss leaks a visible non-zero value."""
+def _check_state(state: Mapping[str, torch.Tensor], params: set[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors for the self-check: weights with ``1/sqrt(fan_in)`` scale, 1-d parameters
+    (biases, norm parameters, layer scales) and BN means ``N(0, 0.5)``, BN variances in
+    ``[0.5, 1.5]``, so that a channel the maps miss leaks a visible non-zero value; other buffers
+    (masks, tables, counters) keep their values."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state.items():
-        if not v.is_floating_point():
+        stats = k.endswith(("running_mean", "running_var"))
+        if not v.is_floating_point() or (k not in params and not stats):
             out[k] = v.clone()
             continue
         if k.endswith("running_var"):
@@ -1147,7 +1162,8 @@ def _compare(
     work: nn.Module, plan: Plan, state: Mapping[str, torch.Tensor], full: Mapping[str, tuple[int, ...]], example: Any
 ) -> tuple[float, BaseException | None]:
     """Relative error between the sub-model's and the (norm-masked) sparse model's outputs;
-    ``inf`` and the exception if the sub-model cannot be built or run."""
+    ``inf`` and the exception if the sub-model cannot be built or run; ``nan`` if the sparse
+    model's output is not finite."""
     try:
         try:
             resize_module(work, plan.sub_shapes())
@@ -1167,8 +1183,11 @@ def _compare(
     worst = 0.0
     for a, b in zip(sub_out, sparse_out):
         a, b = a.double(), b.double()
-        if not bool(torch.isfinite(b).all()):
-            continue  # the random state overflowed this output: nothing to compare
+        finite = torch.isfinite(b)
+        if not bool(finite.all()):
+            return math.nan, None  # not comparable (the caller retries with the model's own tensors)
+        if not bool(torch.isfinite(a).all()):
+            return math.inf, None
         scale = float(b.abs().max()) if b.numel() else 0.0
         diff = float((a - b).abs().max()) if b.numel() else 0.0
         worst = max(worst, diff / scale if scale > 0 else diff)
@@ -1221,7 +1240,10 @@ def _failure_message(planner: Planner, work: nn.Module, failure: tuple, ratio: f
     names = [layout.group_names[g] for g in members]
     layers = list(dict.fromkeys(n for g in members for n in _group_layers(layout, g)))
     shown = ", ".join(repr(n) for n in layers[:8]) + (f" (+{len(layers) - 8} more)" if len(layers) > 8 else "")
-    root = names[-1].rsplit(".l", 1)[0] if len(members) > 1 else names[0]
+    root = names[-1]
+    head, _, tail = root.rpartition(".l")
+    if tail.isdigit() and isinstance(dict(work.named_modules()).get(head), nn.RNNBase):
+        root = head  # the group of one layer of an LSTM / GRU / RNN: list the module
     label = repr(names[0]) if len(names) == 1 else repr(names)
     if isinstance(exc, _ShapeChange):
         return (
@@ -1230,13 +1252,15 @@ def _failure_message(planner: Planner, work: nn.Module, failure: tuple, ratio: f
         )
     if exc is not None:
         cause = f"a sub-model that fails: {type(exc).__name__}: {str(exc)[:300]}"
+    elif not math.isfinite(error):
+        cause = "a sub-model whose output is not finite where the sparse model's is, or the reverse"
     else:
         cause = f"a sub-model whose output differs from the sparse model's (relative error {error:.2g})"
     readers = [r for g in members for r in _flatten_readers(layout, g, work)]
     if readers and exc is None:
         why = (
-            f" The Linear {readers[0]!r} reads these channels through a flatten; torch-pruning maps its columns "
-            "channels-first (column c*HW + j to channel c), which is wrong after a channels-last "
+            f" Likely cause: the Linear {readers[0]!r} reads these channels through a flatten; torch-pruning maps "
+            "its columns channels-first (column c*HW + j to channel c), which is wrong after a channels-last "
             "permute(0, 2, 3, 1).flatten(1)."
         )
     else:
