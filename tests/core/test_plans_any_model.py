@@ -562,3 +562,22 @@ def test_self_check_refuses_a_model_it_cannot_compare_and_can_be_turned_off():
     # unchecked, a channels-last flatten is planned (wrongly): the self-check is what refuses it
     flat = Planner.from_module(_FlattenCNN(channels_last=True), torch.zeros(1, 3, 6, 6), self_check=False, unprunable=("classifier",))
     assert flat.group_names == ["fc", "conv"]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto", "gru_2_layers"])
+def test_nested_plans_compose_on_new_layers(name):
+    model, x, planner = _built(name)
+    state = model.state_dict()
+    outer = planner.plan(state, 0.3)
+    sub = _sub(model, outer, state)
+    inner_planner = Planner.from_module(sub, x, unprunable=planner.unprunable_modules)
+    assert inner_planner.group_names == planner.group_names
+    assert inner_planner.group_sizes == list(outer.kept_counts)
+    inner = inner_planner.plan(sub.state_dict(), 0.5)
+    composed = outer.compose(inner)
+    Plan(planner.layout, composed.kept)  # whole heads / equal counts: a valid plan of the full model
+    twice, once = inner.extract(sub.state_dict()), composed.extract(state)
+    assert all(torch.equal(twice[k], once[k]) for k in once)
+    # the sparse model's scores are the sub-model's: nesting within the outer plan is the same plan
+    within = planner.plan(outer.sparse(state), 0.5, within=outer)
+    assert all(torch.equal(w, c) for w, c in zip(within.kept, composed.kept))
