@@ -581,3 +581,23 @@ def test_nested_plans_compose_on_new_layers(name):
     # the sparse model's scores are the sub-model's: nesting within the outer plan is the same plan
     within = planner.plan(outer.sparse(state), 0.5, within=outer)
     assert all(torch.equal(w, c) for w, c in zip(within.kept, composed.kept))
+
+
+class _NormThenHeads(nn.Module):
+    """GroupNorm groups (2 x 4 channels) and attention heads (2 x 4 channels) on one stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.classifier = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.classifier(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_groups_needing_two_block_structures_are_refused():
+    with pytest.raises(ModelError, match=r"layer 'mha' \(MultiheadAttention\): the channels of group 'conv'.*\(2, 1\) and \(1, 4\).*HINT: list 'conv'"):
+        Planner.from_module(_NormThenHeads(), torch.zeros(1, 3, 4, 4), unprunable=("classifier",))

@@ -6,7 +6,8 @@ A :class:`Layout` is computed once per architecture (by
 
 * the prunable *groups* (name and number of channels), in the graph's order;
 * for every ``state_dict`` key: its full shape and, per dimension, an optional :class:`DimMap`;
-* ties: groups that must keep the same number of channels (the layers of one ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``);
+* ties: groups that must keep the same number of channels (the layers of one ``nn.LSTM`` /
+  ``nn.GRU`` / ``nn.RNN``);
 * units: groups pruned by whole blocks. A group of ``C`` channels with units ``(chunks, unit)``
   is ``chunks`` equal chunks of ``C / chunks`` channels, each cut into blocks of ``unit``
   consecutive channels; a plan keeps whole blocks, the same blocks in every chunk. A timm

@@ -678,7 +678,7 @@ def _build(
         group_sizes.append(int(size))
         group_units.append(_units_of_root(root_module, int(size), attention_of))
         gw: list[_Writer] = []
-        seen_deps: set[tuple[int, str]] = set()
+        seen_mha: set[int] = set()
         for item in group:
             dep = item.dep
             module = dep.target.module
@@ -686,24 +686,14 @@ def _build(
             root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
             if isinstance(module, nn.MultiheadAttention):
                 # torch-pruning prunes its embedding with one function for inputs and outputs
-                if (id(module), "mha") in seen_deps:
+                if id(module) in seen_mha:
                     continue
-                seen_deps.add((id(module), "mha"))
+                seen_mha.add(id(module))
                 units = (1, module.head_dim)
-                if group_units[gi] not in ((1, 1), units):
-                    raise ModelError(
-                        f"layer {names_of[id(module)][0]!r}: group {root_name!r} would need blocks of "
-                        f"{group_units[gi]} and {units}. HINT: list {root_name!r} as unprunable."
-                    )
-                group_units[gi] = units
+                group_units[gi] = _require_units(group_units[gi], units, module, tgt, root, names_of, root_layer)
             if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
                 units = (module.num_groups, 1)
-                if group_units[gi] not in ((1, 1), units):
-                    raise ModelError(
-                        f"layer {names_of[id(module)][0]!r}: group {root_name!r} would need blocks of "
-                        f"{group_units[gi]} and {units}. HINT: list {root_name!r} as unprunable."
-                    )
-                group_units[gi] = units
+                group_units[gi] = _require_units(group_units[gi], units, module, tgt, root, names_of, root_layer)
             if tgt.numel() != torch.unique(tgt).numel():
                 raise ModelError(f"torch-pruning maps a channel twice in group {root_name!r}: unsupported coupling")
             if isinstance(module, nn.Parameter):
@@ -761,7 +751,8 @@ def _build(
                         for attr, dim, t, r in _lstm_layer_entries(lstm, k, units, units):
                             builder.add(key_of(prefix, attr), dim, new, t, r, n_lstm, n_lstm)
                     for attr in (f"weight_ih_l{k}", f"weight_hh_l{k}"):
-                        gw.append(_Writer(key_of(n_lstm, attr), 0, _gate_row_table(units, hidden, RNN_GATES[lstm.mode]), units))
+                        table = _gate_row_table(units, hidden, RNN_GATES[lstm.mode])
+                        gw.append(_Writer(key_of(n_lstm, attr), 0, table, units))
                     writers.append(gw)
                     order.append(new)
                     tie.append(new)
@@ -856,6 +847,32 @@ def _check_grouped_convolutions(
             f"nor those of the layers feeding it can be pruned ({len(grouped)} grouped convolution(s)). HINT: list "
             f"{', '.join(repr(n) for n in needed)} as unprunable."
         )
+
+
+def _require_units(
+    current: tuple[int, int],
+    units: tuple[int, int],
+    module: nn.Module,
+    tgt: torch.Tensor,
+    root: torch.Tensor,
+    names_of: Mapping[int, list[str]],
+    root_layer: str,
+) -> tuple[int, int]:
+    """The group's blocks once ``module`` (attention heads, GroupNorm groups) asks for ``units``:
+    its channels must be the group's channels one to one, and one block structure must fit all."""
+    layer = names_of[id(module)][0]
+    if not torch.equal(tgt, root):
+        raise ModelError(
+            f"layer {layer!r} ({type(module).__name__}) reads the channels of group {root_layer!r} through an offset "
+            f"(e.g. a concatenation), so its {'heads' if units[0] == 1 else 'groups'} cannot be kept whole. "
+            f"HINT: list {root_layer!r} as unprunable."
+        )
+    if current not in ((1, 1), units):
+        raise ModelError(
+            f"layer {layer!r} ({type(module).__name__}): the channels of group {root_layer!r} would have to be kept in "
+            f"blocks {current} and {units} (chunks, block size) at once. HINT: list {root_layer!r} as unprunable."
+        )
+    return units
 
 
 def _units_of_root(root: nn.Module, size: int, attention_of: Mapping[int, nn.Module]) -> tuple[int, int]:
