@@ -170,15 +170,17 @@ def test_regnet_plans_with_the_grouped_convolution_hint():
 # wiring is part of the fingerprint
 # --------------------------------------------------------------------------------------------------
 class _Cat(nn.Module):
-    def __init__(self, swapped: bool = False) -> None:
+    def __init__(self, swapped: bool = False, relu: bool = False, width: int = 6) -> None:
         super().__init__()
-        self.swapped = swapped
+        self.swapped, self.relu = swapped, relu
         self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 6, 3, padding=1)
-        self.classifier = nn.Conv2d(10, 2, 1)
+        self.b = nn.Conv2d(3, width, 3, padding=1)
+        self.classifier = nn.Conv2d(4 + width, 2, 1)
 
     def forward(self, x):
         a, b = self.a(x), self.b(x)
+        if self.relu:
+            a, b = torch.relu(a), torch.relu(b)
         return self.classifier(torch.cat([b, a] if self.swapped else [a, b], 1))
 
 
@@ -200,6 +202,12 @@ def test_a_plan_for_other_wiring_is_refused_with_that_reason():
     assert other.fingerprint == plain.fingerprint
     with pytest.raises(ConfigError, match="other unprunable layers"):
         plain.check(other.plan(_Cat().state_dict(), 0.5))
+    # inputs of the same width behind element-wise operations: the order is still part of the wiring
+    fingerprints = {
+        Planner.from_module(_Cat(swapped=s, relu=True, width=4), x, unprunable=("classifier",)).fingerprint
+        for s in (False, True)
+    }
+    assert len(fingerprints) == 2
 
 
 # --------------------------------------------------------------------------------------------------

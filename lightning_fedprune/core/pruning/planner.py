@@ -885,9 +885,14 @@ def _units_of_root(root: nn.Module, size: int, attention_of: Mapping[int, nn.Mod
 
 
 def _wiring_of(graph: tp.DependencyGraph, name_of: Mapping[int, str]) -> str:
-    """Hash of the traced graph: every node (layer name, parameter name or operation) with its
-    inputs in argument order. Independent of the unprunable layers and of tensor shapes' values
-    except where an operation records them (a concatenation's offsets)."""
+    """Hash of the traced graph's wiring.
+
+    Every node (a layer by name and type, a parameter by name, an operation by its kind and autograd
+    function) gets a signature from its own label and its inputs' signatures in argument order, so
+    the signature says what the node computes from the model's input and which layers it reads in
+    which order; the hash covers every node's signature. It does not depend on the unprunable
+    layers, on the order torch-pruning numbers its operations, nor on shapes except where an
+    operation records them."""
     param_name = getattr(graph, "_param_to_name", {})
 
     def label(node: Any) -> str:
@@ -897,10 +902,25 @@ def _wiring_of(graph: tp.DependencyGraph, name_of: Mapping[int, str]) -> str:
         name = name_of.get(id(m))
         if name is not None:
             return f"layer:{name}:{type(m).__name__}"
-        return repr(m)
+        offsets = getattr(m, "offsets", None)
+        return f"{type(m).__name__}:{type(node.grad_fn).__name__}:{offsets}"
 
-    lines = sorted(label(n) + "<-" + ",".join(label(i) for i in n.inputs) for n in graph.module2node.values())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    signature: dict[int, str] = {}
+    visiting: set[int] = set()
+    for start in graph.module2node.values():
+        stack = [(start, False)]
+        while stack:
+            node, ready = stack.pop()
+            if id(node) in signature:
+                continue
+            if ready:
+                text = label(node) + "(" + ",".join(signature.get(id(i), "cycle") for i in node.inputs) + ")"
+                signature[id(node)] = hashlib.sha256(text.encode()).hexdigest()
+            elif id(node) not in visiting:
+                visiting.add(id(node))
+                stack.append((node, True))
+                stack.extend((i, False) for i in node.inputs if id(i) not in signature)
+    return hashlib.sha256("\n".join(sorted(signature.values())).encode()).hexdigest()[:16]
 
 
 def _gate_row_table(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
