@@ -331,6 +331,10 @@ CASES = {
         lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
         torch.randn(2, 3, 32, 32, generator=_gen),
     ),
+    "deit_tiny_patch16_224": (
+        lambda: _timm("deit_tiny_patch16_224", img_size=32, patch_size=8),
+        torch.randn(2, 3, 32, 32, generator=_gen),
+    ),
     "tv_resnet50": (lambda: _torchvision("resnet50", "fc"), torch.randn(2, 3, 64, 64, generator=_gen)),
     "tv_mobilenet_v2": (lambda: _torchvision("mobilenet_v2", "classifier.1"), torch.randn(2, 3, 64, 64, generator=_gen)),
     "tv_googlenet": (
