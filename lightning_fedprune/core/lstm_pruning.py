@@ -28,7 +28,11 @@ has one ``hidden_size`` for all layers, so every layer must keep the same number
 :meth:`LSTMPruner.prune_out_channels` (what torch-pruning calls for the group of the LSTM's
 output) prunes the last layer with the given indices and, for ``num_layers > 1``, every lower layer
 to the same width, keeping its units with the largest L1 norm of the four gate rows of
-``weight_ih`` and ``weight_hh`` (FedMP's neuron score). :meth:`LSTMPruner.prune_hidden_units`
+``weight_ih`` and ``weight_hh`` (FedMP's neuron score). Every layer is scored on the weights the
+call starts from (every column of ``weight_ih_l{k}``, also those that read units of layer ``k-1``
+that this call removes), exactly as
+:meth:`~lightning_fedprune.core.pruning.planner.Planner.importance` scores each layer's group
+from the full model: both choose the same units for every layer of any depth. :meth:`LSTMPruner.prune_hidden_units`
 prunes one layer with explicit indices.
 
 Only unidirectional LSTMs without projections (``proj_size == 0``) are supported; bidirectional
@@ -56,44 +60,48 @@ __all__ = [
 NUM_GATES = 4
 
 
-def check_lstm_supported(layer: nn.LSTM, name: str = "") -> None:
-    """Raise :class:`ModelError` unless ``layer`` is a unidirectional LSTM without projections.
+def check_lstm_supported(layer: nn.RNNBase, name: str = "") -> None:
+    """Raise :class:`ModelError` unless ``layer`` is a unidirectional recurrent layer (``nn.LSTM``,
+    ``nn.GRU``, ``nn.RNN``) without projections.
 
     Args:
-        layer: The LSTM.
+        layer: The LSTM (or GRU / RNN).
         name: Its qualified module name, for the message.
 
     Raises:
-        ModelError: For bidirectional LSTMs or ``proj_size > 0``.
+        ModelError: For bidirectional layers or ``proj_size > 0``.
     """
-    label = f"LSTM {name!r}" if name else "this LSTM"
+    kind = type(layer).__name__ if isinstance(layer, (nn.LSTM, nn.GRU, nn.RNN)) else "LSTM"
+    label = f"{kind} {name!r}" if name else f"this {kind}"
     if layer.bidirectional:
         raise ModelError(
-            f"{label} is bidirectional; structured pruning supports unidirectional nn.LSTM only. "
+            f"{label} is bidirectional; structured pruning supports unidirectional nn.{kind} only. "
             "HINT: list it as unprunable to keep it whole."
         )
     if getattr(layer, "proj_size", 0):
         raise ModelError(
-            f"{label} has proj_size={layer.proj_size}; structured pruning supports nn.LSTM "
+            f"{label} has proj_size={layer.proj_size}; structured pruning supports nn.{kind} "
             "without projections only. HINT: list it as unprunable to keep it whole."
         )
 
 
-def gate_rows(units: torch.Tensor, hidden_size: int) -> torch.Tensor:
+def gate_rows(units: torch.Tensor, hidden_size: int, gates: int = NUM_GATES) -> torch.Tensor:
     """Rows of ``weight_ih`` / ``weight_hh`` / the biases that belong to hidden ``units``.
 
     Args:
         units: int64 hidden-unit indices (any order).
         hidden_size: ``H`` of the layer.
+        gates: Gate blocks per unit: 4 for ``nn.LSTM`` (the default), 3 for ``nn.GRU`` (reset,
+            update, new), 1 for ``nn.RNN``.
 
     Returns:
-        ``cat([units + g * H for g in range(4)])``: the four gate blocks in gate order.
+        ``cat([units + g * H for g in range(gates)])``: the gate blocks in gate order.
 
     Example:
         ``gate_rows(tensor([1, 3]), 4)`` is ``[1, 3, 5, 7, 9, 11, 13, 15]``.
     """
     units = torch.as_tensor(units, dtype=torch.long)
-    return torch.cat([units + g * hidden_size for g in range(NUM_GATES)])
+    return torch.cat([units + g * hidden_size for g in range(gates)])
 
 
 def lstm_unit_scores(weight_ih: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -146,15 +154,18 @@ class LSTMPruner(tp.pruner.BasePruningFunc):
         """
         check_lstm_supported(layer)
         last = layer.num_layers - 1
+        # every layer is scored on the weights as they are BEFORE this call (all columns), as the
+        # last layer's units were chosen and as the Planner scores each layer's group
+        scores = [
+            lstm_unit_scores(getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")) for k in range(last)
+        ]
         self.prune_hidden_units(layer, last, idxs)
         width = getattr(layer, f"weight_hh_l{last}").shape[1]
         for k in range(last):
-            w_ih, w_hh = getattr(layer, f"weight_ih_l{k}"), getattr(layer, f"weight_hh_l{k}")
-            current = w_hh.shape[1]
+            current = getattr(layer, f"weight_hh_l{k}").shape[1]
             if current == width:
                 continue
-            scores = lstm_unit_scores(w_ih, w_hh)
-            order = torch.sort(scores, descending=True, stable=True).indices
+            order = torch.sort(scores[k], descending=True, stable=True).indices
             kept = set(order[:width].tolist())
             self.prune_hidden_units(layer, k, [i for i in range(current) if i not in kept])
         return layer

@@ -6,7 +6,15 @@ A :class:`Layout` is computed once per architecture (by
 
 * the prunable *groups* (name and number of channels), in the graph's order;
 * for every ``state_dict`` key: its full shape and, per dimension, an optional :class:`DimMap`;
-* ties: groups that must keep the same number of channels (the layers of one ``nn.LSTM``).
+* ties: groups that must keep the same number of channels (the layers of one ``nn.LSTM`` /
+  ``nn.GRU`` / ``nn.RNN``);
+* units: groups pruned by whole blocks. A group of ``C`` channels with units ``(chunks, unit)``
+  is ``chunks`` equal chunks of ``C / chunks`` channels, each cut into blocks of ``unit``
+  consecutive channels; a plan keeps whole blocks, the same blocks in every chunk. A timm
+  attention's ``qkv`` rows are ``(3, head_dim)`` (the same heads in q, k and v), an
+  ``nn.MultiheadAttention``'s embedding ``(1, head_dim)`` (whole heads), a ``GroupNorm`` of ``G``
+  groups ``(G, 1)`` (every group keeps the same channel offsets, so the sub-model's groups are the
+  full model's groups restricted to the kept channels).
 
 A :class:`DimMap` says how the channels of one or more groups map to the positions of one tensor
 dimension. It is a list of :class:`Part` s, each a set of ``(target position, group channel)``
@@ -37,14 +45,17 @@ __all__ = ["Part", "DimMap", "Layout", "fingerprint_of", "encode_kept", "decode_
 LAYOUT_FORMAT = "lightning_fedprune.plan/1"
 
 
-def fingerprint_of(shapes: Mapping[str, Sequence[int]]) -> str:
-    """Stable hash of ``(key, shape)`` of every tensor (order-independent), 16 hex digits."""
+def fingerprint_of(shapes: Mapping[str, Sequence[int]], wiring: str = "") -> str:
+    """Stable hash of ``(key, shape)`` of every tensor (order-independent) and of the graph's
+    ``wiring`` hash (when given), 16 hex digits."""
     h = hashlib.sha256()
     for key in sorted(shapes):
         h.update(key.encode())
         h.update(b":")
         h.update(",".join(str(int(s)) for s in shapes[key]).encode())
         h.update(b";")
+    if wiring:
+        h.update(b"wiring:" + wiring.encode())
     return h.hexdigest()[:16]
 
 
@@ -191,6 +202,12 @@ class Layout:
         maps: The distinct dimension maps.
         dims: Per key, per dimension, an index into ``maps`` or ``None`` (dimension untouched).
         ties: Groups that must keep equal numbers of channels.
+        units: Per group ``(chunks, unit)`` (see the module docstring), or ``()`` when every group is
+            ``(1, 1)`` (any channel set).
+        wiring: Hash of the traced graph's wiring (which layer and operation reads which, in
+            argument order), so that models with the same tensors but other connections (e.g. the
+            inputs of a ``torch.cat`` swapped) have other fingerprints; ``""`` for layouts saved
+            before it existed. The fingerprint covers it.
     """
 
     fingerprint: str
@@ -200,11 +217,51 @@ class Layout:
     maps: tuple[DimMap, ...]
     dims: dict[str, tuple[int | None, ...]]
     ties: tuple[tuple[int, ...], ...] = ()
+    wiring: str = ""
+    units: tuple[tuple[int, int], ...] = ()
 
     # ------------------------------------------------------------------ derived
     @property
+    def shapes_fingerprint(self) -> str:
+        """:func:`fingerprint_of` the shapes alone (without the wiring)."""
+        return fingerprint_of(self.shapes)
+
+    @property
     def num_groups(self) -> int:
         return len(self.group_sizes)
+
+    def group_units(self, g: int) -> tuple[int, int]:
+        """``(chunks, unit)`` of group ``g``; ``(1, 1)`` for a group of free channels."""
+        return self.units[g] if self.units else (1, 1)
+
+    def expand_units(self, g: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Sorted channels of group ``g`` made of ``blocks`` (sorted block indices within a chunk)."""
+        chunks, unit = self.group_units(g)
+        per_chunk = self.group_sizes[g] // chunks
+        c = torch.arange(chunks)[:, None, None] * per_chunk
+        j = torch.arange(unit)[None, None, :]
+        return (c + blocks.to(torch.long)[None, :, None] * unit + j).reshape(-1)
+
+    def blocks_of(self, g: int, kept: torch.Tensor) -> torch.Tensor | None:
+        """The block indices of sorted channels ``kept`` of group ``g``, or ``None`` if ``kept`` is
+        not whole blocks, the same in every chunk."""
+        chunks, unit = self.group_units(g)
+        if (chunks, unit) == (1, 1):
+            return kept
+        first = kept[kept < self.group_sizes[g] // chunks]
+        blocks = torch.unique(first // unit)
+        expanded = self.expand_units(g, blocks)
+        if expanded.numel() != kept.numel() or not torch.equal(expanded, kept):
+            return None
+        return blocks
+
+    def describe_units(self, g: int) -> str:
+        chunks, unit = self.group_units(g)
+        if chunks == 1:
+            return f"whole blocks of {unit} consecutive channels (attention heads)"
+        if unit == 1:
+            return f"the same channel offsets in each of its {chunks} equal chunks (GroupNorm groups)"
+        return f"whole blocks of {unit} channels, the same in each of its {chunks} chunks (heads of q, k and v)"
 
     def group_index(self, key: str | int) -> int:
         """Index of a group given by name or index (raises ``KeyError``)."""
@@ -231,18 +288,25 @@ class Layout:
     def canonical_json(self) -> str:
         cache = self.__dict__.get("_canon")
         if cache is None:
-            cache = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+            data = self.to_json()
+            data.pop("wiring", None)  # the structure only (the fingerprint covers the wiring)
+            cache = json.dumps(data, sort_keys=True, separators=(",", ":"))
             object.__setattr__(self, "_canon", cache)
         return cache
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "groups": [[n, s] for n, s in zip(self.group_names, self.group_sizes)],
             "maps": [m.to_json() for m in self.maps],
             "tensors": [[k, list(self.shapes[k]), list(self.dims[k])] for k in self.shapes],
             "ties": [list(t) for t in self.ties],
         }
+        if self.wiring:
+            data["wiring"] = self.wiring
+        if self.units:
+            data["units"] = [[g, c, u] for g, (c, u) in enumerate(self.units) if (c, u) != (1, 1)]
+        return data
 
     @staticmethod
     def from_json(data: Any, fingerprint: Any) -> "Layout":
@@ -335,17 +399,35 @@ class Layout:
                 raise PayloadError(f"layout.ties[{i}] refers to missing groups or groups of different sizes")
             ties.append(members)
 
-        expected = fingerprint_of(shapes)
+        units = [(1, 1)] * len(sizes)
+        for i, u in enumerate(_list(data.get("units", []), "layout.units")):
+            u = _list(u, f"layout.units[{i}]")
+            if len(u) != 3:
+                raise PayloadError(f"layout.units[{i}] must be [group, chunks, unit]")
+            g, chunks, unit = (_nonneg_int(v, f"layout.units[{i}]") for v in u)
+            if g >= len(sizes) or chunks < 1 or unit < 1 or sizes[g] % (chunks * unit):
+                raise PayloadError(f"layout.units[{i}] does not divide its group's channels")
+            units[g] = (chunks, unit)
+        wiring = data.get("wiring", "")
+        if not isinstance(wiring, str) or (wiring and not _is_hex(wiring, 16)):
+            raise PayloadError(f"layout.wiring must be a string of 16 hex digits, got {wiring!r:.40}")
+        expected = fingerprint_of(shapes, wiring)
         if fingerprint != expected:
             raise PayloadError(
-                f"plan fingerprint {fingerprint!r} does not match its own tensor shapes ({expected!r}): corrupted plan"
+                f"plan fingerprint {fingerprint!r} does not match its own tensor shapes and wiring ({expected!r}): "
+                "corrupted plan"
             )
-        return Layout(expected, tuple(names), tuple(sizes), shapes, tuple(maps), dims, tuple(ties))
+        unit_tuple = tuple(units) if any(u != (1, 1) for u in units) else ()
+        return Layout(expected, tuple(names), tuple(sizes), shapes, tuple(maps), dims, tuple(ties), wiring, unit_tuple)
 
 
 # --------------------------------------------------------------------------------------------------
 # JSON validation helpers
 # --------------------------------------------------------------------------------------------------
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise PayloadError(f"{where} must be a list, got {type(value).__name__}")

@@ -13,6 +13,19 @@ coordinates, plus the architecture's :class:`~lightning_fedprune.core.pruning.la
 
 Plans are built by :class:`~lightning_fedprune.core.pruning.planner.Planner` or loaded with
 :meth:`Plan.from_json`; they never touch a module.
+
+Normalization over pruned channels (``LayerNorm``, ``GroupNorm``): the sub-model's norm has the
+kept channels' affine parameters (sliced like any other tensor) and computes its statistics over
+the kept channels only (a ``GroupNorm`` of ``G`` groups keeps the same channel offsets in every
+group, so each sub-model group is the full group restricted to its kept channels). The sparse
+model's norm still averages over every channel, pruned ones included (they are zero there), so
+its forward is NOT the sub-model's where such a norm is pruned; it equals the sub-model's when the
+norm's statistics are taken over the kept channels, which is what
+:meth:`~lightning_fedprune.core.pruning.planner.Planner.from_module` checks. R2SP recovery is
+position-wise there as everywhere: the kept positions of the norm's weight and bias come from the
+trained sub-model, the pruned ones from the base (the global model), bit for bit. The recovered
+global model normalizes over all channels again, so it is the merge of the parameters, not of the
+sub-model's function (as BSP, recovery without a base, is for every model).
 """
 
 from __future__ import annotations
@@ -57,14 +70,16 @@ def _check_kept(layout: Layout, kept: Sequence[torch.Tensor], error: type[Except
             raise error(f"group {name!r}: kept indices must lie in [0, {size}), got min {int(t.min())} max {int(t.max())}")
         if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
             raise error(f"group {name!r}: kept indices must be sorted ascending and unique")
+        if layout.units and layout.blocks_of(g, t) is None:
+            raise error(f"group {name!r}: kept indices must be {layout.describe_units(g)}")
         out.append(t.contiguous())
     for tie in layout.ties:
         counts = {out[g].numel() for g in tie}
         if len(counts) > 1:
             names = [layout.group_names[g] for g in tie]
             raise error(
-                f"groups {names} (the layers of one nn.LSTM) must keep the same number of hidden units, "
-                f"got {[out[g].numel() for g in tie]}"
+                f"groups {names} (the layers of one nn.LSTM / nn.GRU / nn.RNN) must keep the same number of "
+                f"hidden units, got {[out[g].numel() for g in tie]}"
             )
     return tuple(out)
 
@@ -294,7 +309,9 @@ class Plan:
         """The sparse model: ``state`` with every pruned position of every coupled tensor zeroed.
 
         Its forward equals the sub-model's forward (BN shifts and LSTM gate biases of pruned
-        channels are zeroed too). Returns new tensors.
+        channels are zeroed too), except where a ``LayerNorm`` / ``GroupNorm`` normalizes pruned
+        channels: its statistics cover every channel here and only the kept ones in the sub-model
+        (see the module docstring). Returns new tensors.
 
         Raises:
             ConfigError: On unknown keys or non-full shapes.

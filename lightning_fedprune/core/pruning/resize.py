@@ -12,6 +12,8 @@ from lightning_fedprune.errors import ModelError
 __all__ = ["resize_module"]
 
 _CONV = nn.modules.conv._ConvNd
+#: Gate blocks per hidden unit of each ``nn.RNNBase`` mode (rows ``g * H + j`` of unit ``j``).
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORM_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -23,9 +25,15 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
     fixed from the new shapes: ``Linear`` in/out features, ``ConvNd`` in/out channels (and
     ``groups`` of depthwise convolutions), ``BatchNorm`` / ``InstanceNorm`` ``num_features``,
     ``LayerNorm`` ``normalized_shape``, ``GroupNorm`` ``num_channels``, ``Embedding`` sizes,
-    ``PReLU`` ``num_parameters`` and ``LSTM`` ``input_size`` / ``hidden_size`` (flat weights
-    refreshed). Tied tensors (one parameter under several names) stay tied. Works from a full model
-    to a sub-model and between sub-model shapes. Tensors whose shape already matches are untouched.
+    ``PReLU`` ``num_parameters``, ``LSTM`` / ``GRU`` / ``RNN`` ``input_size`` / ``hidden_size``
+    (flat weights refreshed), ``MultiheadAttention`` ``embed_dim`` / ``num_heads`` (``head_dim``
+    kept: plans prune whole heads) and, for an attention block written as timm's (a ``qkv`` Linear
+    and int ``num_heads`` / ``head_dim``), ``num_heads`` (and ``attn_dim``) from its qkv rows. Bare
+    parameters of a model's own modules (ConvNeXt's ``gamma``, ViT's ``cls_token`` and
+    ``pos_embed``, layer scales) are resized as they are: such modules read their shapes from the
+    tensors. PyTorch's own module types not listed here are refused. Tied tensors (one parameter
+    under several names) stay tied. Works from a full model to a sub-model and between sub-model
+    shapes. Tensors whose shape already matches are untouched.
 
     Args:
         model: The module to reshape (keys are relative to it, as in ``model.state_dict()``).
@@ -70,6 +78,11 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
             touched[id(module)] = (module, mod_name)
     for module, mod_name in touched.values():
         _check_fixable(module, mod_name)
+    # attention modules whose qkv projection changes (the projection itself is a touched Linear)
+    for mod_name, module in model.named_modules():
+        qkv = getattr(module, "qkv", None)
+        if is_head_attention(module) and id(qkv.weight) in changes:
+            touched[id(module)] = (module, mod_name)
 
     # new tensors first, then attributes, checked before anything is assigned
     new_tensors: dict[int, torch.Tensor] = {}
@@ -84,7 +97,10 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
                 return None
             return new_tensors.get(id(t), t)
 
-        plans.append((module, _attributes(module, mod_name, tensor)))
+        if is_head_attention(module):
+            plans.append((module, _head_attributes(module, mod_name, new_tensors)))
+        else:
+            plans.append((module, _attributes(module, mod_name, tensor)))
 
     for tid, new in new_tensors.items():
         for module, attr, _ in holders[tid]:
@@ -99,15 +115,57 @@ def resize_module(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None
             module._init_flat_weights()
 
 
+_SUPPORTED = (
+    _CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.RNNBase,
+    nn.MultiheadAttention,
+)
+
+
+def _is_builtin(module: nn.Module) -> bool:
+    """True for PyTorch's own module types (whose shape attributes would need fixing)."""
+    return type(module).__module__.split(".")[0] == "torch"
+
+
+def is_head_attention(module: nn.Module) -> bool:
+    """A multi-head attention block written as timm's: a ``qkv`` Linear of ``3 * num_heads * head_dim``
+    outputs and int ``num_heads`` / ``head_dim`` attributes (timm ``Attention``)."""
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "num_heads", None), int)
+        and isinstance(getattr(module, "head_dim", None), int)
+    )
+
+
 def _check_fixable(module: nn.Module, name: str) -> None:
-    supported = (_CONV, nn.Linear, *_NORM_FEATURES, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU, nn.LSTM)
-    if not isinstance(module, supported):
+    if not isinstance(module, _SUPPORTED) and not _is_builtin(module):
+        return  # bare parameters of a model's own module (layer scale, cls_token, pos_embed): no attributes
+    if not isinstance(module, _SUPPORTED):
         raise ModelError(
             f"resize_module: cannot change tensors of module {name!r} ({type(module).__name__}); supported: "
-            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM."
+            "Linear, ConvNd, BatchNorm, InstanceNorm, LayerNorm, GroupNorm, Embedding, PReLU, LSTM, GRU, RNN, "
+            "MultiheadAttention, and bare parameters of modules that are not PyTorch's own."
         )
-    if isinstance(module, nn.LSTM) and getattr(module, "proj_size", 0):
-        raise ModelError(f"resize_module: LSTM {name!r} with proj_size > 0 is not supported")
+    if isinstance(module, nn.RNNBase) and getattr(module, "proj_size", 0):
+        raise ModelError(f"resize_module: {type(module).__name__} {name!r} with proj_size > 0 is not supported")
+    if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+        raise ModelError(f"resize_module: MultiheadAttention {name!r} with kdim / vdim != embed_dim is not supported")
+
+
+def _head_attributes(module: nn.Module, name: str, new_tensors: Mapping[int, torch.Tensor]) -> dict[str, object]:
+    """``num_heads`` (and ``attn_dim``) of a timm-style attention block from its new qkv rows; the
+    head dimension is kept (plans prune whole heads)."""
+    w = new_tensors.get(id(module.qkv.weight), module.qkv.weight)
+    rows = w.shape[0]
+    if rows % (3 * module.head_dim):
+        raise ModelError(
+            f"resize_module: module {name!r} ({type(module).__name__}): {rows} qkv outputs are not 3 x whole heads "
+            f"of head_dim={module.head_dim}"
+        )
+    heads = rows // (3 * module.head_dim)
+    attrs: dict[str, object] = {"num_heads": heads}
+    if isinstance(getattr(module, "attn_dim", None), int):
+        attrs["attn_dim"] = heads * module.head_dim
+    return attrs
 
 
 def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
@@ -166,7 +224,18 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
         return {"num_embeddings": w.shape[0], "embedding_dim": w.shape[1]}
     if isinstance(module, nn.PReLU):
         return {"num_parameters": tensor("weight").numel()}
-    if isinstance(module, nn.LSTM):
+    if isinstance(module, nn.MultiheadAttention):
+        w = tensor("in_proj_weight")
+        embed = w.shape[1]
+        if tuple(w.shape) != (3 * embed, embed) or embed % module.head_dim:
+            raise bad(
+                f"in_proj_weight {tuple(w.shape)} is not (3E, E) with E whole heads of head_dim={module.head_dim}"
+            )
+        return {"embed_dim": embed, "kdim": embed, "vdim": embed, "num_heads": embed // module.head_dim}
+    if not _is_builtin(module):
+        return {}
+    if isinstance(module, nn.RNNBase):
+        gates = RNN_GATES[module.mode]
         dirs = 2 if module.bidirectional else 1
         hidden = tensor("weight_hh_l0").shape[1]
         in_size = tensor("weight_ih_l0").shape[1]
@@ -174,14 +243,15 @@ def _attributes(module: nn.Module, name: str, tensor) -> dict[str, object]:
             for suffix in ([""] if dirs == 1 else ["", "_reverse"]):
                 expect_in = in_size if k == 0 else hidden * dirs
                 w_ih, w_hh = tensor(f"weight_ih_l{k}{suffix}"), tensor(f"weight_hh_l{k}{suffix}")
-                if tuple(w_ih.shape) != (4 * hidden, expect_in) or tuple(w_hh.shape) != (4 * hidden, hidden):
+                if tuple(w_ih.shape) != (gates * hidden, expect_in) or tuple(w_hh.shape) != (gates * hidden, hidden):
                     raise bad(
                         f"layer {k}{suffix}: weight_ih {tuple(w_ih.shape)} / weight_hh {tuple(w_hh.shape)} do not fit "
-                        f"one hidden_size={hidden} (every layer of an nn.LSTM must keep the same number of units)"
+                        f"one hidden_size={hidden} (every layer of an nn.{type(module).__name__} must keep the same "
+                        "number of units)"
                     )
                 if module.bias:
                     for b in (f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}"):
-                        if tuple(tensor(b).shape) != (4 * hidden,):
-                            raise bad(f"{b} has shape {tuple(tensor(b).shape)}, expected ({4 * hidden},)")
+                        if tuple(tensor(b).shape) != (gates * hidden,):
+                            raise bad(f"{b} has shape {tuple(tensor(b).shape)}, expected ({gates * hidden},)")
         return {"input_size": in_size, "hidden_size": hidden}
     raise bad("unsupported module type")
