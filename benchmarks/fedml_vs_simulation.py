@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.core.serialization import load_state
     from lightning_fedprune.fedml_adapters.services import LocalBroker, LocalObjectStore, free_port
     from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
     from lightning_fedprune.reporting import format_bytes, read_metrics
+    from lightning_fedprune.simulation import build_run
 
     torch.set_num_threads(1)
     console = Console()
@@ -156,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("deployment", justify="right")
     table.add_column("simulator", justify="right")
     table.add_column("ratio", justify="right")
-    table.add_row("wall time per round (mean)", f"{mean(dep_round) * 1e3:.1f} ms", f"{mean(sim_round) * 1e3:.1f} ms", f"{mean(dep_round) / mean(sim_round):.2f}x")
+    table.add_row(
+        "wall time per round (mean)", f"{mean(dep_round) * 1e3:.1f} ms", f"{mean(sim_round) * 1e3:.1f} ms",
+        f"{mean(dep_round) / mean(sim_round):.2f}x",
+    )
     table.add_row("  of which tasks out -> results in", f"{mean(dep_transport) * 1e3:.1f} ms", "-", "-")
-    table.add_row("wall time per round (median)", f"{sorted(dep_round)[len(dep_round) // 2] * 1e3:.1f} ms", f"{sorted(sim_round)[len(sim_round) // 2] * 1e3:.1f} ms", "")
+    table.add_row(
+        "wall time per round (median)", f"{sorted(dep_round)[len(dep_round) // 2] * 1e3:.1f} ms",
+        f"{sorted(sim_round)[len(sim_round) // 2] * 1e3:.1f} ms", "",
+    )
     table.add_row("payload bytes (tasks + results)", format_bytes(payload), format_bytes(sum(r['bytes_up'] + r['bytes_down'] for r in sim)), "")
     table.add_row("bytes on the wire", format_bytes(wire), "-", f"{wire / payload:.4f}x payload")
     table.add_row("idle CPU: client waiting for its server", f"{100 * idle_client:.2f}% of a core", "-", "")

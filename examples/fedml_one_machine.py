@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lightning_fedprune.cli import main as cli
-    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.core.serialization import load_state
     from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
+    from lightning_fedprune.simulation import build_run
 
     overrides = [f"rounds={args.rounds}", f"run_dir={args.run_dir}"]
     # 1. the deployment: one progress view, then the summary table

@@ -281,9 +281,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, console) -> int:
-    from lightning_fedprune.simulation import build_run
     from lightning_fedprune.reporting import MetricsWriter, PlotWriter, RichProgress
-    from lightning_fedprune.simulation import CHECKPOINT_NAME
+    from lightning_fedprune.simulation import CHECKPOINT_NAME, build_run
 
     cfg = _load(args)
     run_dir = cfg.resolved_run_dir()

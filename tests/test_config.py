@@ -15,8 +15,8 @@ from lightning_fedprune.config import (
     RecipeConfig,
     strategy_options,
 )
-from lightning_fedprune.simulation import build_run
 from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.simulation import build_run
 
 torch.set_num_threads(1)
 

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
 from lightning_fedprune.callbacks.server_pruning import run_server_pruning, sample_based_pruning
-from lightning_fedprune.data.sampling import biased_sample_indices, sample_loader, shared_sample_indices
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.masks import MaskSet, kept_after_levels, magnitude_prune
 from lightning_fedprune.core.sparse import COO_INDICES, unpack_with_masks
 from lightning_fedprune.core.sparse_linear import is_sparse_forward
 from lightning_fedprune.data import make_partition
+from lightning_fedprune.data.sampling import biased_sample_indices, sample_loader, shared_sample_indices
 from lightning_fedprune.errors import ConfigError, DataError
 from lightning_fedprune.runtime import ClientRuntime
 from lightning_fedprune.strategies import ModelSpec
@@ -98,7 +98,8 @@ def test_sparse_compute_trains_like_masked_dense():
     runs = {}
     for sparse in (None, 1.0):
         model = Plain()
-        pl.Trainer(max_epochs=2, callbacks=[MaskingCallback(masks=_fixed_masks(model), sparse_fc_max_density=sparse, sparse_fc_min_weights=0)], **_TRAINER).fit(model, _loader())
+        cb = MaskingCallback(masks=_fixed_masks(model), sparse_fc_max_density=sparse, sparse_fc_min_weights=0)
+        pl.Trainer(max_epochs=2, callbacks=[cb], **_TRAINER).fit(model, _loader())
         runs[sparse] = model.state_dict()
     for k in runs[None]:
         assert torch.allclose(runs[None][k], runs[1.0][k], atol=1e-5), k
@@ -229,7 +230,8 @@ def test_iterative_pruning_rejects_bad_settings():
     with pytest.raises(ConfigError, match=r"layer 'fc_rates\[0\]' must be a number in \[0, 1\), got 1.5"):
         IterativeMagnitudePruning(target_level=2, fc_rates=(1.5, 0.1))
     with pytest.raises(ConfigError, match=r"would remove every weight of layer 'head.weight'"):
-        pl.Trainer(max_epochs=1, callbacks=[IterativeMagnitudePruning(target_level=9, epochs_per_level=1, fc_rates=(0.1, 0.7))], **_TRAINER).fit(Plain(), _loader())
+        cb = IterativeMagnitudePruning(target_level=9, epochs_per_level=1, fc_rates=(0.1, 0.7))
+        pl.Trainer(max_epochs=1, callbacks=[cb], **_TRAINER).fit(Plain(), _loader())
     with pytest.raises(ConfigError, match=r"`fc_rates` has 3 values but the model has 2 fully connected layers"):
         pl.Trainer(max_epochs=1, callbacks=[IterativeMagnitudePruning(target_level=1, epochs_per_level=1)], **_TRAINER).fit(Plain(), _loader())
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_fedprune.callbacks import CLIENT_CALLBACKS
 from lightning_fedprune.callbacks.masking import MaskingCallback

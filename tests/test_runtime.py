@@ -280,7 +280,8 @@ class _PlainModule(pl.LightningModule):
 
 
 def test_non_federatable_module_is_refused(tiny_data):
-    with pytest.raises(ConfigError, match=r"_PlainModule is not federatable: add FederatedModuleMixin.*class _PlainModule\(FederatedModuleMixin, LightningModule\)"):
+    match = r"_PlainModule is not federatable: add FederatedModuleMixin.*class _PlainModule\(FederatedModuleMixin, LightningModule\)"
+    with pytest.raises(ConfigError, match=match):
         ClientRuntime(_PlainModule(), data=tiny_data)
 
 

@@ -6,9 +6,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
+from lightning_fedprune.callbacks.registry import register_client_callback
 from lightning_fedprune.core.compression import TOPK_PREFIX, compress_upload
 from lightning_fedprune.core.contract import UPLOAD, UPLOAD_ERROR_FEEDBACK, UPLOAD_KEEP_RATIO
-from lightning_fedprune.callbacks.registry import register_client_callback
 
 __all__ = ["TopKUploadCallback", "KEEP_RATIO_KEY", "ERROR_FEEDBACK_KEY", "RESIDUAL_STATE_KEY"]
 

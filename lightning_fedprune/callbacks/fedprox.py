@@ -6,9 +6,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
-from lightning_fedprune.errors import ConfigError
-from lightning_fedprune.core.contract import PROX_MU
 from lightning_fedprune.callbacks.registry import register_client_callback
+from lightning_fedprune.core.contract import PROX_MU
+from lightning_fedprune.errors import ConfigError
 
 __all__ = ["FedProxCallback"]
 

@@ -25,18 +25,17 @@ math here lives in :mod:`lightning_fedprune.core.masks`; these callbacks only ca
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
+from lightning_fedprune.callbacks.registry import register_client_callback
+from lightning_fedprune.core.contract import COO, DENSE, WEIGHTS_FORMAT
 from lightning_fedprune.core.masks import (
     MaskSet,
     check_levels,
@@ -47,9 +46,7 @@ from lightning_fedprune.core.masks import (
 )
 from lightning_fedprune.core.sparse import COO_INDICES, pack_state, payload_masks
 from lightning_fedprune.core.sparse_linear import disable_sparse_forward, enable_sparse_forward
-from lightning_fedprune.errors import ConfigError, DataError
-from lightning_fedprune.core.contract import COO, DENSE, WEIGHTS_FORMAT
-from lightning_fedprune.callbacks.registry import register_client_callback
+from lightning_fedprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
-from lightning_fedprune.core.control_variates import SCAFFOLD_CONTROL, SCAFFOLD_DELTA, scaffold_client_update
 from lightning_fedprune.callbacks.registry import register_client_callback
+from lightning_fedprune.core.control_variates import SCAFFOLD_CONTROL, SCAFFOLD_DELTA, scaffold_client_update
 
 __all__ = ["ScaffoldCallback"]
 

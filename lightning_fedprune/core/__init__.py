@@ -21,8 +21,6 @@ from lightning_fedprune.core.masks import (
     masked_weighted_average,
     random_prune,
 )
-from lightning_fedprune.core.sparse import pack_state, unpack_state
-from lightning_fedprune.core.pruning import Plan, resize_module
 from lightning_fedprune.core.messages import (
     ClientFailure,
     ClientMetrics,
@@ -33,7 +31,9 @@ from lightning_fedprune.core.messages import (
     encode_result,
     encode_task,
 )
+from lightning_fedprune.core.pruning import Plan, resize_module
 from lightning_fedprune.core.seeding import derive_seed, rng_for
+from lightning_fedprune.core.sparse import pack_state, unpack_state
 
 __all__ = [
     "ClientTask",

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Union
 
 import torch
 from safetensors.torch import save as st_save
 
+from lightning_fedprune.core.contract import COO, register_weights_format
 from lightning_fedprune.core.masks import MaskSet
 from lightning_fedprune.errors import PayloadError
-from lightning_fedprune.core.contract import COO, register_weights_format
 
 __all__ = [
     "COO_INDICES",

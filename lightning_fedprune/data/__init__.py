@@ -24,6 +24,7 @@ from lightning_fedprune.data.partition import (
 )
 
 __all__ = [
+    "steps_loader",
     "FederatedDataset",
     "DATA_ROOT_ENV",
     "PARTITION_SCHEMES",

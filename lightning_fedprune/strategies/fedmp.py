@@ -39,11 +39,6 @@ from typing import Any
 import torch
 
 from lightning_fedprune.core.aggregation import weighted_average
-from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask, TensorSpec, tensor_spec
-from lightning_fedprune.errors import ConfigError, PayloadError
-from lightning_fedprune.strategies.base import ModelSpec
-from lightning_fedprune.strategies.fedavg import FedAvg
-from lightning_fedprune.strategies.registry import register_strategy
 from lightning_fedprune.core.contract import (
     KEPT,
     PROBE_LOSS,
@@ -54,6 +49,11 @@ from lightning_fedprune.core.contract import (
     WEIGHTS_FORMAT,
     encode_kept_groups,
 )
+from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask, TensorSpec, tensor_spec
+from lightning_fedprune.errors import ConfigError, PayloadError
+from lightning_fedprune.strategies.base import ModelSpec
+from lightning_fedprune.strategies.fedavg import FedAvg
+from lightning_fedprune.strategies.registry import register_strategy
 
 __all__ = ["SubModelStrategy", "FedMP", "UniformPruning", "FlexCom", "AGGREGATIONS"]
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from lightning_fedprune.core.contract import COO, WEIGHTS_FORMAT
 from lightning_fedprune.core.masks import (
     MaskSet,
     apply_masks,
@@ -58,7 +59,6 @@ from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.strategies.base import ModelSpec
 from lightning_fedprune.strategies.fedavg import FedAvg, result_metrics
 from lightning_fedprune.strategies.registry import register_strategy
-from lightning_fedprune.core.contract import COO, WEIGHTS_FORMAT
 
 log = logging.getLogger(__name__)
 

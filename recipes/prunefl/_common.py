@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader
 
 from lightning_fedprune.callbacks.masking import MaskingCallback
 from lightning_fedprune.callbacks.server_pruning import sample_based_pruning
-from lightning_fedprune.data.sampling import sample_loader, shared_sample_indices
 from lightning_fedprune.config import FederatedClassifier
 from lightning_fedprune.core.masks import MaskSet
 from lightning_fedprune.data import FederatedDataset, load_dataset, make_partition
+from lightning_fedprune.data.sampling import sample_loader, shared_sample_indices
 from lightning_fedprune.errors import DataError
 from lightning_fedprune.evaluation import evaluate
 from lightning_fedprune.runtime import ClientRuntime

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from lightning_fedprune.data.sampling import biased_sample_indices  # noqa: E402
 from lightning_fedprune.data import FederatedDataset  # noqa: E402
+from lightning_fedprune.data.sampling import biased_sample_indices  # noqa: E402
 
 NAME = "sampled_clients"
 LEVELS = (5, 10, 15, 20)

@@ -99,7 +99,10 @@ def test_dense_when_it_is_smaller():
 
 def test_round_trip_keeps_exactly_the_topk_positions():
     gen = torch.Generator().manual_seed(0)
-    update = {"a.weight": torch.randn(16, 8, generator=gen), "a.bias": torch.randn(16, generator=gen), "b": torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+    update = {
+        "a.weight": torch.randn(16, 8, generator=gen), "a.bias": torch.randn(16, generator=gen),
+        "b": torch.randn(3, 3, 3, generator=gen, dtype=torch.float64),
+    }
     shapes = {k: tuple(v.shape) for k, v in update.items()}
     payload = topk_compress(update, 0.2)
     back = topk_decompress(payload, shapes)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from fedml_testing import RECIPES, ROOT
 
-from lightning_fedprune.simulation import build_run
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.fedml_adapters.components import (
@@ -21,6 +20,7 @@ from lightning_fedprune.fedml_adapters.components import (
     export_client_data,
 )
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
+from lightning_fedprune.simulation import build_run
 
 torch.set_num_threads(1)
 

@@ -22,11 +22,11 @@ import pytest
 import torch
 from fedml_testing import RECIPES, need_fedml, read_jsonl, start_cli
 
-from lightning_fedprune.simulation import build_run
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.messages import ClientFailure
 from lightning_fedprune.core.serialization import load_state
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
+from lightning_fedprune.simulation import build_run
 
 torch.set_num_threads(1)
 

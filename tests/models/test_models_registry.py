@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from lightning_fedprune.errors import ModelError
-from lightning_fedprune.models import create_model, list_models, model_info, register_model
-from lightning_fedprune.models import registry
+from lightning_fedprune.models import create_model, list_models, model_info, register_model, registry
 
 EXPECTED = {
     "alexnet_cifar",

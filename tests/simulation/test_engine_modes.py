@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
+from lightning_fedprune.core.devices import round_time
 from lightning_fedprune.core.messages import encode_result, encode_task
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.runtime import ClientRuntime
 from lightning_fedprune.simulation import DeviceProfile, SimulationEngine
-from lightning_fedprune.core.devices import round_time
 from lightning_fedprune.strategies import FedAvg
 
 FAST_NET = 1e15  # bytes/s: transfers take no time, compute alone orders the arrivals

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.core.devices import (
     FEDMP_CLUSTERS,
     GPU_EFFECTIVE_UTILIZATION,
@@ -18,6 +17,7 @@ from lightning_fedprune.core.devices import (
     fedmp_devices,
     fluctuate_bandwidth,
 )
+from lightning_fedprune.errors import ConfigError
 
 
 def test_table_two_modes_and_their_throughput():

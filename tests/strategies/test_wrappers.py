@@ -141,7 +141,10 @@ def test_a_recipe_wraps_its_strategy():
     "wrappers, match",
     [
         ([{"name": "fedprx"}], r"`strategy.wrappers\[0\].name` can be fedprox; got 'fedprx'. Did you mean `fedprox`"),
-        ([{"name": "fedprox", "options": {"muu": 1}}], r"unknown key `strategy.wrappers\[0\].options.muu` for wrapper 'fedprox'; valid options: client_local_steps, mu"),
+        (
+            [{"name": "fedprox", "options": {"muu": 1}}],
+            r"unknown key `strategy.wrappers\[0\].options.muu` for wrapper 'fedprox'; valid options: client_local_steps, mu",
+        ),
         ([{"name": "fedprox", "options": {"mu": "big"}}], r"`strategy.wrappers\[0\].options.mu` must be a number"),
         ([{"name": "fedprox", "extra": 1}], r"unknown key `strategy.wrappers\[0\].extra`|unknown key `extra`"),
     ],

@@ -34,7 +34,6 @@ keeping the channels with the largest L1 norm of their filter / neuron weights::
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import fnmatch
 import hashlib
