@@ -198,6 +198,7 @@ class RoundDriver:
             self._emit("on_round_end", record)
             if self.run_dir is not None and ((rnd + 1) % self.checkpoint_every == 0 or rnd == num_rounds - 1 or stopped_early):
                 self.save_checkpoint()
+        self.rounds_done()
         summary = self.summary(stopped_early=stopped_early)
         self._emit("on_run_end", summary)
         return summary
@@ -249,6 +250,10 @@ class RoundDriver:
         self.history.append(record)
         self.next_round = rnd + 1
         return record
+
+    def rounds_done(self) -> None:
+        """Called once the last round of :meth:`run` is done, before the summary (a transport
+        that must wind down first, e.g. to report its final counters, does it here)."""
 
     # ------------------------------------------------------------------ pieces
     def _evaluate_global(self, rnd: int, last: bool) -> dict[str, float]:

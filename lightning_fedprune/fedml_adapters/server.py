@@ -71,6 +71,7 @@ class FedMLTransport:
         self._carried: list[Any] = []  # async mode: tasks in flight from earlier rounds
         self._pool: ThreadPoolExecutor | None = None
         self._cum_wire = {"up": 0, "down": 0}
+        self._stopped = False
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -95,8 +96,9 @@ class FedMLTransport:
         ``train_args.round_timeout_s`` after it was sent) and discarded first, so no client is
         left sending to a server that is gone.
         """
-        if self._endpoint is None:
+        if self._endpoint is None or self._stopped:
             return
+        self._stopped = True
         if self._carried and self._pool is not None:
             self._drain()
         jobs = []
@@ -390,11 +392,14 @@ class FedMLServer(RoundDriver):
         """
         try:
             self.transport.start()
-            summary = super().run(self.rounds if num_rounds is None else num_rounds, resume=self.resume if resume is None else resume)
-            save_state(dict(self.strategy.global_state), Path(self.cfg.run_dir) / GLOBAL_MODEL_NAME)
+            return super().run(self.rounds if num_rounds is None else num_rounds, resume=self.resume if resume is None else resume)
         finally:
-            self.transport.stop()
-        return summary
+            self.transport.stop()  # a no-op when the run ended normally
+
+    def rounds_done(self) -> None:
+        """Write the final global model, then finish the clients (the summary reports the closed transport)."""
+        save_state(dict(self.strategy.global_state), Path(self.cfg.run_dir) / GLOBAL_MODEL_NAME)
+        self.transport.stop()
 
     def summary(self, *, stopped_early: bool = False) -> dict[str, Any]:
         out = super().summary(stopped_early=stopped_early)
