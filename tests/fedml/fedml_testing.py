@@ -278,3 +278,25 @@ def simulate(cfg: Any) -> Any:
     engine.run_dir = None
     engine.run(rounds)
     return engine
+
+
+def grpc_deployment(base: Path, *overrides: str) -> tuple[Any, Path, dict[int, Any]]:
+    """A GRPC deployment of ``digits_grpc.yaml`` on free 127.0.0.1 ports, written to ``base/deployment.yaml``.
+
+    Returns ``(config, its YAML file, the address of every rank)``.
+    """
+    from lightning_fedprune.fedml_adapters.services import free_port
+    from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
+
+    addresses = {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)}
+    ipconfig = write_grpc_ipconfig(base / "grpc_ipconfig.csv", addresses)
+    cfg = DeploymentConfig.from_yaml(
+        RECIPES / "digits_grpc.yaml",
+        overrides=[
+            f"run_dir={base / 'run'}", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5",
+            "train_args.round_timeout_s=120", *overrides,
+        ],
+    )
+    config = base / "deployment.yaml"
+    config.write_text(cfg.to_yaml())
+    return cfg, config, addresses

@@ -12,10 +12,9 @@ import math
 
 import pytest
 import torch
-from fedml_testing import RECIPES, need_fedml, read_jsonl, start_cli
+from fedml_testing import grpc_deployment, need_fedml, read_jsonl, start_cli
 
 from lightning_fedprune.core.serialization import load_state
-from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
 
 ROUNDS = 4
 
@@ -23,22 +22,9 @@ ROUNDS = 4
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory):
     need_fedml()
-    from lightning_fedprune.fedml_adapters.services import free_port
-
     base = tmp_path_factory.mktemp("grpc_async")
     logs = base / "logs"
-    addresses = {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)}
-    ipconfig = write_grpc_ipconfig(base / "grpc_ipconfig.csv", addresses)
-    cfg = DeploymentConfig.from_yaml(
-        RECIPES / "digits_grpc.yaml",
-        overrides=[
-            f"rounds={ROUNDS}", f"run_dir={base / 'run'}", f"comm_args.grpc_ipconfig_path={ipconfig}",
-            "comm_args.hello_interval_s=0.5", "train_args.round_timeout_s=120",
-            "engine.mode=async", "engine.async_m=2", "engine.join_rounds={2: 1}",
-        ],
-    )
-    config = base / "deployment.yaml"
-    config.write_text(cfg.to_yaml())
+    cfg, config, _ = grpc_deployment(base, f"rounds={ROUNDS}", "engine.mode=async", "engine.async_m=2", "engine.join_rounds={2: 1}")
     procs = {}
     try:
         procs["server"] = server = start_cli("server", ["server", str(config), "--no-progress"], logs)

@@ -27,8 +27,8 @@ import pytest
 import torch
 from fedml_testing import (
     AUDIT_HOOK,
-    RECIPES,
     ROOT,
+    grpc_deployment,
     idle_cpu_fraction,
     need_fedml,
     read_jsonl,
@@ -38,11 +38,7 @@ from fedml_testing import (
 )
 
 from lightning_fedprune.core.serialization import load_state
-from lightning_fedprune.fedml_adapters.settings import (
-    DeploymentConfig,
-    GrpcAddress,
-    write_grpc_ipconfig,
-)
+from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 
 torch.set_num_threads(1)
 
@@ -89,21 +85,9 @@ print("PROBE " + json.dumps(out), flush=True)
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     need_fedml()
-    from lightning_fedprune.fedml_adapters.services import free_port
-
     base = tmp_path_factory.mktemp("grpc")
     logs = base / "logs"
-    addresses = {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)}
-    ipconfig = write_grpc_ipconfig(base / "grpc_ipconfig.csv", addresses)
-    cfg = DeploymentConfig.from_yaml(
-        RECIPES / "digits_grpc.yaml",
-        overrides=[
-            f"rounds={ROUNDS}", f"run_dir={base / 'run'}", f"comm_args.grpc_ipconfig_path={ipconfig}",
-            f"comm_args.max_message_bytes={MAX_MESSAGE}", "comm_args.hello_interval_s=0.5", "train_args.round_timeout_s=120",
-        ],
-    )
-    config = base / "deployment.yaml"
-    config.write_text(cfg.to_yaml())
+    cfg, config, addresses = grpc_deployment(base, f"rounds={ROUNDS}", f"comm_args.max_message_bytes={MAX_MESSAGE}")
     audit = base / "audit.jsonl"
     out = {"cfg": cfg, "base": base, "audit": audit, "marker": base / "pwned", "addresses": addresses}
 
