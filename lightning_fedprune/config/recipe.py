@@ -209,6 +209,10 @@ class EngineConfig:
         deadline_factor: ``deadline`` mode: deadline = factor x ``d``.
         deadline_backoff: ``deadline`` mode: rounds a late client sits out.
         join_rounds: client id -> first round it takes part in (clients joining mid-training).
+        workers: simulation: worker processes that train a round's clients side by side (results
+            bit-identical to 1 worker), or ``auto`` (the usable cores). On the 2-core machines
+            measured, 2 workers pay off only for models whose local work dominates (see
+            ``benchmarks/parallel_clients.py``); the default is 1.
     """
 
     mode: str = "sync"
@@ -217,6 +221,7 @@ class EngineConfig:
     deadline_factor: float = 1.5
     deadline_backoff: int = 1
     join_rounds: dict[int, int] = field(default_factory=dict)
+    workers: int | str = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +339,10 @@ def validate(cfg: RecipeConfig) -> None:
     check(0.0 < e.deadline_fraction <= 1.0, "engine.deadline_fraction", "a number in (0, 1]", e.deadline_fraction)
     check(e.deadline_factor >= 1.0, "engine.deadline_factor", "a number >= 1", e.deadline_factor)
     check(e.deadline_backoff >= 0, "engine.deadline_backoff", "an integer >= 0", e.deadline_backoff)
+    check(
+        e.workers == "auto" or (isinstance(e.workers, int) and e.workers >= 1), "engine.workers",
+        "an integer >= 1 or auto", e.workers,
+    )
     for c, r in e.join_rounds.items():
         check(0 <= c < d.num_clients and r >= 0, f"engine.join_rounds.{c}", "a client id below data.num_clients -> round >= 0", r)
 

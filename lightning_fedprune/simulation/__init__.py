@@ -17,10 +17,13 @@ from lightning_fedprune.core.devices import (
     round_time,
 )
 from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, MODES, SimulationEngine, SimulationTransport, build_engine, build_run
+from lightning_fedprune.simulation.parallel import ParallelClients, resolve_workers
 
 __all__ = [
     "SimulationEngine",
     "SimulationTransport",
+    "ParallelClients",
+    "resolve_workers",
     "build_engine",
     "build_run",
     "MODES",

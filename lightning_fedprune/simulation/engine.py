@@ -52,6 +52,7 @@ from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
 from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.evaluation import GlobalEvaluator
 from lightning_fedprune.runtime import initialize_strategy
+from lightning_fedprune.simulation.parallel import ParallelClients, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class SimulationTransport:
         expected: ``strategy.expected_result`` (task -> what a valid result holds).
         seed: run seed (availability and dropout draws).
         max_message_bytes: reject results larger than this (default: no limit).
+        workers: train a round's clients in this many worker processes
+            (:class:`~lightning_fedprune.simulation.parallel.ParallelClients`; bit-identical
+            results), or ``"auto"`` (the usable cores); 1 trains them here, one after another.
 
     Attributes:
         store: the clients' persistent states (checkpointed with the run).
@@ -94,8 +98,11 @@ class SimulationTransport:
         expected: Callable[[ClientTask], tuple[Any, Any]],
         seed: int = 0,
         max_message_bytes: int | None = None,
+        workers: int | str = 1,
     ) -> None:
         self.runtime = runtime
+        self.workers = resolve_workers(workers)
+        self.executor: Any = runtime if self.workers == 1 else ParallelClients(runtime, self.workers, max_message_bytes=max_message_bytes)
         self.devices = list(devices)
         self.expected = expected
         self.seed = int(seed)
@@ -159,7 +166,7 @@ class SimulationTransport:
             to_run.append(received)
             sent[task.client_id] = task
 
-        outcomes = self.runtime.run_many(to_run, self.store) if to_run else []
+        outcomes = self.executor.run_many(to_run, self.store) if to_run else []
         arrivals: list[tuple[ClientResult, int, float]] = []
         rejected_up: dict[int, int] = {}
         for task, out in zip(to_run, outcomes):
@@ -205,6 +212,11 @@ class SimulationTransport:
             "num_in_flight": len(self._inflight),
         }
         return RoundOutcome(results, failures, end - self._now, bytes_up, 0, extra=extra)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (they start again when needed)."""
+        if self.executor is not self.runtime:
+            self.executor.close()
 
     # -------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -255,6 +267,8 @@ class SimulationEngine(RoundDriver):
         max_message_bytes: reject results larger than this (default: no limit).
         mode, deadline_fraction, deadline_factor, deadline_backoff, async_m, join_rounds: the
             round rules (:class:`~lightning_fedprune.core.rounds.RoundRules`).
+        workers: worker processes that train a round's clients side by side (bit-identical
+            results; see :class:`SimulationTransport`); ``"auto"``: the usable cores.
     """
 
     def __init__(
@@ -278,6 +292,7 @@ class SimulationEngine(RoundDriver):
         deadline_backoff: int = 1,
         async_m: int | None = None,
         join_rounds: Mapping[int, int] | None = None,
+        workers: int | str = 1,
     ) -> None:
         rules = RoundRules(
             mode=mode, deadline_fraction=deadline_fraction, deadline_factor=deadline_factor,
@@ -293,6 +308,7 @@ class SimulationEngine(RoundDriver):
             initialize_strategy(strategy, runtime.module, num_clients=num_clients, data=data)
         transport = SimulationTransport(
             runtime=runtime, devices=devices, expected=strategy.expected_result, seed=seed, max_message_bytes=max_message_bytes,
+            workers=workers,
         )
         super().__init__(
             strategy=strategy, transport=transport, rules=rules, num_clients=num_clients, seed=seed, evaluator=evaluator,
@@ -301,6 +317,14 @@ class SimulationEngine(RoundDriver):
         )
         self.data = data
         self.perplexity = bool(perplexity)
+
+    def rounds_done(self) -> None:
+        """Stop the worker processes at the end of :meth:`run`."""
+        self.transport.close()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        self.transport.close()
 
     # the parts, for inspection
     @property
@@ -362,6 +386,7 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
         deadline_factor=e.deadline_factor,
         deadline_backoff=e.deadline_backoff,
         join_rounds=dict(e.join_rounds),
+        workers=e.workers,
     )
     return engine
 

@@ -1,0 +1,113 @@
+"""Clients trained in worker processes: bit-identical to the sequential runtime, in every round mode."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lightning_fedprune.config import RecipeConfig
+from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.runtime import ClientRuntime
+from lightning_fedprune.simulation import ParallelClients, SimulationEngine, make_devices, resolve_workers
+from lightning_fedprune.strategies import FedAvg, FedMP, Scaffold
+
+
+def _engine(tiny_module, data, strategy, *, workers, **kw):
+    runtime = ClientRuntime(tiny_module(), data=data, seed=4, client_callbacks=strategy.client_callbacks)
+    return SimulationEngine(
+        strategy=strategy, runtime=runtime, data=data, devices=make_devices(data.num_clients, seed=2), seed=6, workers=workers, **kw
+    )
+
+
+def _same(a, b):
+    assert [r["num_results"] for r in a.history] == [r["num_results"] for r in b.history]
+    for k, v in a.strategy.global_state.items():
+        assert torch.equal(b.strategy.global_state[k], v), k
+    sa, sb = a.store.state_dict(), b.store.state_dict()
+    assert sa.keys() == sb.keys()
+    for c in sa:
+        for k, v in sa[c].items():
+            if isinstance(v, dict):
+                assert all(torch.equal(v[n], sb[c][k][n]) for n in v)
+    ha = [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in a.history]
+    hb = [{k: v for k, v in r.items() if k not in ("wall_time", "cpu_time")} for r in b.history]
+    assert ha == hb  # same simulated times, bytes, accuracies, losses
+
+
+@pytest.mark.parametrize("mode", ["sync", "deadline", "async"])
+def test_two_workers_end_bit_identical_to_one(tiny_module, tiny_data_factory, mode):
+    # SCAFFOLD keeps c_i per client; with 4 of 5 clients sampled per round a client moves between
+    # workers from round to round and must take its state along
+    data = tiny_data_factory(sizes=(20, 30, 40, 25, 35))
+    kw = {"mode": mode, "async_m": 2} if mode == "async" else {"mode": mode}
+    seq = _engine(tiny_module, data, Scaffold(fraction_fit=0.8, seed=1), workers=1, **kw)
+    par = _engine(tiny_module, data, Scaffold(fraction_fit=0.8, seed=1), workers=2, **kw)
+    try:
+        seq.run(4)
+        par.run(4)
+    finally:
+        par.close()
+    _same(seq, par)
+    assert seq.store.client_ids() == [0, 1, 2, 3, 4]
+
+
+def test_sub_models_train_identically_in_workers(tiny_module, tiny_data):
+    seq = _engine(tiny_module, tiny_data, FedMP(seed=1), workers=1)
+    par = _engine(tiny_module, tiny_data, FedMP(seed=1), workers=3)
+    seq.run(3)
+    par.run(3)
+    _same(seq, par)
+
+
+class Crashing:
+    """A runtime wrapper whose worker process dies while training client 1 in round 0."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_many(self, tasks, store):
+        if any(t.client_id == 1 and t.round == 0 for t in tasks) and os.getpid() != PARENT[0]:
+            os._exit(7)
+        return self.inner.run_many(tasks, store)
+
+
+PARENT = [0]
+
+
+def test_a_worker_that_dies_is_a_counted_client_failure_and_is_replaced(tiny_module, tiny_data, caplog):
+    PARENT[0] = os.getpid()
+    strategy = FedAvg(seed=0)
+    runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=0)
+    engine = SimulationEngine(strategy=strategy, runtime=Crashing(runtime), data=tiny_data, devices=make_devices(3, seed=0), workers=3)
+    try:
+        with caplog.at_level("WARNING"):
+            r0 = engine.run_round(0)
+        assert r0["num_results"] == 2 and r0["num_failures"] == 1
+        assert r0["failures"][0]["client_id"] == 1 and "exit code 7" in r0["failures"][0]["reason"]
+        assert "client worker 1 died" in caplog.text
+        r1 = engine.run_round(1)  # a new worker took its place
+        assert r1["num_results"] == 3
+    finally:
+        engine.close()
+
+
+def test_workers_setting():
+    assert resolve_workers(3) == 3 and resolve_workers(None) == 1 and resolve_workers("auto") >= 1
+    with pytest.raises(ConfigError, match="`workers` must be an integer >= 1 or 'auto'"):
+        resolve_workers(0)
+    with pytest.raises(ConfigError, match="`engine.workers` must be an integer >= 1 or auto"):
+        RecipeConfig.from_dict({"engine": {"workers": "many"}})
+    assert RecipeConfig.from_dict({"engine": {"workers": "auto"}}).engine.workers == "auto"
+
+
+def test_parallel_clients_read_the_runtimes_attributes(tiny_module, tiny_data):
+    runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=0)
+    pool = ParallelClients(runtime, 2)
+    assert pool.module is runtime.module and pool.seed == 0
+    assert pool.run_many([], None) == []
+    pool.close()
