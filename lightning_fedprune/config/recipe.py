@@ -213,6 +213,9 @@ class EngineConfig:
             bit-identical to 1 worker), or ``auto`` (the usable cores). On the 2-core machines
             measured, 2 workers pay off only for models whose local work dominates (see
             ``benchmarks/parallel_clients.py``); the default is 1.
+        client_memory_mb: simulation: MiB of clients' persistent states (SCAFFOLD's ``c_i``,
+            personalized layers) kept in memory; the least recently used beyond it are spilled
+            to disk (``null``: no limit).
     """
 
     mode: str = "sync"
@@ -222,6 +225,7 @@ class EngineConfig:
     deadline_backoff: int = 1
     join_rounds: dict[int, int] = field(default_factory=dict)
     workers: int | str = 1
+    client_memory_mb: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +347,8 @@ def validate(cfg: RecipeConfig) -> None:
         e.workers == "auto" or (isinstance(e.workers, int) and e.workers >= 1), "engine.workers",
         "an integer >= 1 or auto", e.workers,
     )
+    if e.client_memory_mb is not None:
+        check(e.client_memory_mb >= 0, "engine.client_memory_mb", "null or a number >= 0", e.client_memory_mb)
     for c, r in e.join_rounds.items():
         check(0 <= c < d.num_clients and r >= 0, f"engine.join_rounds.{c}", "a client id below data.num_clients -> round >= 0", r)
 

@@ -80,6 +80,8 @@ class SimulationTransport:
         expected: ``strategy.expected_result`` (task -> what a valid result holds).
         seed: run seed (availability and dropout draws).
         max_message_bytes: reject results larger than this (default: no limit).
+        client_memory_budget: bytes of client states kept in memory (see
+            :class:`~lightning_fedprune.core.client_store.ClientStore`).
         workers: train a round's clients in this many worker processes
             (:class:`~lightning_fedprune.simulation.parallel.ParallelClients`; bit-identical
             results), or ``"auto"`` (the usable cores); 1 trains them here, one after another.
@@ -99,6 +101,7 @@ class SimulationTransport:
         seed: int = 0,
         max_message_bytes: int | None = None,
         workers: int | str = 1,
+        client_memory_budget: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.workers = resolve_workers(workers)
@@ -107,7 +110,7 @@ class SimulationTransport:
         self.expected = expected
         self.seed = int(seed)
         self.max_message_bytes = max_message_bytes
-        self.store = ClientStore()
+        self.store = ClientStore(memory_budget=client_memory_budget)
         self._now = 0.0  # simulated seconds since the run started
         self._inflight: dict[int, _Flight] = {}  # async mode: client -> its task in progress
 
@@ -269,6 +272,8 @@ class SimulationEngine(RoundDriver):
             round rules (:class:`~lightning_fedprune.core.rounds.RoundRules`).
         workers: worker processes that train a round's clients side by side (bit-identical
             results; see :class:`SimulationTransport`); ``"auto"``: the usable cores.
+        client_memory_budget: bytes of clients' persistent states kept in memory; the least
+            recently used beyond it are spilled to a temporary folder (``None``: no limit).
     """
 
     def __init__(
@@ -293,6 +298,7 @@ class SimulationEngine(RoundDriver):
         async_m: int | None = None,
         join_rounds: Mapping[int, int] | None = None,
         workers: int | str = 1,
+        client_memory_budget: int | None = None,
     ) -> None:
         rules = RoundRules(
             mode=mode, deadline_fraction=deadline_fraction, deadline_factor=deadline_factor,
@@ -308,7 +314,7 @@ class SimulationEngine(RoundDriver):
             initialize_strategy(strategy, runtime.module, num_clients=num_clients, data=data)
         transport = SimulationTransport(
             runtime=runtime, devices=devices, expected=strategy.expected_result, seed=seed, max_message_bytes=max_message_bytes,
-            workers=workers,
+            workers=workers, client_memory_budget=client_memory_budget,
         )
         super().__init__(
             strategy=strategy, transport=transport, rules=rules, num_clients=num_clients, seed=seed, evaluator=evaluator,
@@ -387,6 +393,7 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
         deadline_backoff=e.deadline_backoff,
         join_rounds=dict(e.join_rounds),
         workers=e.workers,
+        client_memory_budget=None if e.client_memory_mb is None else int(e.client_memory_mb * 2**20),
     )
     return engine
 

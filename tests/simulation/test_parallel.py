@@ -111,3 +111,19 @@ def test_parallel_clients_read_the_runtimes_attributes(tiny_module, tiny_data):
     assert pool.module is runtime.module and pool.seed == 0
     assert pool.run_many([], None) == []
     pool.close()
+
+
+def test_a_recipe_sets_workers_and_the_client_memory_budget(tmp_path):
+    from lightning_fedprune.simulation import build_run
+
+    cfg = RecipeConfig.from_dict({
+        "rounds": 2, "run_dir": str(tmp_path), "data": {"num_clients": 4}, "strategy": {"name": "scaffold"},
+        "engine": {"workers": 2, "client_memory_mb": 0.0},
+    })
+    engine, rounds = build_run(cfg, listeners=[])
+    try:
+        engine.run(rounds)
+    finally:
+        engine.close()
+    assert engine.transport.workers == 2
+    assert engine.store.memory_bytes == 0 and len(list(engine.store.spill_dir.glob("client_*.safetensors"))) == 4
