@@ -211,8 +211,9 @@ class EngineConfig:
         join_rounds: client id -> first round it takes part in (clients joining mid-training).
         workers: simulation: worker processes that train a round's clients side by side (results
             bit-identical to 1 worker), or ``auto`` (the usable cores). On the 2-core machines
-            measured, 2 workers pay off only for models whose local work dominates (see
-            ``benchmarks/parallel_clients.py``); the default is 1.
+            measured, 2 workers make the CNN workload of ``benchmarks/parallel_clients.py`` 1.35-1.5x
+            faster but the default digits MLP 1.6-2x slower (passing tasks and states between
+            processes costs more than its local training), so the default is 1.
         client_memory_mb: simulation: MiB of clients' persistent states (SCAFFOLD's ``c_i``,
             personalized layers) kept in memory; the least recently used beyond it are spilled
             to disk (``null``: no limit).

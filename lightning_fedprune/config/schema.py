@@ -181,6 +181,10 @@ def check_choice(value: str, key: str, choices: Sequence[str], hint: str = "") -
 
 
 
+def _accepts_type(hint: Any, t: type) -> bool:
+    return hint is t or (is_union(hint) and t in get_args(hint))
+
+
 def set_path(root: type, data: dict[str, Any], key: str, value: Any, raw: str) -> None:
     """Set dotted ``key`` in the dict form of dataclass ``root``, checking each level against the dataclasses.
 
@@ -205,7 +209,7 @@ def set_path(root: type, data: dict[str, Any], key: str, value: Any, raw: str) -
                 raise unknown_key(dotted, part, names, f" (from --set {key}={raw})")
             hint = hints(cls)[part]
             if last:
-                if accepts_str(hint) and isinstance(value, (bool, int, float)):
+                if accepts_str(hint) and isinstance(value, (bool, int, float)) and not _accepts_type(hint, type(value)):
                     value = raw.strip()
                 node[part] = value
                 return

@@ -103,6 +103,11 @@ def test_workers_setting():
     with pytest.raises(ConfigError, match="`engine.workers` must be an integer >= 1 or auto"):
         RecipeConfig.from_dict({"engine": {"workers": "many"}})
     assert RecipeConfig.from_dict({"engine": {"workers": "auto"}}).engine.workers == "auto"
+    # from the command line a number stays a number where the key also takes text
+    base = RecipeConfig.from_dict({})
+    assert base.apply_overrides(["engine.workers=2"]).engine.workers == 2
+    assert base.apply_overrides(["engine.workers=auto"]).engine.workers == "auto"
+    assert base.apply_overrides(["name=123"]).name == "123"
 
 
 def test_parallel_clients_read_the_runtimes_attributes(tiny_module, tiny_data):
