@@ -269,7 +269,7 @@ def build_strategy(cfg: RecipeConfig, *, data: Any = None, devices: Sequence[Any
     }
     valid = strategy_options(s.name)
     wrapper_kwargs = [dict(w.options) for w in s.wrappers]
-    if "momentum" in valid and "momentum" not in s.options:
+    if "momentum" in valid and "momentum" not in s.options:  # a strategy that must know the clients' momentum
         kwargs["momentum"] = m.momentum
     if needs_devices(cfg) and devices is None:
         raise ConfigError(
@@ -287,12 +287,6 @@ def build_strategy(cfg: RecipeConfig, *, data: Any = None, devices: Sequence[Any
     if _wants_uplink(cfg):
         assert devices is not None
         kwargs["client_uplink"] = {c: dev.uplink_bytes_per_second for c, dev in enumerate(devices)}
-    if s.name == "scaffold" and m.optimizer == "sgd" and m.momentum > 0:
-        log.warning(
-            "strategy scaffold with model.momentum=%g: SCAFFOLD's control variates are estimated for plain SGD "
-            "and momentum can make training diverge; set model.momentum: 0.0 (and raise model.lr instead)",
-            m.momentum,
-        )
     try:
         strategy = STRATEGIES[s.name](**kwargs)
         for w, wk in zip(s.wrappers, wrapper_kwargs):

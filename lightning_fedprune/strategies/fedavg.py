@@ -5,6 +5,7 @@ variates).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from lightning_fedprune.core.seeding import rng_for
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
 from lightning_fedprune.strategies.registry import register_strategy
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FedAvg", "FedNova", "Scaffold", "capability_local_steps", "result_metrics"]
 
@@ -171,15 +174,26 @@ class Scaffold(FedAvg):
 
     Args:
         server_lr: global step size ``eta_g``.
+        momentum: the clients' SGD momentum (a recipe passes ``model.momentum``). SCAFFOLD's
+            control variates are estimated for plain SGD: with momentum > 0 a warning says so.
         **fedavg_kwargs: as :class:`FedAvg` (``weighted`` is ignored: SCAFFOLD averages equally).
     """
 
     client_callbacks = ("scaffold",)
 
-    def __init__(self, *, server_lr: float = 1.0, **fedavg_kwargs: Any) -> None:
+    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.0, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         if not server_lr > 0:
             raise ConfigError(f"`server_lr` must be > 0, got {server_lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"`momentum` must be in [0, 1), got {momentum}")
+        if momentum > 0:
+            log.warning(
+                "SCAFFOLD with client momentum %g: its control variates are estimated for plain SGD and momentum "
+                "can make training diverge; use momentum 0 (model.momentum: 0.0) and raise the learning rate instead",
+                momentum,
+            )
+        self.momentum = float(momentum)
         self.server_lr = float(server_lr)
         self._control: dict[str, torch.Tensor] = {}
 
