@@ -17,6 +17,7 @@ from lightning_fedprune.config import (
 )
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.simulation import build_run
+from lightning_fedprune.strategies import STRATEGIES
 
 torch.set_num_threads(1)
 
@@ -101,7 +102,7 @@ def test_wrong_types(data, match):
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"strategy": {"name": "fedsgd"}}, r"`strategy\.name` can be fedavg, fedmp, fednova, fedprox, flexcom, prunefl, scaffold, upfl; got 'fedsgd'"),
+        ({"strategy": {"name": "fedsgd"}}, r"`strategy\.name` can be " + ", ".join(sorted(STRATEGIES)) + "; got 'fedsgd'. Did you mean `fedavg`"),
         ({"data": {"name": "imagenet"}}, r"`data\.name` can be .*digits.*got 'imagenet'"),
         ({"model": {"name": "mpl"}}, r"`model\.name` can be .*Did you mean `mlp`.*timm"),
         ({"model": {"optimizer": "rmsprop"}}, r"`model\.optimizer` can be sgd, adam"),

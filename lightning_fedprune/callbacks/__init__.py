@@ -4,6 +4,7 @@ from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
+from lightning_fedprune.callbacks.personal import PersonalizedModel
 from lightning_fedprune.callbacks.registry import CLIENT_CALLBACKS, make_client_callbacks, register_client_callback
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
 from lightning_fedprune.callbacks.server_pruning import run_server_pruning, sample_based_pruning
@@ -17,6 +18,7 @@ __all__ = [
     "TopKUploadCallback",
     "StructuredPruning",
     "MaskingCallback",
+    "PersonalizedModel",
     "IterativeMagnitudePruning",
     "run_server_pruning",
     "sample_based_pruning",

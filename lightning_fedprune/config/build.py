@@ -199,18 +199,20 @@ def build_data(cfg: RecipeConfig) -> tuple[Any, Any, Any]:
 
 def build_devices(cfg: RecipeConfig) -> list[Any]:
     """The recipe's device profiles (``devices`` section: FedMP's scenarios or generic ranges)."""
-    from lightning_fedprune.core.devices import fedmp_devices, make_devices
+    from lightning_fedprune.core.devices import fedmp_devices, make_devices, with_memory
 
     v = cfg.devices
     if v.scenario is not None or v.clusters:
-        return fedmp_devices(
+        devices = fedmp_devices(
             v.scenario if v.scenario is not None else dict(v.clusters), seed=cfg.seed,
             availability=v.availability, failure_prob=v.failure_prob,
         )
-    return make_devices(
-        cfg.data.num_clients, seed=cfg.seed, compute_gflops=v.compute_gflops, uplink_mbps=v.uplink_mbps,
-        downlink_mbps=v.downlink_mbps, availability=v.availability, failure_prob=v.failure_prob,
-    )
+    else:
+        devices = make_devices(
+            cfg.data.num_clients, seed=cfg.seed, compute_gflops=v.compute_gflops, uplink_mbps=v.uplink_mbps,
+            downlink_mbps=v.downlink_mbps, availability=v.availability, failure_prob=v.failure_prob,
+        )
+    return with_memory(devices, v.memory_mb, seed=cfg.seed) if v.memory_mb is not None else devices
 
 
 def _wants_uplink(cfg: RecipeConfig) -> bool:
@@ -220,11 +222,20 @@ def _wants_uplink(cfg: RecipeConfig) -> bool:
     return "client_uplink" in strategy_options(s.name) and "client_uplink" not in s.options and "keep_ratios" not in s.options
 
 
+def _wants_devices(cfg: RecipeConfig) -> bool:
+    from lightning_fedprune.strategies import strategy_options
+
+    s = cfg.strategy
+    return "devices" in strategy_options(s.name) and "devices" not in s.options and "fixed_rates" not in s.options
+
+
 def needs_devices(cfg: RecipeConfig) -> bool:
     """Whether the strategy is told about the devices' profiles: capability-scaled local work
-    (``strategy.local_work_by_capability``) or FlexCom's uplink bandwidths (unless ``keep_ratios``
-    or ``client_uplink`` are given). A deployment then uses the recipe's profiles as declared."""
-    return bool(cfg.strategy.local_work_by_capability) or _wants_uplink(cfg)
+    (``strategy.local_work_by_capability``), FlexCom's uplink bandwidths (unless ``keep_ratios``
+    or ``client_uplink`` are given) or a strategy taking ``devices`` (NestFL's resource-driven
+    rates, unless ``fixed_rates`` are given). A deployment then uses the recipe's profiles as
+    declared."""
+    return bool(cfg.strategy.local_work_by_capability) or _wants_uplink(cfg) or _wants_devices(cfg)
 
 
 def client_callbacks_of(cfg: RecipeConfig) -> tuple[str, ...]:
@@ -287,6 +298,8 @@ def build_strategy(cfg: RecipeConfig, *, data: Any = None, devices: Sequence[Any
     if _wants_uplink(cfg):
         assert devices is not None
         kwargs["client_uplink"] = {c: dev.uplink_bytes_per_second for c, dev in enumerate(devices)}
+    if _wants_devices(cfg):
+        kwargs["devices"] = list(devices or [])
     try:
         strategy = STRATEGIES[s.name](**kwargs)
         for w, wk in zip(s.wrappers, wrapper_kwargs):

@@ -185,6 +185,8 @@ class DevicesConfig:
         downlink_mbps: download bandwidth in megabit/s.
         availability: probability a device can be selected in a round.
         failure_prob: probability a selected device drops out of the round.
+        memory_mb: training memory of every device in MiB (a number, or ``[lo, hi]`` log-uniform);
+            ``null``: not limited. Strategies that fit sub-models to devices (NestFL) read it.
     """
 
     scenario: str | None = None
@@ -194,6 +196,7 @@ class DevicesConfig:
     downlink_mbps: float | list[float] = field(default_factory=lambda: [5.0, 50.0])
     availability: float = 1.0
     failure_prob: float = 0.0
+    memory_mb: float | list[float] | None = None
 
 
 @dataclass
@@ -334,6 +337,8 @@ def validate(cfg: RecipeConfig) -> None:
         )
     for key in ("compute_gflops", "uplink_mbps", "downlink_mbps"):
         _check_span(getattr(v, key), f"devices.{key}")
+    if v.memory_mb is not None:
+        _check_span(v.memory_mb, "devices.memory_mb")
     check(0.0 < v.availability <= 1.0, "devices.availability", "a number in (0, 1]", v.availability)
     check(0.0 <= v.failure_prob < 1.0, "devices.failure_prob", "a number in [0, 1)", v.failure_prob)
 

@@ -92,7 +92,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 k = int(k)  # keys given on the command line arrive as strings
             out[coerce(k, k_hint, f"{key} key {k!r}")] = coerce(v, v_hint, f"{key}.{k}")
         return out
-    if origin is list:
+    if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise type_error(key, hint, value)
         (arg,) = get_args(hint) or (Any,)

@@ -38,18 +38,20 @@ __all__ = [
     "fedmp_device_specs",
     "fedmp_devices",
     "fluctuate_bandwidth",
+    "with_memory",
 ]
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One simulated device."""
+    """One simulated device (``memory_bytes``: memory for training, ``None``: not limited)."""
 
     flops_per_second: float
     uplink_bytes_per_second: float
     downlink_bytes_per_second: float
     availability: float = 1.0
     failure_prob: float = 0.0
+    memory_bytes: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("flops_per_second", "uplink_bytes_per_second", "downlink_bytes_per_second"):
@@ -60,6 +62,8 @@ class DeviceProfile:
             raise ConfigError(f"DeviceProfile.availability must be in [0, 1], got {self.availability}")
         if not 0.0 <= self.failure_prob <= 1.0:
             raise ConfigError(f"DeviceProfile.failure_prob must be in [0, 1], got {self.failure_prob}")
+        if self.memory_bytes is not None and not (math.isfinite(self.memory_bytes) and self.memory_bytes > 0):
+            raise ConfigError(f"DeviceProfile.memory_bytes must be null or a positive number, got {self.memory_bytes}")
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)
@@ -369,3 +373,14 @@ def fluctuate_bandwidth(devices: Sequence[DeviceProfile], rnd: int, *, seed: int
         factor = math.exp(z * sigma)
         out.append(replace(dev, uplink_bytes_per_second=dev.uplink_bytes_per_second * factor, downlink_bytes_per_second=dev.downlink_bytes_per_second * factor))
     return out
+
+
+def with_memory(devices: Sequence[DeviceProfile], memory_mb: float | Sequence[float], *, seed: int) -> list[DeviceProfile]:
+    """The devices with training memory: a number of MiB for all, or ``[lo, hi]`` drawn
+    log-uniformly per device from ``(seed, "memory")``.
+
+    Raises:
+        ConfigError: a span that is not positive and ordered.
+    """
+    mib = _draw(rng_for(seed, "memory"), memory_mb, len(devices), "memory_mb")
+    return [replace(d, memory_bytes=float(m) * 2**20) for d, m in zip(devices, mib)]
