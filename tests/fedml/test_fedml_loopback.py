@@ -244,3 +244,26 @@ def test_async_rounds_aggregate_the_first_m_arrivals_and_carry_the_rest(tmp_path
     assert max(rec["staleness_max"] for rec in hist[1:]) >= 1
     assert all(torch.isfinite(v).all() for v in server.strategy.global_state.values() if v.is_floating_point())
     assert summary["final"]["round"] == 3
+
+
+def test_nestfl_deployment_matches_the_simulator_and_clients_keep_their_personalized_models(tmp_path, loopback):
+    from lightning_fedprune.callbacks.personal import personal_model
+    from lightning_fedprune.core.client_store import ClientStore
+    from lightning_fedprune.fedml_adapters.client import client_dir
+
+    cfg = _cfg(tmp_path, "rounds=2", "strategy.name=nestfl", "strategy.local_steps=3", "strategy.options={fixed_rates: {0: 0.0, 1: 0.25, 2: 0.5}}")
+    _, threads = _start_clients(cfg, loopback, [1, 2, 3])
+    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
+    server.run()
+    for t in threads:
+        t.join(timeout=30)
+    engine = simulate(cfg)
+    for k, v in engine.strategy.global_state.items():
+        torch.testing.assert_close(server.strategy.global_state[k], v, rtol=1e-6, atol=1e-7)
+    # each client process kept its trained sub-network in its own state folder, as the simulator did
+    for c in range(3):
+        own = personal_model(ClientStore(client_dir(cfg, cfg.rank_of_client(c)) / "state").get(c))
+        sim = personal_model(engine.store.get(c))
+        assert own is not None and own["round"] == 1
+        for k, v in sim["weights"].items():
+            torch.testing.assert_close(own["weights"][k], v, rtol=1e-6, atol=1e-7)
