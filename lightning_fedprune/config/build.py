@@ -191,7 +191,7 @@ def build_data(cfg: RecipeConfig) -> tuple[Any, Any, Any]:
     splits = load_dataset(d.name, root=d.root, **d.options)
     partition = make_partition(
         d.partition, splits.train_targets, d.num_clients, seed=cfg.seed, local_test_fraction=d.local_test_fraction,
-        **d.partition_options,
+        groups=splits.train_groups, **d.partition_options,
     )
     fed_data = FederatedDataset.from_partition(splits, partition, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size)
     return splits, partition, fed_data

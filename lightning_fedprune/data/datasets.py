@@ -65,6 +65,8 @@ class DatasetSplits:
         task: ``"classification"`` or ``"language_model"``.
         labels: Class names (index = class id) or, for a language model, the vocabulary
             (index = token id); ``None`` when unknown.
+        train_groups: One group id per training sample when the data has a natural owner (HAR's
+            subject ids), for the ``by_group`` partition; ``None`` otherwise.
     """
 
     name: str
@@ -74,6 +76,7 @@ class DatasetSplits:
     input_shape: tuple[int, ...]
     task: str
     labels: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    train_groups: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
@@ -597,6 +600,50 @@ def _load_cifar10_subset(root: Path, download: bool) -> DatasetSplits:
         input_shape=(3, 32, 32),
         task="classification",
         labels=classes or None,
+    )
+
+
+@register_dataset("har")
+def _load_har(root: Path, download: bool) -> DatasetSplits:
+    """Human activity recognition windows from ``<root>/HAR/har_windows.npz``.
+
+    The archive holds ``x_train`` (N, 9, 128) float32 sensor windows (body acceleration, body
+    gyroscope, total acceleration; x, y, z each), ``y_train`` (activities 0..5), ``subject_train``
+    (1..30) and the same for ``test``, plus ``classes``. Each channel is standardized with the
+    training set's mean and standard deviation. The subject ids are ``train_groups``: the
+    ``by_group`` partition gives each client whole subjects. There is no download source.
+    """
+    path = root / "HAR" / "har_windows.npz"
+    _check_files("har", root, [path], download_hint=False)
+    if download:
+        log.warning("har cannot be downloaded; download=True is ignored")
+    keys = ("x_train", "y_train", "subject_train", "x_test", "y_test", "classes")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in keys if k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"could not read {path}: {exc}") from exc
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks the arrays {missing}; expected arrays {list(keys)}")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    for split, x in (("train", x_train), ("test", x_test)):
+        if x.ndim != 3 or len(x) != len(arrays[f"y_{split}"]):
+            raise DataError(f"{path}: x_{split} must be (N, channels, length) with one label per window, got {x.shape}")
+    if len(arrays["subject_train"]) != len(x_train):
+        raise DataError(f"{path}: subject_train must hold one subject id per training window")
+    mean = x_train.mean(axis=(0, 2), keepdims=True)
+    std = x_train.std(axis=(0, 2), keepdims=True) + 1e-8
+    classes = tuple(str(c) for c in arrays["classes"].tolist())
+    return DatasetSplits(
+        name="har",
+        train=TensorDataset(torch.from_numpy(((x_train - mean) / std).astype(np.float32)), _as_long(arrays["y_train"])),
+        test=TensorDataset(torch.from_numpy(((x_test - mean) / std).astype(np.float32)), _as_long(arrays["y_test"])),
+        num_classes=len(classes) or 6,
+        input_shape=tuple(int(s) for s in x_train.shape[1:]),
+        task="classification",
+        labels=classes or None,
+        train_groups=_as_long(arrays["subject_train"]),
     )
 
 

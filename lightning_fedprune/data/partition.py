@@ -31,6 +31,7 @@ __all__ = [
     "ClientSplit",
     "Partition",
     "make_partition",
+    "partition_by_group",
     "partition_dirichlet",
     "partition_dominant_label",
     "partition_iid",
@@ -569,6 +570,24 @@ def partition_missing_classes(
     return _finish([np.concatenate(p) for p in parts], "missing_classes")
 
 
+def partition_by_group(groups: Any, num_clients: int) -> list[np.ndarray]:
+    """Whole groups per client (e.g. HAR's subjects): the sorted distinct group ids are dealt
+    round-robin, so client ``k`` gets groups ``k, k + K, k + 2K, ...``.
+
+    Raises:
+        DataError: no groups given, or more clients than groups.
+    """
+    if groups is None:
+        raise DataError("partition scheme 'by_group' needs the dataset's group ids (e.g. HAR's subjects); this dataset has none")
+    g = _as_targets(groups)
+    num_clients = _check_int("num_clients", num_clients, 1)
+    ids = np.unique(g)
+    if num_clients > len(ids):
+        raise DataError(f"partition scheme 'by_group': {num_clients} clients but only {len(ids)} groups; use at most {len(ids)} clients")
+    parts = [np.flatnonzero(np.isin(g, ids[k::num_clients])) for k in range(num_clients)]
+    return _finish(parts, "by_group")
+
+
 # --------------------------------------------------------------------------------------------
 # Front door
 # --------------------------------------------------------------------------------------------
@@ -580,6 +599,7 @@ _SCHEME_OPTIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "dirichlet": ({"min_size": 1, "max_tries": 1000, "balance": True}, ("beta",)),
     "dominant_label": ({}, ("dominant_fraction",)),
     "missing_classes": ({}, ("missing",)),
+    "by_group": ({}, ()),
 }
 
 #: Scheme names accepted by :func:`make_partition`.
@@ -593,6 +613,7 @@ def make_partition(
     *,
     seed: int,
     local_test_fraction: float = 0.0,
+    groups: Any = None,
     **options: Any,
 ) -> Partition:
     """Partition a training set among clients and carve out local test sets.
@@ -601,10 +622,13 @@ def make_partition(
         scheme: ``"iid"``, ``"shards"`` (option ``shards_per_client=2``), ``"dirichlet"``
             (``beta`` required; ``min_size=1``, ``max_tries=1000``, ``balance=True``),
             ``"dominant_label"``
-            (``dominant_fraction`` required) or ``"missing_classes"`` (``missing`` required).
+            (``dominant_fraction`` required), ``"missing_classes"`` (``missing`` required) or
+            ``"by_group"`` (whole groups per client, from ``groups``).
         targets: One integer label per training sample (numpy array, list or tensor).
         num_clients: Number of clients (>= 1).
         seed: Seed; the same arguments and seed always give the same partition.
+        groups: One group id per training sample (``DatasetSplits.train_groups``), for
+            ``"by_group"``; ignored by the other schemes.
         local_test_fraction: Fraction in ``[0, 1)`` of each client's indices moved to its local
             test set: ``floor(local_test_fraction * n_k)``, capped at ``n_k - 1`` so at least one
             training sample remains; chosen at random (not stratified).
@@ -645,6 +669,8 @@ def make_partition(
         parts = partition_dirichlet(targets, num_clients, seed=seed, **kwargs)
     elif scheme == "dominant_label":
         parts = partition_dominant_label(targets, num_clients, seed=seed, **kwargs)
+    elif scheme == "by_group":
+        parts = partition_by_group(groups, num_clients)
     else:
         parts = partition_missing_classes(targets, num_clients, seed=seed, **kwargs)
 

@@ -262,7 +262,7 @@ def export_client_data(cfg: DeploymentConfig, rank: int, out_dir: str | os.PathL
     splits = load_dataset(d.name, root=d.root, **d.options)
     partition = make_partition(
         d.partition, splits.train_targets, d.num_clients, seed=r.seed, local_test_fraction=d.local_test_fraction,
-        **d.partition_options,
+        groups=splits.train_groups, **d.partition_options,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,13 @@ PruneFL, FedDP and NestFL experiments, and plain LightningModules wrapping them.
 torch.Size([2, 62])
 
 Entrypoints live in one module per family (``mlp``, ``cnn``, ``alexnet``, ``vgg``, ``resnet``,
-``lstm``); importing this package registers them all.
+``lstm``, ``har``); importing this package registers them all.
 """
 
 from __future__ import annotations
 
 # Importing the family modules registers their entrypoints.
-from lightning_fedprune.models import alexnet, cnn, lstm, mlp, resnet, vgg  # noqa: F401
+from lightning_fedprune.models import alexnet, cnn, har, lstm, mlp, resnet, vgg  # noqa: F401
 from lightning_fedprune.models.modules import ClassifierModule, LanguageModelModule
 from lightning_fedprune.models.registry import (
     ModelInfo,

@@ -266,7 +266,16 @@ DIRECT = {
 
 
 def test_scheme_list() -> None:
-    assert set(PARTITION_SCHEMES) == set(SCHEME_OPTIONS)
+    assert set(PARTITION_SCHEMES) == set(SCHEME_OPTIONS) | {"by_group"}  # by_group: tests/data/test_har.py
+
+
+def test_make_partition_by_group_with_a_local_test_split(digits_targets: np.ndarray) -> None:
+    groups = np.arange(len(digits_targets)) % 13
+    partition = make_partition("by_group", digits_targets, 5, seed=3, local_test_fraction=0.2, groups=groups)
+    for k, client in enumerate(partition.clients):
+        both = np.concatenate([client.train, client.test])
+        assert set(np.unique(groups[both])) == set(range(k, 13, 5))
+        assert len(client.test) == math.floor(0.2 * len(both))
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEME_OPTIONS))
