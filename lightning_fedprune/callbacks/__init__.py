@@ -3,6 +3,7 @@
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
+from lightning_fedprune.callbacks.heterofl import HeteroFLScaler, StaticBatchNorm
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
 from lightning_fedprune.callbacks.personal import PersonalizedModel
 from lightning_fedprune.callbacks.registry import CLIENT_CALLBACKS, make_client_callbacks, register_client_callback
@@ -18,6 +19,8 @@ __all__ = [
     "TopKUploadCallback",
     "StructuredPruning",
     "MaskingCallback",
+    "HeteroFLScaler",
+    "StaticBatchNorm",
     "PersonalizedModel",
     "IterativeMagnitudePruning",
     "run_server_pruning",

@@ -7,6 +7,7 @@ importing this package registers the built-in ones.
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
 from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, Scaffold, capability_local_steps
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
+from lightning_fedprune.strategies.heterofl import HeteroFL
 from lightning_fedprune.strategies.nestfl import NestFL
 from lightning_fedprune.strategies.prunefl import PruneFL
 from lightning_fedprune.strategies.registry import (
@@ -34,6 +35,7 @@ __all__ = [
     "FlexCom",
     "PruneFL",
     "NestFL",
+    "HeteroFL",
     "StrategyWrapper",
     "Proximal",
     "STRATEGIES",
