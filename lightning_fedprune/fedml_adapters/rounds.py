@@ -43,7 +43,24 @@ from lightning_fedprune.fedml_adapters.envelope import FAILURE, RESULT, Envelope
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundCollector", "Outcome"]
+__all__ = ["RoundCollector", "Outcome", "cap_samples"]
+
+
+def cap_samples(results: Sequence[ClientResult], known: Callable[[int], int]) -> tuple[list[ClientResult], list[int]]:
+    """Results whose ``num_samples`` is at most what the server knows each client holds.
+
+    A client that reports more samples than its partition has (to weigh more in the average) is
+    capped at the known count, and named in the second list.
+    """
+    out, capped = [], []
+    for r in results:
+        limit = int(known(r.client_id))
+        if r.metrics.num_samples > limit:
+            log.warning("client %d reported %d samples, it holds %d: capped", r.client_id, r.metrics.num_samples, limit)
+            r = dataclasses.replace(r, metrics=dataclasses.replace(r.metrics, num_samples=limit))
+            capped.append(r.client_id)
+        out.append(r)
+    return out, capped
 
 
 @dataclass

@@ -34,7 +34,7 @@ from lightning_fedprune.core.serialization import save_state
 from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
 from lightning_fedprune.errors import AllClientsFailedError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, FINISH, HELLO, READY, RESULT, TASK, Envelope
-from lightning_fedprune.fedml_adapters.rounds import RoundCollector
+from lightning_fedprune.fedml_adapters.rounds import RoundCollector, cap_samples
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class FedMLTransport:
         cfg: the deployment config.
         expected: ``strategy.expected_result`` (task -> what a valid result holds).
         endpoint: the transport endpoint (default: FedML's, made at :meth:`start`).
+        known_samples: client id -> the samples the server knows it holds; reported
+            ``num_samples`` above it are capped (``None``: trusted as reported).
 
     Attributes:
         session: this server process's id (results of tasks sent by an earlier process are dropped).
@@ -59,9 +61,10 @@ class FedMLTransport:
 
     name = "fedml"
 
-    def __init__(self, cfg: DeploymentConfig, *, expected: Any, endpoint: Any = None) -> None:
+    def __init__(self, cfg: DeploymentConfig, *, expected: Any, endpoint: Any = None, known_samples: Any = None) -> None:
         self.cfg = cfg
         self.expected = expected
+        self.known_samples = known_samples
         self.session = uuid.uuid4().hex[:16]
         self.dropped_messages = 0
         self._endpoint = endpoint
@@ -154,6 +157,9 @@ class FedMLTransport:
             self._collector = None
         out = collector.close()
         self._carried = collector.carry() if rules.mode == "async" else []
+        capped: list[int] = []
+        if self.known_samples is not None:
+            out.results, capped = cap_samples(out.results, self.known_samples)
         self._cum_wire["up"] += out.wire_up
         self._cum_wire["down"] += out.wire_down
         late = [f.client_id for f in out.failures if f.kind == "deadline"] if rules.mode == "deadline" else []
@@ -165,6 +171,8 @@ class FedMLTransport:
             "dropped_messages": out.dropped,
             **out.extra,
         }
+        if capped:
+            extra["samples_capped"] = capped
         log.info("round %d done in %.2f s: %d/%d results", rnd, out.seconds, len(out.results), len(tasks))
         return RoundOutcome(out.results, out.failures, out.seconds, out.bytes_up, out.bytes_down, late=late, extra=extra)
 
@@ -364,7 +372,10 @@ class FedMLServer(RoundDriver):
         r = cfg.recipe
         super().__init__(
             strategy=self.parts.strategy,
-            transport=FedMLTransport(cfg, expected=self.parts.strategy.expected_result, endpoint=endpoint),
+            transport=FedMLTransport(
+                cfg, expected=self.parts.strategy.expected_result, endpoint=endpoint,
+                known_samples=self.parts.data.num_train_samples if self.parts.data is not None else None,
+            ),
             rules=round_rules(r),
             num_clients=self.parts.num_clients,
             seed=r.seed,

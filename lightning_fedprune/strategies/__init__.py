@@ -18,6 +18,7 @@ from lightning_fedprune.strategies.registry import (
     strategy_options,
     wrapper_options,
 )
+from lightning_fedprune.strategies.robust import ClipUpdates, RobustMean
 from lightning_fedprune.strategies.wrappers import FedProx, Proximal, StrategyWrapper
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "HeteroFL",
     "StrategyWrapper",
     "Proximal",
+    "ClipUpdates",
+    "RobustMean",
     "STRATEGIES",
     "WRAPPERS",
     "register_strategy",
