@@ -151,7 +151,9 @@ def _make_grpc_comm_manager_class() -> type:
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ]
             me = self.addresses[self.rank]
-            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lfp-grpc"), options=self.opts)
+            # no SO_REUSEPORT (gRPC's default): another process must not bind this live port and take its connections
+            server_opts = [*self.opts, ("grpc.so_reuseport", 0)]
+            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lfp-grpc"), options=server_opts)
             grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(_Servicer(self), self.server)
             target = f"{me.bind_host}:{me.port}"
             try:
