@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 from fedml_testing import ROOT, grpc_deployment, need_fedml
 
 SECOND = r"""
