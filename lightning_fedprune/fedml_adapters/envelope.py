@@ -26,9 +26,13 @@ Message types (:data:`MESSAGE_TYPES`):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lightning_fedprune.errors import PayloadError
@@ -48,6 +52,8 @@ __all__ = [
     "RESULT",
     "FAILURE",
     "FINISH",
+    "Authenticator",
+    "rank_key",
 ]
 
 MAGIC = b"LFPM"
@@ -91,6 +97,7 @@ class Envelope:
     round: int | None = None
     body: dict[str, Any] = field(default_factory=dict)
     payload: bytes = b""
+    auth: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_header_fields(
@@ -122,6 +129,8 @@ def encode_envelope(env: Envelope) -> bytes:
         "body": env.body,
         "payload_bytes": len(env.payload),
     }
+    if env.auth is not None:
+        header["auth"] = env.auth
     raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode("utf-8")
     if len(raw) > MAX_HEADER_BYTES:
         raise PayloadError(f"envelope header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES} bytes")
@@ -175,6 +184,7 @@ def decode_envelope(data: Any, *, max_bytes: int | None = None) -> Envelope:
         round=header.get("round"),
         body=header.get("body") or {},
         payload=payload,
+        auth=_check_auth(header.get("auth")),
     )
 
 
@@ -198,3 +208,95 @@ def _check_header_fields(header: dict[str, Any]) -> None:
     body = header.get("body", {})
     if body is not None and not isinstance(body, dict):
         raise PayloadError(f"envelope body must be a JSON object, got {type(body).__name__}")
+
+
+def _check_auth(auth: Any) -> dict[str, Any] | None:
+    if auth is None:
+        return None
+    if not isinstance(auth, dict) or set(auth) != {"ctr", "mac"}:
+        raise PayloadError("envelope auth must be an object with 'ctr' and 'mac'")
+    ctr, mac = auth["ctr"], auth["mac"]
+    if not isinstance(ctr, int) or isinstance(ctr, bool) or not 0 <= ctr < 2**63:
+        raise PayloadError(f"envelope auth counter must be an integer in [0, 2**63), got {ctr!r:.40}")
+    if not isinstance(mac, str) or not re.fullmatch(r"[0-9a-f]{64}", mac):
+        raise PayloadError("envelope auth mac must be 64 hex digits")
+    return {"ctr": ctr, "mac": mac}
+
+
+def rank_key(master: bytes, rank: int) -> bytes:
+    """The secret key of the channel between the server and client rank ``rank``, from the
+    deployment's master key (a client holds only its own)."""
+    return hmac.new(master, f"lightning_fedprune rank {int(rank)}".encode(), hashlib.sha256).digest()
+
+
+def _mac(key: bytes, env: Envelope, ctr: int) -> str:
+    fields = {
+        "type": env.type, "sender": env.sender, "receiver": env.receiver, "run": env.run_id, "session": env.session,
+        "round": env.round, "body": env.body, "payload_bytes": len(env.payload), "ctr": ctr,
+    }
+    msg = json.dumps(fields, sort_keys=True, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return hmac.new(key, msg + bytes(env.payload), hashlib.sha256).hexdigest()
+
+
+class Authenticator:
+    """Per-client message authentication: an HMAC-SHA256 over every envelope and a counter.
+
+    Every message between the server and client rank ``r`` is sealed with the channel key
+    ``rank_key(master, r)`` (:meth:`seal`): ``auth = {"ctr", "mac"}``, the counter strictly
+    increasing per sender (nanoseconds since the epoch, bumped when equal). A receiver accepts a
+    message only when the MAC over its header fields, counter and payload checks out with the key
+    of the rank it claims to come from, and its counter is above the last one accepted from that
+    rank (:meth:`check`): forged, altered, impersonated and replayed messages are refused. The
+    server holds the master key (it derives every client's key); a client holds only its own key.
+
+    Args:
+        rank: this process's rank.
+        master: the deployment's master key (the server, or one-machine runs).
+        key: this client's own key (``rank_key(master, rank)``), for a client holding nothing more.
+
+    Raises:
+        ConfigError: no key, or a client key for the server.
+    """
+
+    def __init__(self, rank: int, *, master: bytes | None = None, key: bytes | None = None) -> None:
+        from lightning_fedprune.errors import ConfigError
+
+        self.rank = int(rank)
+        if master is None and (key is None or self.rank == 0):
+            raise ConfigError("the server needs the deployment's master key; a client needs its own key or the master key")
+        self._master = master
+        self._key = key if key is not None else (rank_key(master, self.rank) if self.rank != 0 and master else None)
+        self._last_sent = 0
+        self._last_seen: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def _key_with(self, peer: int) -> bytes | None:
+        if self.rank == 0:
+            return rank_key(self._master, peer) if self._master is not None and peer != 0 else None
+        return self._key if peer == 0 else None
+
+    def seal(self, env: Envelope) -> Envelope:
+        """``env`` with its ``auth`` (counter and MAC with the channel key to ``env.receiver``)."""
+        peer = env.receiver if self.rank == 0 else 0
+        key = self._key_with(peer)
+        if key is None:
+            raise PayloadError(f"rank {self.rank} holds no key for rank {peer}")
+        with self._lock:
+            ctr = max(time.time_ns(), self._last_sent + 1)
+            self._last_sent = ctr
+        return replace(env, auth={"ctr": ctr, "mac": _mac(key, env, ctr)})
+
+    def check(self, env: Envelope) -> str | None:
+        """``None`` when ``env`` is authentic and fresh, else the reason it is refused."""
+        if env.auth is None:
+            return "it carries no authentication (this deployment authenticates every message)"
+        key = self._key_with(env.sender)
+        if key is None:
+            return f"rank {env.sender} has no key on rank {self.rank}"
+        if not hmac.compare_digest(_mac(key, env, env.auth["ctr"]), env.auth["mac"]):
+            return f"its authentication does not check out for rank {env.sender} (forged, altered or another key)"
+        with self._lock:
+            if env.auth["ctr"] <= self._last_seen.get(env.sender, -1):
+                return f"it replays an earlier message of rank {env.sender} (counter not increasing)"
+            self._last_seen[env.sender] = env.auth["ctr"]
+        return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import re
@@ -47,6 +48,7 @@ from lightning_fedprune.config.schema import coerce, parse_section, unknown_key
 from lightning_fedprune.errors import ConfigError
 
 __all__ = [
+    "write_auth_keys",
     "DeploymentConfig",
     "CommonArgs",
     "DataArgs",
@@ -151,6 +153,12 @@ class CommArgs:
         send_timeout_s: one send (GRPC call, S3 upload) gives up after this long.
         connect_timeout_s: how long a process waits for a peer or the broker to come up.
         hello_interval_s: a client repeats its hello this often until the server answers.
+        auth_key_file: authenticate every message (HMAC-SHA256 per client channel, counters against
+            replay; :class:`~lightning_fedprune.fedml_adapters.envelope.Authenticator`): a JSON
+            file ``{"master": "<64 hex>"}`` (the server, or every process of a one-machine run)
+            or ``{"rank": r, "key": "<64 hex>"}`` (a client holding only its own key); relative to
+            the config file; written by :func:`write_auth_keys`. ``null``: messages are not
+            authenticated (a warning says so).
     """
 
     backend: str = "GRPC"
@@ -163,6 +171,7 @@ class CommArgs:
     send_timeout_s: float = 60.0
     connect_timeout_s: float = 300.0
     hello_interval_s: float = 2.0
+    auth_key_file: str | None = None
 
 
 @dataclass
@@ -345,6 +354,36 @@ class DeploymentConfig:
     def rank_of_client(self, client_id: int) -> int:
         return 1 + int(client_id) % self.worker_num
 
+    def authenticator(self, rank: int) -> Any:
+        """The message :class:`~lightning_fedprune.fedml_adapters.envelope.Authenticator` of
+        ``rank`` from ``comm_args.auth_key_file`` (``None`` without one).
+
+        Raises:
+            ConfigError: a missing or malformed key file, or a client key for another rank.
+        """
+        from lightning_fedprune.fedml_adapters.envelope import Authenticator
+
+        if self.comm_args.auth_key_file is None:
+            return None
+        path = self.resolve_path(self.comm_args.auth_key_file)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"`comm_args.auth_key_file`: cannot read {path}: {err}") from None
+
+        def key(name: str) -> bytes:
+            value = data.get(name) if isinstance(data, dict) else None
+            if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+                raise ConfigError(f"`comm_args.auth_key_file` {path}: `{name}` must be 64 hex digits")
+            return bytes.fromhex(value)
+
+        if isinstance(data, dict) and "master" in data:
+            return Authenticator(rank, master=key("master"))
+        if not isinstance(data, dict) or data.get("rank") != rank:
+            holder = data.get("rank") if isinstance(data, dict) else None
+            raise ConfigError(f"`comm_args.auth_key_file` {path} holds the key of rank {holder!r}, not of rank {rank}")
+        return Authenticator(rank, key=key("key"))
+
     def resolve_path(self, path: str | os.PathLike[str]) -> Path:
         p = Path(os.path.expanduser(str(path)))
         return p if p.is_absolute() else self.base_dir / p
@@ -489,3 +528,29 @@ def write_grpc_ipconfig(path: str | os.PathLike[str], addresses: Mapping[int, Gr
             a = addresses[rank]
             w.writerow([rank, rank, a.bind_host, a.port, a.host if a.host != a.bind_host else ""])
     return path
+
+
+def write_auth_keys(out_dir: str | os.PathLike[str], worker_num: int) -> dict[str, Path]:
+    """Generate a deployment's message keys: ``master.json`` for the server (and one-machine runs)
+    and ``rank_<r>.json`` for each client rank ``1..worker_num``, holding only that client's key.
+    Files are created readable by their owner only (0600).
+
+    Returns:
+        ``{"master": path, "rank_1": path, ...}``.
+    """
+    import secrets
+
+    from lightning_fedprune.fedml_adapters.envelope import rank_key
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    master = secrets.token_bytes(32)
+    files = {"master": out / "master.json"}
+    files.update({f"rank_{r}": out / f"rank_{r}.json" for r in range(1, int(worker_num) + 1)})
+    for name, path in files.items():
+        body = {"master": master.hex()} if name == "master" else {"rank": int(name[5:]), "key": rank_key(master, int(name[5:])).hex()}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(body, fh)
+        os.chmod(path, 0o600)
+    return files

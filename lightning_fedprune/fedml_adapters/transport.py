@@ -563,6 +563,12 @@ class FedMLEndpoint:
         self._closed = False
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"sent": 0, "received": 0, "wire_bytes_sent": 0, "wire_bytes_received": 0, "refused": 0}
+        self._auth = cfg.authenticator(self.rank)
+        if self._auth is None:
+            log.warning(
+                "rank %d: messages are not authenticated (comm_args.auth_key_file is not set): a peer that reaches this "
+                "process can impersonate another; see docs/deployment.md", self.rank,
+            )
         self._manager = _make_manager_class()(self)
 
     def start(self, on_message: OnMessage, on_reject: OnReject | None = None) -> None:
@@ -588,6 +594,8 @@ class FedMLEndpoint:
         if self._closed:
             raise TransportError("the endpoint is closed")
         msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
+        if self._auth is not None:
+            env = self._auth.seal(env)
         msg.add_params(WIRE_KEY, encode_envelope(env))
         wire = self._manager.com_manager.send_message(msg, wait_s=wait_s, timeout_s=self.cfg.comm_args.send_timeout_s)
         with self._stats_lock:
@@ -612,6 +620,13 @@ class FedMLEndpoint:
 
     # ---------------------------------------------------------- from the transport threads
     def _on_message(self, env: Envelope, nbytes: int) -> None:
+        if self._auth is not None:
+            reason = self._auth.check(env)
+            if reason is not None:
+                reason = f"rank {self.rank} refused a {env.type!r} message claiming rank {env.sender}: {reason}"
+                log.warning("%s", reason)
+                self._rejected(reason)
+                return
         with self._stats_lock:
             self.stats["received"] += 1
             self.stats["wire_bytes_received"] += nbytes
