@@ -43,7 +43,9 @@ _CLIENT_GRACE_S = 30.0
 
 
 def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: contextlib.ExitStack) -> DeploymentConfig:
-    """``cfg`` completed for this machine: worker count, GRPC ports, broker and store (started on ``stack``).
+    """``cfg`` completed for this machine: worker count, GRPC ports, broker and store (started on
+    ``stack``), and throwaway message keys (``<run_dir>/launch/keys``, mode 0600) unless
+    ``comm_args.auth_key_file`` is set.
 
     Raises:
         ConfigError: ``clients`` is not in 1..data.num_clients.
@@ -69,6 +71,12 @@ def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: context
             store = stack.enter_context(LocalObjectStore(workdir=out / "moto"))
             stack.callback(_count_objects, store, out)  # runs before the store stops
             comm = dataclasses.replace(comm, customized_training_s3_config=store.fedml_config())
+    if comm.auth_key_file is None:
+        # a one-machine run: throwaway message keys, every process derives its own from them
+        from lightning_fedprune.fedml_adapters.settings import write_auth_keys
+
+        keys = write_auth_keys(out / "keys", cfg.worker_num)
+        comm = dataclasses.replace(comm, auth_key_file=str(keys["master"].resolve()))
     return cfg.replace(comm_args=comm)
 
 

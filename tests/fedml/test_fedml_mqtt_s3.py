@@ -64,6 +64,11 @@ def test_launch_shows_one_progress_view_and_cleans_up(launched):
     logs = run_dir / "logs"
     assert {p.name for p in logs.iterdir()} >= {"server.log", "client_1.log", "client_2.log", "client_3.log"}
     assert (run_dir / "launch" / "mosquitto" / "mosquitto.conf").is_file()
+    # launch made throwaway message keys (owner-only) and every process authenticated its messages
+    keys = run_dir / "launch" / "keys"
+    assert sorted(p.name for p in keys.iterdir()) == ["master.json", "rank_1.json", "rank_2.json", "rank_3.json"]
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in keys.iterdir())
+    assert not any("not authenticated" in (logs / n).read_text() for n in ("server.log", "client_1.log", "client_2.log", "client_3.log"))
 
 
 def test_local_broker_and_store_round_trip_and_delete(tmp_path):
