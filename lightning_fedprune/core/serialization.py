@@ -126,11 +126,18 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 
 def save_state(obj: Any, path: str | os.PathLike) -> None:
-    """Write a nested state to ``path`` atomically (write to a temporary file, then rename)."""
+    """Write a nested state to ``path`` atomically (write to a temporary file, then rename).
+
+    The file is readable and writable by its owner only (0600): checkpoints and client states hold
+    models, control variates and personalized weights.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(dumps_state(obj))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(dumps_state(obj))
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 

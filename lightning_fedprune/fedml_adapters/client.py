@@ -132,7 +132,7 @@ class FedMLClient:
                     continue
                 if env.session != self.server_session and env.type in (READY, TASK):
                     if self.server_session is not None:
-                        log.info("rank %d: the server restarted (session %s)", self.rank, env.session)
+                        log.info("rank %d: the server restarted (a new session)", self.rank)
                     self.server_session = env.session
                     joined = False
                 if env.type == READY and not env.body.get("reply"):
@@ -141,7 +141,7 @@ class FedMLClient:
                     last_hello = -1e9
                 elif env.type in (READY, TASK):
                     if not joined:
-                        log.info("rank %d joined the run (server session %s)", self.rank, env.session)
+                        log.info("rank %d joined the run", self.rank)
                     joined = True
                     if env.type == TASK:
                         self._take_task(env)

@@ -122,14 +122,14 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         base = [sys.executable, "-m", "lightning_fedprune"]
         try:
-            logs["server"] = open(log_dir / "server.log", "ab")
+            logs["server"] = _private_log(log_dir / "server.log")
             procs["server"] = subprocess.Popen(
                 [*base, "server", str(config_path), "--no-progress", *(["--resume"] if resume else [])],
                 stdout=logs["server"], stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
             for rank in range(1, cfg.worker_num + 1):
                 name = f"client_{rank}"
-                logs[name] = open(log_dir / f"{name}.log", "ab")
+                logs[name] = _private_log(log_dir / f"{name}.log")
                 procs[name] = subprocess.Popen(
                     [*base, "client", str(config_path), "--rank", str(rank)],
                     stdout=logs[name], stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -173,6 +173,13 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
                 fh.close()
             _update_launch_json(out, {"exit_codes": {n: p.returncode for n, p in procs.items()}, "log_dir": str(log_dir)})
     return int(code)
+
+
+def _private_log(path: Path) -> Any:
+    """A process log opened for appending, readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.chmod(path, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _start_round(cfg: DeploymentConfig) -> int:

@@ -86,8 +86,8 @@ class FedMLTransport:
         self._pool = ThreadPoolExecutor(max_workers=min(8, self.cfg.worker_num + 1), thread_name_prefix="lfp-send")
         self._endpoint.start(self._on_message, self._on_refused)
         log.info(
-            "server of run %r (session %s) up on %s; waiting for %d client process(es)",
-            self.cfg.run_id, self.session, self.cfg.comm_args.backend, self.cfg.worker_num,
+            "server of run %r up on %s; waiting for %d client process(es)",  # session ids stay out of logs
+            self.cfg.run_id, self.cfg.comm_args.backend, self.cfg.worker_num,
         )
         self._announce()
         self._wait_for_clients(all_of_them=True, timeout_s=self.cfg.train_args.startup_timeout_s)

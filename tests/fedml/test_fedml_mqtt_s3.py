@@ -68,7 +68,10 @@ def test_launch_shows_one_progress_view_and_cleans_up(launched):
     keys = run_dir / "launch" / "keys"
     assert sorted(p.name for p in keys.iterdir()) == ["master.json", "rank_1.json", "rank_2.json", "rank_3.json"]
     assert all((p.stat().st_mode & 0o777) == 0o600 for p in keys.iterdir())
-    assert not any("not authenticated" in (logs / n).read_text() for n in ("server.log", "client_1.log", "client_2.log", "client_3.log"))
+    texts = [(logs / n).read_text() for n in ("server.log", "client_1.log", "client_2.log", "client_3.log")]
+    assert not any("not authenticated" in t or "session " in t for t in texts)  # no session id in any log
+    for path in (*logs.iterdir(), run_dir / "checkpoint.safetensors", run_dir / "global_model.safetensors"):
+        assert (path.stat().st_mode & 0o777) == 0o600, path
 
 
 def test_local_broker_and_store_round_trip_and_delete(tmp_path):
