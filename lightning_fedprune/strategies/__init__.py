@@ -16,6 +16,7 @@ from lightning_fedprune.strategies.registry import (
     strategy_options,
     wrapper_options,
 )
+from lightning_fedprune.strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from lightning_fedprune.strategies.wrappers import FedProx, Proximal, StrategyWrapper
 
 __all__ = [
@@ -34,6 +35,11 @@ __all__ = [
     "PruneFL",
     "StrategyWrapper",
     "Proximal",
+    "ServerOptimizer",
+    "FedAvgM",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
     "STRATEGIES",
     "WRAPPERS",
     "register_strategy",
