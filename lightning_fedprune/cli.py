@@ -21,6 +21,9 @@ configs, keys starting with a FedML section (``comm_args.backend=MQTT_S3``) set 
 Exit codes: 0 success; 2 invalid recipe, data or model settings (one error message, no
 traceback); 1 a round in which every client failed; 3 a peer, broker or object store could not be
 reached (deployment commands); 130 interrupted (resume with ``--resume``).
+
+Ctrl-C during ``run`` or ``server`` finishes the round in progress, writes the checkpoint and exits
+with 130; a second Ctrl-C exits with 130 at once (the last checkpoint still resumes the run).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_fedprune.errors import AllClientsFailedError, ConfigError, DataError, ModelError
+from lightning_fedprune.errors import AllClientsFailedError, ConfigError, DataError, ModelError, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +176,11 @@ def _transport_errors(fn):
 def _cmd_server(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lightning_fedprune.driver import exit_on_second_interrupt
     from lightning_fedprune.fedml_adapters.commands import plain_logging, run_server
     from lightning_fedprune.reporting import RichProgress
 
+    exit_on_second_interrupt(130)
     cfg = _deployment(args)
     if args.quiet or args.no_progress:
         with plain_logging(quiet=args.quiet, prefix="[server] "):
@@ -275,6 +280,10 @@ class _RichLogging:
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lightning_fedprune.driver import exit_on_second_interrupt
+
+    exit_on_second_interrupt(130)
+
     console = Console()
     with _RichLogging(console, args.quiet):
         return _run(args, console)
@@ -345,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AllClientsFailedError as err:
         _error(str(err))
         return 1
+    except RunInterrupted as err:
+        _error(f"{err}; continue the run with --resume")
+        return 130
     except KeyboardInterrupt:
         _error("interrupted; continue the run with --resume")
         return 130

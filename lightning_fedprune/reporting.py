@@ -349,17 +349,29 @@ def _points(records: Iterable[Mapping[str, Any]], x: str, metric: str) -> tuple[
     return xs, ys
 
 
-def _new_axes(x: str, metric: str) -> tuple[Any, Any]:
+def _bytes_tick(value: float, _pos: Any = None) -> str:
+    """A bytes-axis tick label: ``'0'`` at zero, human units above, nothing below."""
+    if value == 0:
+        return "0"
+    return format_bytes(value) if value > 0 else ""
+
+
+def _new_axes(x: str, metric: str, *, title: str | None = None, measured: bool = False) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    ax.set_xlabel(PLOT_X_AXES[x][0] + (" (s)" if x == "sim_time" else ""))
+    label = PLOT_X_AXES[x][0]
+    if x == "sim_time":
+        label = ("measured time" if measured else label) + " (s)"
+    ax.set_xlabel(label)
     ax.set_ylabel(_metric_label(metric)[0])
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     if x == "cum_bytes":
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_bytes(v) if v >= 0 else ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(_bytes_tick))
     return fig, ax
 
 
@@ -381,13 +393,16 @@ def plot_history(
     *,
     metric: str = "test_accuracy",
     target_accuracy: float | None = None,
+    title: str | None = None,
+    measured: bool = False,
 ) -> list[Path]:
     """Plot ``metric`` against round, simulated time and cumulative bytes.
 
     Writes ``accuracy_vs_round.png``, ``accuracy_vs_sim_time.png`` and ``accuracy_vs_bytes.png``
     (``perplexity_vs_*`` for ``metric="test_perplexity"``) into ``run_dir``; rounds where the
     metric is NaN (not evaluated) are skipped. A dashed line marks ``target_accuracy`` when given
-    and the metric is the accuracy.
+    and the metric is the accuracy. ``title`` goes above each plot (:class:`PlotWriter`: the run's
+    name and strategy); ``measured`` labels the time axis "measured time" (a deployment's clocks).
 
     Returns:
         The paths written, in the order above.
@@ -397,7 +412,7 @@ def plot_history(
     target = target_accuracy if metric == "test_accuracy" and _finite(target_accuracy) else None
     paths = []
     for x, (_, suffix) in PLOT_X_AXES.items():
-        fig, ax = _new_axes(x, metric)
+        fig, ax = _new_axes(x, metric, title=title, measured=measured)
         xs, ys = _points(records, x, metric)
         if xs:
             ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, linewidth=1.5)
@@ -412,6 +427,7 @@ def plot_comparison(
     *,
     metric: str = "test_accuracy",
     target_accuracy: float | None = None,
+    title: str | None = None,
 ) -> Path:
     """One plot with one line per run, e.g. ``{"fedavg": read_metrics(a), "fedprox": read_metrics(b)}``.
 
@@ -421,6 +437,7 @@ def plot_comparison(
         x: ``"round"``, ``"sim_time"`` or ``"cum_bytes"``.
         metric: the record key on the y axis.
         target_accuracy: draw a dashed line at this accuracy.
+        title: a title above the plot.
 
     Returns:
         ``out_path`` as a :class:`~pathlib.Path`.
@@ -431,7 +448,7 @@ def plot_comparison(
     _check_x(x)
     if not named_histories:
         raise ConfigError("`named_histories` is empty: pass {label: records, ...} with at least one run")
-    fig, ax = _new_axes(x, metric)
+    fig, ax = _new_axes(x, metric, title=title)
     any_points = False
     for label, records in named_histories.items():
         xs, ys = _points(records, x, metric)
@@ -457,11 +474,16 @@ class PlotWriter:
         self.metric = metric
         self._start = 0
         self._records: list[dict[str, Any]] = []
+        self._title: str | None = None
+        self._measured = False
         self.paths: list[Path] = []
 
     def on_run_start(self, info: Mapping[str, Any]) -> None:
         self._start = int(info.get("start_round") or 0)
         self._records = []
+        self._measured = info.get("transport") == "fedml"
+        strategy = str(info.get("strategy") or "")
+        self._title = f"{self.run_dir.name}: {strategy}" if strategy else self.run_dir.name
 
     def on_round_end(self, record: Mapping[str, Any]) -> None:
         self._records.append(dict(record))
@@ -471,9 +493,10 @@ class PlotWriter:
         if self._start > 0 and (self.run_dir / METRICS_FILE).is_file():
             earlier = [r for r in read_metrics(self.run_dir) if _finite(r.get("round")) and r["round"] < self._start]
             records = earlier + records
-        self.paths = plot_history(records, self.run_dir, metric=self.metric, target_accuracy=summary.get("target_accuracy"))
+        style = {"title": self._title, "measured": self._measured}
+        self.paths = plot_history(records, self.run_dir, metric=self.metric, target_accuracy=summary.get("target_accuracy"), **style)
         if self.metric != "test_perplexity" and any(_finite(r.get("test_perplexity")) for r in records):
-            self.paths += plot_history(records, self.run_dir, metric="test_perplexity")
+            self.paths += plot_history(records, self.run_dir, metric="test_perplexity", **style)
         log.debug("wrote plots %s", [str(p) for p in self.paths])
 
 
@@ -507,6 +530,7 @@ class RichProgress:
         self._last_acc: float | None = None
         self._last_ppl: float | None = None
         self._strategy = ""
+        self._measured = False
 
     # -------------------------------------------------------------- listener hooks
     def on_run_start(self, info: Mapping[str, Any]) -> None:
@@ -517,9 +541,10 @@ class RichProgress:
         self._failures = 0
         self._last_acc = self._last_ppl = None
         self._strategy = str(info.get("strategy") or "")
+        self._measured = info.get("transport") == "fedml"
         head = f"{self._strategy}: {info.get('num_clients', '?')} clients, {self._total} rounds"
         if self._start:
-            head += f", resuming at round {self._start + 1}"
+            head += f", resuming at round {self._start} ({self._start} done; rounds count from 0)"
         if info.get("run_dir"):
             head += f" -> {info['run_dir']}"
         self.console.print(head, markup=False, highlight=False)
@@ -528,7 +553,7 @@ class RichProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("round {task.completed}/{task.total}"),
+            TextColumn("{task.completed}/{task.total} rounds"),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             console=self.console,
@@ -545,7 +570,7 @@ class RichProgress:
             parts.append(f"ppl {self._last_ppl:.2f}")
         else:
             parts.append(f"acc {_format_acc(self._last_acc)}")
-        parts.append(f"sim {format_duration(record.get('sim_time'))}")
+        parts.append(f"{'time' if self._measured else 'sim'} {format_duration(record.get('sim_time'))}")
         parts.append(format_bytes(record.get("cum_bytes")))
         if self._failures:
             parts.append(f"failures {self._failures}")
@@ -560,7 +585,8 @@ class RichProgress:
         if _finite(ppl):
             self._last_ppl = float(ppl)
         self._failures += _num_failures(record)
-        done = int(record.get("round", 0)) + 1
+        rnd = int(record.get("round", 0))
+        done = rnd + 1
         stats = self._stats(record)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, stats=stats)
@@ -569,7 +595,12 @@ class RichProgress:
         every = max(1, self._total // 20)
         if done % every == 0 or done >= self._total or done == self._start + 1:
             width = len(str(self._total or done))
-            self.console.print(f"round {done:>{width}}/{self._total}  {stats}", markup=False, highlight=False)
+            self.console.print(f"round {rnd:>{width}} ({done:>{width}}/{self._total} done)  {stats}", markup=False, highlight=False)
+
+    def on_run_interrupted(self, info: Mapping[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
     def on_run_end(self, summary: Mapping[str, Any]) -> None:
         if self.disable:
@@ -593,15 +624,15 @@ class RichProgress:
             table.add_row("Final perplexity", f"{final['test_perplexity']:.2f}")
         best = _format_acc(summary.get("best_accuracy"))
         if summary.get("best_round") is not None and best != "-":
-            best += f" (after {int(summary['best_round']) + 1} rounds)"
+            best += f" (round {int(summary['best_round'])})"
         table.add_row("Best accuracy", best)
         if target is not None:
             reached = summary.get("reached_target_round")
             table.add_row("Target accuracy", _format_acc(target))
-            table.add_row("Reached target", "no" if reached is None else f"after {int(reached) + 1} rounds")
+            table.add_row("Reached target", "no" if reached is None else f"in round {int(reached)}")
             table.add_row("Time to target", format_duration(summary.get("time_to_target")))
             table.add_row("Bytes to target", format_bytes(summary.get("bytes_to_target")))
-        table.add_row("Total simulated time", format_duration(final.get("sim_time")))
+        table.add_row("Total measured time" if self._measured else "Total simulated time", format_duration(final.get("sim_time")))
         table.add_row("Total bytes", format_bytes(final.get("cum_bytes")))
         if _finite(final.get("wall_time")):
             table.add_row("Wall time", format_duration(final.get("wall_time")))

@@ -131,7 +131,7 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
                 progress.on_run_start({
                     "num_rounds": cfg.recipe.rounds, "start_round": start_round,
                     "strategy": f"{cfg.recipe.strategy.name} over FedML {cfg.comm_args.backend}",
-                    "num_clients": cfg.num_clients, "run_dir": str(cfg.run_dir),
+                    "num_clients": cfg.num_clients, "run_dir": str(cfg.run_dir), "transport": "fedml",
                 })
             emitted: set[int] = set()
             exited: set[str] = set()

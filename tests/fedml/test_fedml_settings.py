@@ -122,3 +122,9 @@ def test_mqtt_s3_needs_its_services_outside_launch():
 def test_yaml_of_shipped_configs_is_plain():
     data = yaml.safe_load(GRPC.read_text())
     assert set(data) == {"recipe", "recipe_overrides", "common_args", "train_args", "device_args", "comm_args", "tracking_args"}
+
+
+def test_a_deployment_is_named_after_its_file_not_its_base_recipe(tmp_path):
+    cfg = DeploymentConfig.from_yaml(GRPC)
+    assert cfg.recipe.name == "digits_grpc"  # its base recipe is digits_fedavg.yaml
+    assert DeploymentConfig.from_yaml(GRPC, overrides=["name=mine"]).recipe.name == "mine"
