@@ -138,6 +138,21 @@ class Transport(Protocol):
         """Restore :meth:`state_dict`."""
 
 
+def _listeners(listeners: Sequence[Any] | None) -> list[Any]:
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_fedprune.reporting import LightningLoggers, RichProgress
+
+    if listeners is None:
+        from rich.console import Console
+
+        console = Console()
+        return [RichProgress(console=console)] if (console.is_terminal or console.is_jupyter) else []
+    out = [x for x in listeners if not isinstance(x, Logger)]
+    loggers = [x for x in listeners if isinstance(x, Logger)]
+    return [*out, LightningLoggers(loggers)] if loggers else out
+
+
 class RoundDriver:
     """Runs the rounds of one federated run over a transport (see the module docstring).
 
@@ -154,7 +169,11 @@ class RoundDriver:
         run_dir: where the checkpoint goes; ``None`` keeps nothing on disk.
         checkpoint_every: checkpoint every this many rounds (and after the last one).
         listeners: objects with optional ``on_run_start(info)``, ``on_round_end(record)``,
-            ``on_run_end(summary)`` and ``on_run_interrupted(info)`` methods.
+            ``on_run_end(summary)`` and ``on_run_interrupted(info)`` methods; Lightning loggers
+            (``lightning.pytorch.loggers.Logger``) among them receive the round metrics with
+            step = round (:class:`~lightning_fedprune.reporting.LightningLoggers`). ``None``: a
+            rich progress bar and summary table when the output is a terminal or a notebook,
+            nothing otherwise.
     """
 
     def __init__(
@@ -170,7 +189,7 @@ class RoundDriver:
         target_accuracy: float | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 1,
-        listeners: Sequence[Any] = (),
+        listeners: Sequence[Any] | None = None,
     ) -> None:
         if eval_every < 1:
             raise ConfigError(f"`eval_every` must be >= 1, got {eval_every}")
@@ -194,7 +213,7 @@ class RoundDriver:
         self.target_accuracy = target_accuracy
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every = int(checkpoint_every)
-        self.listeners = list(listeners)
+        self.listeners = _listeners(listeners)
         #: set by Ctrl-C (or by anyone) to stop the run after the round in progress
         self.stop_requested = False
         self.history: list[dict[str, Any]] = []

@@ -50,6 +50,10 @@ __all__ = [
     "MetricsWriter",
     "PlotWriter",
     "RichProgress",
+    "LOGGERS",
+    "LightningLoggers",
+    "make_logger",
+    "logger_options",
     "format_bytes",
     "format_duration",
     "plot_comparison",
@@ -144,8 +148,9 @@ def round_outcome_fields(results: Sequence[Any], failures: Sequence[Any], agg: M
     """The round-record fields every transport derives from a round's outcome.
 
     ``failures`` (reasons per client), the clients' local test accuracy (mean, min, max over the
-    finite values of ``metrics.extra["local_test_acc"]``) and the strategy's aggregation metrics
-    under ``agg/<name>``.
+    finite values of ``metrics.extra["local_test_acc"]``), the strategy's aggregation metrics
+    under ``agg/<name>`` and each client's training metrics under ``client_metrics``
+    (:func:`client_metrics_fields`).
     """
     local = [r.metrics.extra["local_test_acc"] for r in results if "local_test_acc" in r.metrics.extra]
     local = [v for v in local if math.isfinite(v)]
@@ -156,6 +161,27 @@ def round_outcome_fields(results: Sequence[Any], failures: Sequence[Any], agg: M
         "local_acc_max": max(local) if local else math.nan,
     }
     out.update({f"agg/{k}": float(v) for k, v in agg.items()})
+    out["client_metrics"] = client_metrics_fields(results)
+    return out
+
+
+def client_metrics_fields(results: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Per-client training metrics of a round, keyed by client id (as text, as in JSON).
+
+    ``loss_before`` / ``loss_after``: the client's mean training loss over its first / last local
+    epoch (with a single epoch: the first / second half of its local steps), measured while
+    training on different batches, so ``loss_after`` may exceed ``loss_before`` on a noisy round;
+    ``num_samples``; ``completion_time``: seconds from dispatch to arrival (simulated or measured).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        m = r.metrics
+        out[str(r.client_id)] = {
+            "loss_before": float(m.loss_before),
+            "loss_after": float(m.loss_after),
+            "num_samples": float(m.num_samples),
+            "completion_time": float(r.completion_time) if r.completion_time is not None else math.nan,
+        }
     return out
 
 
@@ -641,3 +667,122 @@ class RichProgress:
         if summary.get("run_dir"):
             table.add_row("Run folder", str(summary["run_dir"]))
         return table
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning loggers
+# --------------------------------------------------------------------------------------------
+
+#: logger name in recipes -> class in ``lightning.pytorch.loggers``
+LOGGERS: dict[str, str] = {
+    "csv": "CSVLogger",
+    "tensorboard": "TensorBoardLogger",
+    "mlflow": "MLFlowLogger",
+    "wandb": "WandbLogger",
+}
+#: what each logger needs installed (besides lightning)
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _logger_class(name: str) -> type:
+    if name not in LOGGERS:
+        raise ConfigError(f"unknown logger {name!r}; valid: {', '.join(LOGGERS)}")
+    import lightning.pytorch.loggers as loggers
+
+    return getattr(loggers, LOGGERS[name])
+
+
+def logger_options(name: str) -> list[str]:
+    """The keyword arguments of the Lightning logger ``name`` (``csv``, ``tensorboard``, ...).
+
+    Raises:
+        ConfigError: an unknown name (listing the valid ones).
+    """
+    import inspect
+
+    params = inspect.signature(_logger_class(name).__init__).parameters
+    return [p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+
+
+def make_logger(name: str, options: Mapping[str, Any] | None = None, *, run_dir: str | os.PathLike[str]) -> Any:
+    """A Lightning logger from a recipe's ``loggers`` entry; it writes under ``run_dir`` unless
+    ``options`` say otherwise (``save_dir``; MLflow's ``tracking_uri``).
+
+    Defaults: ``csv`` -> ``<run_dir>/csv/version_<n>/metrics.csv``; ``tensorboard`` ->
+    ``<run_dir>/tensorboard/``; ``mlflow`` -> ``<run_dir>/mlruns`` with the run folder's name as
+    experiment; ``wandb`` -> ``<run_dir>/wandb`` with the run folder's name as run name.
+
+    Raises:
+        ConfigError: an unknown logger or option, or a logger whose package is not installed.
+    """
+    cls = _logger_class(name)
+    options = dict(options or {})
+    valid = logger_options(name)
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"unknown option {key!r} for the {name} logger ({cls.__name__}); valid: {', '.join(valid)}")
+    run_dir = Path(run_dir)
+    defaults: dict[str, Any] = {
+        "csv": {"save_dir": str(run_dir), "name": "csv"},
+        "tensorboard": {"save_dir": str(run_dir), "name": "tensorboard"},
+        "mlflow": {"save_dir": str(run_dir / "mlruns"), "experiment_name": run_dir.name},
+        "wandb": {"save_dir": str(run_dir), "name": run_dir.name},
+    }[name]
+    if name == "mlflow" and "tracking_uri" in options:
+        defaults.pop("save_dir")
+    try:
+        return cls(**{**defaults, **options})
+    except ModuleNotFoundError as err:
+        package = _LOGGER_PACKAGES.get(name, name)
+        raise ConfigError(f"the {name} logger needs the `{package}` package: pip install {package} ({err})") from None
+
+
+def _numeric(value: Any) -> bool:
+    return _finite(value) and not isinstance(value, bool)
+
+
+class LightningLoggers:
+    """Sends round records to Lightning loggers (``CSVLogger``, ``TensorBoardLogger``,
+    ``MLFlowLogger``, ``WandbLogger``, or any ``lightning.pytorch.loggers.Logger``), with step = round.
+
+    Every finite number of a round record is logged under its record key (``test_accuracy``,
+    ``test_loss``, ``sim_time``, ``round_sim_time``, ``cum_bytes``, ``agg/<name>`` such as
+    ``agg/mean_ratio``, ...); each client's training metrics under
+    ``client_<id>/<metric>`` (``client_3/loss_after``; see :func:`client_metrics_fields`). The
+    run's settings (``hparams``, else the run info) go to ``log_hyperparams`` at the start, the
+    summary's numbers under ``summary/<name>`` at the end, then the loggers are finalized.
+
+    Args:
+        loggers: the Lightning loggers.
+        hparams: the run's settings (e.g. the recipe as a dict).
+    """
+
+    def __init__(self, loggers: Sequence[Any], *, hparams: Mapping[str, Any] | None = None) -> None:
+        self.loggers = list(loggers)
+        self.hparams = dict(hparams) if hparams is not None else None
+        self._last_step = 0
+
+    def on_run_start(self, info: Mapping[str, Any]) -> None:
+        params = self.hparams if self.hparams is not None else dict(info)
+        for lg in self.loggers:
+            lg.log_hyperparams(_jsonable(params))
+
+    def on_round_end(self, record: Mapping[str, Any]) -> None:
+        step = int(record.get("round", 0))
+        metrics = {k: float(v) for k, v in record.items() if k != "round" and _numeric(v)}
+        for cid, values in (record.get("client_metrics") or {}).items():
+            metrics.update({f"client_{cid}/{k}": float(v) for k, v in values.items() if _numeric(v)})
+        self._last_step = step
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+
+    def on_run_end(self, summary: Mapping[str, Any]) -> None:
+        numbers = {f"summary/{k}": float(v) for k, v in summary.items() if _numeric(v)}
+        for lg in self.loggers:
+            if numbers:
+                lg.log_metrics(numbers, step=self._last_step)
+            lg.finalize("success")
+
+    def on_run_interrupted(self, info: Mapping[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.finalize("interrupted")
