@@ -63,7 +63,7 @@ def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: context
         comm = dataclasses.replace(comm, grpc_ipconfig_path=str(path.resolve()))
     if comm.backend == "MQTT_S3":
         if not comm.customized_training_mqtt_config:
-            broker = stack.enter_context(LocalBroker(workdir=out / "mosquitto"))
+            broker = stack.enter_context(LocalBroker(workdir=out / "mqtt-broker"))
             comm = dataclasses.replace(comm, customized_training_mqtt_config=broker.fedml_config())
         if not comm.customized_training_s3_config:
             store = stack.enter_context(LocalObjectStore(workdir=out / "moto"))

@@ -64,7 +64,7 @@ def test_launch_shows_one_progress_view_and_cleans_up(launched):
     assert t["objects_consumed"] == 3 * ROUNDS  # the server read and deleted every result
     logs = run_dir / "logs"
     assert {p.name for p in logs.iterdir()} >= {"server.log", "client_1.log", "client_2.log", "client_3.log"}
-    assert (run_dir / "launch" / "mosquitto" / "mosquitto.conf").is_file()
+    assert any((run_dir / "launch" / "mqtt-broker" / f"{k}.log").is_file() for k in ("mosquitto", "amqtt"))
 
 
 def test_local_broker_and_store_round_trip_and_delete(tmp_path):
