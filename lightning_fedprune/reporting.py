@@ -1,13 +1,22 @@
 """What people see of a run: a progress bar, metric files, plots and a summary.
 
-Everything here is a *listener* of the simulation engine: an object with any of the methods
-``on_run_start(info)``, ``on_round_end(record)`` and ``on_run_end(summary)``::
+Everything here is a *listener* of the round driver: an object with any of the methods
+``on_run_start(info)``, ``on_round_end(record)``, ``on_run_end(summary)`` and
+``on_run_interrupted(info)`` (Ctrl-C)::
 
     engine = SimulationEngine(..., listeners=[RichProgress(), MetricsWriter(run_dir), PlotWriter(run_dir)])
 
 A round ``record`` is a flat JSON-able dict (``round``, ``sim_time``, ``cum_bytes``,
 ``test_accuracy``, ``failures``, ``agg/<name>``, ...); metrics that were not measured in a round
 are NaN. On disk, NaN is written as ``null`` and read back as NaN by :func:`read_metrics`.
+
+Round numbers count from 0 (``round`` 0 is the first round) in records, files, progress lines and
+tables alike. Time fields: ``sim_time`` is cumulative seconds since the run started (simulated, or
+measured in a deployment), ``round_sim_time`` the round's own; ``wall_time`` / ``cpu_time`` are the
+server process's cumulative wall-clock / CPU seconds. ``agg/train_loss_before`` /
+``agg/train_loss_after`` are the clients' sample-weighted mean training loss over their first /
+last local epoch (one epoch: first / second half of the local steps), measured while training on
+different batches, so ``after`` may exceed ``before``; per client they are in ``client_metrics``.
 
 Files written in ``run_dir``:
 

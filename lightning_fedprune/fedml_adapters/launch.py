@@ -158,6 +158,7 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
             _stop_clients(procs, grace_s=_CLIENT_GRACE_S if code == 0 else 0.0)
         except KeyboardInterrupt:
             code = 130
+            _interrupt_server(procs.get("server"), console)
         finally:
             for p in procs.values():
                 _terminate(p)
@@ -165,6 +166,10 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
                 fh.close()
             _update_launch_json(out, {"exit_codes": {n: p.returncode for n, p in procs.items()}, "log_dir": str(log_dir)})
     return int(code)
+
+
+#: how long ``launch`` waits for an interrupted server to finish its round
+_SERVER_STOP_S = 300.0
 
 
 def _start_round(cfg: DeploymentConfig) -> int:
@@ -207,6 +212,19 @@ def _stop_clients(procs: dict[str, subprocess.Popen], *, grace_s: float) -> None
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not exit after the run; stopping it", name)
+
+
+def _interrupt_server(server: subprocess.Popen | None, console: Any) -> None:
+    """Ctrl-C in ``launch``: pass it on to the server (its own session does not get the terminal's),
+    which finishes the round in progress and writes its checkpoint; a second Ctrl-C stops waiting."""
+    if server is None or server.poll() is not None:
+        return
+    console.print("interrupted: the server finishes the round in progress and writes its checkpoint (Ctrl-C again stops at once)", markup=False)
+    try:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=_SERVER_STOP_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
 
 
 def _terminate(p: subprocess.Popen) -> None:
