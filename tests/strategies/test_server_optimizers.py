@@ -140,3 +140,45 @@ def test_registered_and_built_from_a_recipe_around_any_strategy():
         FedAdam(FedAvg(), beta1=1.5)
     with pytest.raises(ConfigError, match="server_lr"):
         build_strategy(RecipeConfig.from_dict({"strategy": {"name": "fedavg", "wrappers": [{"name": "fedyogi", "options": {"server_lr": -1}}]}}))
+
+
+def test_the_cifar10_comparison_builds_every_optimizer():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    spec = importlib.util.spec_from_file_location("server_optimizers", root / "server_optimizers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = RecipeConfig.from_yaml(root / "cifar10_subset_fedavg.yaml")
+    assert base.data.name == "cifar10_subset" and base.model.name == "resnet32_cifar"
+    kinds = {}
+    for label, overrides in script.VARIANTS.items():
+        for inner in ("fedavg", "fedmp"):
+            s = build_strategy(base.apply_overrides([*overrides, f"strategy.name={inner}"]))
+            kinds[(label, inner)] = type(s).__name__
+    assert kinds[("FedAdam", "fedmp")] == "FedAdam" and kinds[("FedAvg", "fedavg")] == "FedAvg"
+    assert {kinds[(label, "fedavg")] for label in script.VARIANTS} == {"FedAvg", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi"}
+
+
+def test_fedyogi_around_fedmp_runs_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    from lightning_fedprune.simulation import build_run
+
+    cfg = RecipeConfig.from_dict({
+        "rounds": 3, "run_dir": str(tmp_path / "a"),
+        "data": {"name": "digits", "num_clients": 3, "batch_size": 50},
+        "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+        "strategy": {"name": "fedmp", "options": {"fixed_ratios": {0: 0.0, 1: 0.3, 2: 0.6}},
+                     "wrappers": [{"name": "fedyogi", "options": {"server_lr": 0.01}}]},
+    })
+    whole, rounds = build_run(cfg, listeners=[])
+    whole.run(rounds)
+    split_cfg = cfg.apply_overrides([f"run_dir={tmp_path / 'b'}"])
+    first, _ = build_run(split_cfg, listeners=[])
+    first.run(2)
+    second, _ = build_run(split_cfg, listeners=[])
+    second.run(3, resume=True)
+    assert [r["test_accuracy"] for r in second.history] == [r["test_accuracy"] for r in whole.history]
+    assert all(r["agg/pseudo_grad_norm"] > 0 for r in whole.history)
+    for k, v in whole.strategy.global_state.items():
+        assert torch.equal(second.strategy.global_state[k], v)
