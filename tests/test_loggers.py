@@ -89,3 +89,16 @@ def test_logger_settings_are_checked_by_key(tmp_path):
         cfg = _recipe(tmp_path, loggers=[{"name": "tensorboard"}])
         with pytest.raises(ConfigError, match="pip install tensorboard"):
             build_run(cfg, listeners=[])
+
+
+def test_a_trainer_logger_gets_each_local_epoch_tagged_with_its_client(tmp_path):
+    cfg = _recipe(
+        tmp_path, rounds=1, trainer={"logger": True, "default_root_dir": str(tmp_path / "tl")},
+        strategy={"name": "fedavg", "local_epochs": 2},
+    )
+    engine, rounds = build_run(cfg, listeners=[])
+    engine.run(rounds)
+    (path,) = (tmp_path / "tl").rglob("metrics.csv")
+    rows = list(csv.DictReader(path.open()))
+    tagged = [(int(float(r["client_id"])), int(float(r["local_epoch"])), int(float(r["round"]))) for r in rows if r.get("train_loss")]
+    assert tagged == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0)]

@@ -129,6 +129,8 @@ class ServerOptimizer(StrategyWrapper):
         for m in self.moments:
             if m in state:
                 self._state[m] = {k: v.clone() for k, v in state[m].items()}
+        if self.moments and self.moments[0] in state:
+            self._keys = tuple(state[self.moments[0]])  # also when restored without initialize()
 
 
 @register_wrapper("fedavgm")
