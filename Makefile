@@ -11,10 +11,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# the FedML deployment's extra packages (fedml, grpcio, moto); its tests also need the
-# `mosquitto` broker: `apt-get install -y mosquitto` (.ci/run does it when it is missing)
+# the FedML deployment's extra packages (fedml, grpcio, moto)
 $(VENV)/.installed-fedml: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,fedml]'
+	touch $@
+
+# an MQTT broker for the MQTT_S3 tests and one-machine runs: amqtt (pip), in an environment of
+# its own because its pins (typer, pyyaml) conflict with fedml's. Production brokers: mosquitto
+# (`apt-get install -y mosquitto`), which is used instead whenever it is installed.
+AMQTT_VERSION ?= 0.12.1
+$(VENV)/mqtt-broker/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(VENV)/mqtt-broker
+	$(VENV)/mqtt-broker/bin/python -m pip install --quiet 'amqtt==$(AMQTT_VERSION)'
 	touch $@
 
 ## run: the default recipe (scikit-learn digits, 10 clients, FedAvg)
@@ -22,7 +30,7 @@ run: $(VENV)/.installed
 	$(PY) -m lightning_fedprune run recipes/digits_fedavg.yaml
 
 ## test: the test suite (CPU only, a few minutes; the FedML tests start real processes)
-test: $(VENV)/.installed-fedml
+test: $(VENV)/.installed-fedml $(VENV)/mqtt-broker/.installed
 	$(PY) -m pytest -q
 
 ## lint: ruff (configured in pyproject.toml)

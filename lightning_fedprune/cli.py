@@ -4,6 +4,7 @@ Commands::
 
     run  RECIPE.yaml [--set key=value ...] [--resume] [--quiet]   run a recipe in the simulator
     show RECIPE.yaml [--set key=value ...]                         print the resolved recipe as YAML
+    list [strategies|wrappers|models|datasets|partitions|callbacks|loggers]   what a recipe can name
 
 Deployment through FedML (CONFIG is a deployment config, see ``recipes/fedml/``)::
 
@@ -21,6 +22,9 @@ configs, keys starting with a FedML section (``comm_args.backend=MQTT_S3``) set 
 Exit codes: 0 success; 2 invalid recipe, data or model settings (one error message, no
 traceback); 1 a round in which every client failed; 3 a peer, broker or object store could not be
 reached (deployment commands); 130 interrupted (resume with ``--resume``).
+
+Ctrl-C during ``run`` or ``server`` finishes the round in progress, writes the checkpoint and exits
+with 130; a second Ctrl-C exits with 130 at once (the last checkpoint still resumes the run).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_fedprune.errors import AllClientsFailedError, ConfigError, DataError, ModelError
+from lightning_fedprune.errors import AllClientsFailedError, ConfigError, DataError, ModelError, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the resolved recipe as YAML", description="Print the resolved recipe as YAML.")
     _add_recipe_args(show)
     show.set_defaults(func=_cmd_show)
+
+    lst = sub.add_parser(
+        "list", help="list strategies (with options), wrappers, models, datasets, partitions, client callbacks, loggers",
+        description="List what a recipe can name: strategies and wrappers with their options, models, datasets, "
+        "partition schemes, client callbacks and loggers.",
+    )
+    lst.add_argument("topic", nargs="?", choices=LIST_TOPICS, help="one topic (default: all)")
+    lst.set_defaults(func=_cmd_list)
     _add_deployment_commands(sub)
     return parser
 
@@ -173,9 +185,11 @@ def _transport_errors(fn):
 def _cmd_server(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lightning_fedprune.driver import exit_on_second_interrupt
     from lightning_fedprune.fedml_adapters.commands import plain_logging, run_server
     from lightning_fedprune.reporting import RichProgress
 
+    exit_on_second_interrupt(130)
     cfg = _deployment(args)
     if args.quiet or args.no_progress:
         with plain_logging(quiet=args.quiet, prefix="[server] "):
@@ -230,6 +244,101 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the topics of ``list``
+LIST_TOPICS = ("strategies", "wrappers", "models", "datasets", "partitions", "callbacks", "loggers")
+
+
+def _plain(text: str) -> str:
+    """Docstring text without reStructuredText roles and literal quotes."""
+    import re
+
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
+
+
+def _summary(obj: Any) -> str:
+    import inspect
+
+    return _plain(" ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split()))
+
+
+def _options_line(options: dict[str, Any]) -> str:
+    import inspect
+
+    parts = []
+    for name, (param, _hint) in options.items():
+        ann = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", str(param.annotation))
+        text = f"{name}: {ann}" if param.annotation is not inspect.Parameter.empty else name
+        if param.default is not inspect.Parameter.empty:
+            text += f" = {param.default!r}"
+        parts.append(text)
+    return ", ".join(parts) if parts else "(no options)"
+
+
+def _options_line_names(names: list[str]) -> str:
+    return ", ".join(names) if names else "(no options)"
+
+
+def list_sections(topic: str | None = None) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """What ``list`` prints: ``[(section title, [(name, summary, options), ...]), ...]``."""
+    from lightning_fedprune.callbacks import CLIENT_CALLBACKS
+    from lightning_fedprune.data import available_datasets, dataset_description, partition_options
+    from lightning_fedprune.data.partition import PARTITION_SCHEMES
+    from lightning_fedprune.models import list_models, model_description
+    from lightning_fedprune.reporting import LOGGERS, logger_options
+    from lightning_fedprune.strategies import STRATEGIES, WRAPPERS, strategy_options, wrapper_options
+
+    def partition_line(scheme: str) -> str:
+        defaults, required = partition_options(scheme)
+        parts = [f"{k} (required)" for k in required] + [f"{k} = {v!r}" for k, v in defaults.items()]
+        return ", ".join(parts) if parts else "(no options)"
+
+    out = {
+        "strategies": ("Strategies (strategy.name; options under strategy.options)", [
+            (n, _summary(STRATEGIES[n]), _options_line({k: v for k, v in strategy_options(n).items() if k != "seed"}))
+            for n in sorted(STRATEGIES)
+        ]),
+        "wrappers": ("Strategy wrappers (strategy.wrappers: [{name: ..., options: {...}}], innermost first)", [
+            (n, _summary(WRAPPERS[n]), _options_line(wrapper_options(n))) for n in sorted(WRAPPERS)
+        ]),
+        "models": ("Models (model.name, arguments under model.kwargs; also any timm:<name>)", [
+            (n, _plain(model_description(n)), "") for n in list_models()
+        ]),
+        "datasets": ("Datasets (data.name; files under data.root)", [
+            (n, _plain(dataset_description(n)), "") for n in available_datasets()
+        ]),
+        "partitions": ("Partitions (data.partition, options under data.partition_options)", [
+            (n, "", partition_line(n)) for n in PARTITION_SCHEMES
+        ]),
+        "callbacks": ("Client callbacks (named by strategies and wrappers)", [
+            (n, _summary(CLIENT_CALLBACKS[n]), "") for n in sorted(CLIENT_CALLBACKS)
+        ]),
+        "loggers": ("Loggers (loggers: [{name: ..., options: {...}}]; round metrics with step = round)", [
+            (n, f"lightning.pytorch.loggers.{cls}", _options_line_names(logger_options(n))) for n, cls in LOGGERS.items()
+        ]),
+    }
+    return [out[t] for t in ([topic] if topic else LIST_TOPICS)]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    for title, rows in list_sections(args.topic):
+        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("what")
+        for name, summary, options in rows:
+            summary, options = escape(summary), escape(options)
+            text = summary if not options else (f"{summary}\n[dim]{options}[/dim]" if summary else f"[dim]{options}[/dim]")
+            table.add_row(name, text)
+        console.print(table)
+        console.print()
+    return 0
+
+
 def _load(args: argparse.Namespace):
     from lightning_fedprune.config import RecipeConfig
 
@@ -274,6 +383,10 @@ class _RichLogging:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    from lightning_fedprune.driver import exit_on_second_interrupt
+
+    exit_on_second_interrupt(130)
 
     console = Console()
     with _RichLogging(console, args.quiet):
@@ -345,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AllClientsFailedError as err:
         _error(str(err))
         return 1
+    except RunInterrupted as err:
+        _error(f"{err}; continue the run with --resume")
+        return 130
     except KeyboardInterrupt:
         _error("interrupted; continue the run with --resume")
         return 130

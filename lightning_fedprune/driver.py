@@ -20,16 +20,29 @@ A transport (:class:`Transport`) only dispatches tasks and collects results: the
 (:mod:`lightning_fedprune.simulation`) with simulated arrival times, a FedML server
 (:mod:`lightning_fedprune.fedml_adapters`) with real ones. Both end rounds by the same pure rules.
 
-Round numbers are 0-based in every record, file and checkpoint (``round`` 0 is the first round).
+Round numbers count from 0 everywhere: records, files, checkpoints, logs, the progress bar and the
+summary table (``round`` 0 is the first round; "25/30" on a progress bar counts rounds done).
+
+Ctrl-C: while :meth:`RoundDriver.run` runs in the main thread, the first SIGINT asks the driver to
+stop after the round in progress (Lightning never sees a ``KeyboardInterrupt``, which it would turn
+into ``sys.exit(1)``); the driver then writes the checkpoint, tells the listeners
+(``on_run_interrupted``) and raises :class:`~lightning_fedprune.errors.RunInterrupted` (a
+``KeyboardInterrupt``). A second SIGINT stops at once: it raises ``KeyboardInterrupt``, or exits the
+process with the code set by :func:`exit_on_second_interrupt` (the command line uses 130); the last
+checkpoint is still consistent, since checkpoints are written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,15 +50,47 @@ from typing import Any, Protocol
 from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask
 from lightning_fedprune.core.rounds import RoundRules
 from lightning_fedprune.core.serialization import load_state, save_state
-from lightning_fedprune.errors import AllClientsFailedError, ConfigError
+from lightning_fedprune.errors import AllClientsFailedError, ConfigError, RunInterrupted
 from lightning_fedprune.reporting import round_outcome_fields
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundDriver", "RoundOutcome", "Transport", "CHECKPOINT_NAME"]
+__all__ = ["RoundDriver", "RoundOutcome", "Transport", "CHECKPOINT_NAME", "exit_on_second_interrupt"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _CHECKPOINT_FORMAT = 2
+_ABORT = {"exit_code": None}
+
+
+def exit_on_second_interrupt(exit_code: int | None) -> None:
+    """Make a second Ctrl-C during :meth:`RoundDriver.run` end the process with ``exit_code``
+    (``None``, the default: raise ``KeyboardInterrupt``, which suits notebooks)."""
+    _ABORT["exit_code"] = exit_code
+
+
+@contextlib.contextmanager
+def _sigint_requests_stop(driver: RoundDriver) -> Iterator[None]:
+    """While the block runs, the first SIGINT sets ``driver.stop_requested``; see the module docstring."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to change (a thread, or a program with its own handler)
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if driver.stop_requested:
+            code = _ABORT["exit_code"]
+            if code is None:
+                raise KeyboardInterrupt
+            sys.stderr.write("interrupted again: stopped at once; --resume continues from the last checkpoint\n")
+            sys.stderr.flush()
+            os._exit(code)
+        driver.stop_requested = True
+        log.warning("Ctrl-C: stopping after round %d and writing the checkpoint (Ctrl-C again stops at once)", driver.next_round)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -93,6 +138,21 @@ class Transport(Protocol):
         """Restore :meth:`state_dict`."""
 
 
+def _listeners(listeners: Sequence[Any] | None) -> list[Any]:
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_fedprune.reporting import LightningLoggers, RichProgress
+
+    if listeners is None:
+        from rich.console import Console
+
+        console = Console()
+        return [RichProgress(console=console)] if (console.is_terminal or console.is_jupyter) else []
+    out = [x for x in listeners if not isinstance(x, Logger)]
+    loggers = [x for x in listeners if isinstance(x, Logger)]
+    return [*out, LightningLoggers(loggers)] if loggers else out
+
+
 class RoundDriver:
     """Runs the rounds of one federated run over a transport (see the module docstring).
 
@@ -108,8 +168,12 @@ class RoundDriver:
         target_accuracy: stop once the global test accuracy reaches it.
         run_dir: where the checkpoint goes; ``None`` keeps nothing on disk.
         checkpoint_every: checkpoint every this many rounds (and after the last one).
-        listeners: objects with optional ``on_run_start(info)``, ``on_round_end(record)`` and
-            ``on_run_end(summary)`` methods.
+        listeners: objects with optional ``on_run_start(info)``, ``on_round_end(record)``,
+            ``on_run_end(summary)`` and ``on_run_interrupted(info)`` methods; Lightning loggers
+            (``lightning.pytorch.loggers.Logger``) among them receive the round metrics with
+            step = round (:class:`~lightning_fedprune.reporting.LightningLoggers`). ``None``: a
+            rich progress bar and summary table when the output is a terminal or a notebook,
+            nothing otherwise.
     """
 
     def __init__(
@@ -125,7 +189,7 @@ class RoundDriver:
         target_accuracy: float | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 1,
-        listeners: Sequence[Any] = (),
+        listeners: Sequence[Any] | None = None,
     ) -> None:
         if eval_every < 1:
             raise ConfigError(f"`eval_every` must be >= 1, got {eval_every}")
@@ -149,7 +213,9 @@ class RoundDriver:
         self.target_accuracy = target_accuracy
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every = int(checkpoint_every)
-        self.listeners = list(listeners)
+        self.listeners = _listeners(listeners)
+        #: set by Ctrl-C (or by anyone) to stop the run after the round in progress
+        self.stop_requested = False
         self.history: list[dict[str, Any]] = []
         self.next_round = 0
         self._clock = 0.0
@@ -172,6 +238,8 @@ class RoundDriver:
 
         Raises:
             AllClientsFailedError: every client selected in a round failed.
+            RunInterrupted: Ctrl-C (or :attr:`stop_requested`) stopped the run after a round; the
+                checkpoint is written.
         """
         if resume:
             path = self._checkpoint_path()
@@ -189,15 +257,22 @@ class RoundDriver:
             "transport": self.transport.name,
         })
         stopped_early = self._reached_target()
-        while self.next_round < num_rounds and not stopped_early:
-            rnd = self.next_round
-            record = self.run_round(rnd, last=(rnd == num_rounds - 1))
-            stopped_early = self._reached_target()
-            # listeners first: if the process dies before the checkpoint, the resumed run redoes
-            # this round and the metric writers drop what they wrote for it
-            self._emit("on_round_end", record)
-            if self.run_dir is not None and ((rnd + 1) % self.checkpoint_every == 0 or rnd == num_rounds - 1 or stopped_early):
-                self.save_checkpoint()
+        self.stop_requested = False
+        with _sigint_requests_stop(self):
+            while self.next_round < num_rounds and not stopped_early and not self.stop_requested:
+                rnd = self.next_round
+                record = self.run_round(rnd, last=(rnd == num_rounds - 1))
+                stopped_early = self._reached_target()
+                # listeners first: if the process dies before the checkpoint, the resumed run redoes
+                # this round and the metric writers drop what they wrote for it
+                self._emit("on_round_end", record)
+                due = (rnd + 1) % self.checkpoint_every == 0 or rnd == num_rounds - 1 or stopped_early
+                if self.run_dir is not None and (due or self.stop_requested):
+                    self.save_checkpoint()
+        if self.stop_requested and self.next_round < num_rounds and not stopped_early:
+            checkpoint = self._checkpoint_path()
+            self._emit("on_run_interrupted", {"next_round": self.next_round, "checkpoint": str(checkpoint) if checkpoint else None})
+            raise RunInterrupted(self.next_round, str(checkpoint) if checkpoint else None)
         self.rounds_done()
         summary = self.summary(stopped_early=stopped_early)
         self._emit("on_run_end", summary)

@@ -29,3 +29,20 @@ class ModelError(FedPruneError, ValueError):
 
 class AllClientsFailedError(FedPruneError, RuntimeError):
     """Every client of a round failed, so no aggregation was possible."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run after a round: the checkpoint holds every round done.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it too.
+
+    Attributes:
+        next_round: the (0-based) round a resumed run starts with.
+        checkpoint: the checkpoint written, or ``None`` for a run without a run folder.
+    """
+
+    def __init__(self, next_round: int, checkpoint: str | None) -> None:
+        where = f"; the checkpoint {checkpoint} resumes it at round {next_round}" if checkpoint else ""
+        super().__init__(f"interrupted after round {next_round - 1}{where}")
+        self.next_round = int(next_round)
+        self.checkpoint = checkpoint

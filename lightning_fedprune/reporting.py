@@ -1,13 +1,22 @@
 """What people see of a run: a progress bar, metric files, plots and a summary.
 
-Everything here is a *listener* of the simulation engine: an object with any of the methods
-``on_run_start(info)``, ``on_round_end(record)`` and ``on_run_end(summary)``::
+Everything here is a *listener* of the round driver: an object with any of the methods
+``on_run_start(info)``, ``on_round_end(record)``, ``on_run_end(summary)`` and
+``on_run_interrupted(info)`` (Ctrl-C)::
 
     engine = SimulationEngine(..., listeners=[RichProgress(), MetricsWriter(run_dir), PlotWriter(run_dir)])
 
 A round ``record`` is a flat JSON-able dict (``round``, ``sim_time``, ``cum_bytes``,
 ``test_accuracy``, ``failures``, ``agg/<name>``, ...); metrics that were not measured in a round
 are NaN. On disk, NaN is written as ``null`` and read back as NaN by :func:`read_metrics`.
+
+Round numbers count from 0 (``round`` 0 is the first round) in records, files, progress lines and
+tables alike. Time fields: ``sim_time`` is cumulative seconds since the run started (simulated, or
+measured in a deployment), ``round_sim_time`` the round's own; ``wall_time`` / ``cpu_time`` are the
+server process's cumulative wall-clock / CPU seconds. ``agg/train_loss_before`` /
+``agg/train_loss_after`` are the clients' sample-weighted mean training loss over their first /
+last local epoch (one epoch: first / second half of the local steps), measured while training on
+different batches, so ``after`` may exceed ``before``; per client they are in ``client_metrics``.
 
 Files written in ``run_dir``:
 
@@ -50,6 +59,10 @@ __all__ = [
     "MetricsWriter",
     "PlotWriter",
     "RichProgress",
+    "LOGGERS",
+    "LightningLoggers",
+    "make_logger",
+    "logger_options",
     "format_bytes",
     "format_duration",
     "plot_comparison",
@@ -144,8 +157,9 @@ def round_outcome_fields(results: Sequence[Any], failures: Sequence[Any], agg: M
     """The round-record fields every transport derives from a round's outcome.
 
     ``failures`` (reasons per client), the clients' local test accuracy (mean, min, max over the
-    finite values of ``metrics.extra["local_test_acc"]``) and the strategy's aggregation metrics
-    under ``agg/<name>``.
+    finite values of ``metrics.extra["local_test_acc"]``), the strategy's aggregation metrics
+    under ``agg/<name>`` and each client's training metrics under ``client_metrics``
+    (:func:`client_metrics_fields`).
     """
     local = [r.metrics.extra["local_test_acc"] for r in results if "local_test_acc" in r.metrics.extra]
     local = [v for v in local if math.isfinite(v)]
@@ -156,6 +170,27 @@ def round_outcome_fields(results: Sequence[Any], failures: Sequence[Any], agg: M
         "local_acc_max": max(local) if local else math.nan,
     }
     out.update({f"agg/{k}": float(v) for k, v in agg.items()})
+    out["client_metrics"] = client_metrics_fields(results)
+    return out
+
+
+def client_metrics_fields(results: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Per-client training metrics of a round, keyed by client id (as text, as in JSON).
+
+    ``loss_before`` / ``loss_after``: the client's mean training loss over its first / last local
+    epoch (with a single epoch: the first / second half of its local steps), measured while
+    training on different batches, so ``loss_after`` may exceed ``loss_before`` on a noisy round;
+    ``num_samples``; ``completion_time``: seconds from dispatch to arrival (simulated or measured).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        m = r.metrics
+        out[str(r.client_id)] = {
+            "loss_before": float(m.loss_before),
+            "loss_after": float(m.loss_after),
+            "num_samples": float(m.num_samples),
+            "completion_time": float(r.completion_time) if r.completion_time is not None else math.nan,
+        }
     return out
 
 
@@ -349,17 +384,29 @@ def _points(records: Iterable[Mapping[str, Any]], x: str, metric: str) -> tuple[
     return xs, ys
 
 
-def _new_axes(x: str, metric: str) -> tuple[Any, Any]:
+def _bytes_tick(value: float, _pos: Any = None) -> str:
+    """A bytes-axis tick label: ``'0'`` at zero, human units above, nothing below."""
+    if value == 0:
+        return "0"
+    return format_bytes(value) if value > 0 else ""
+
+
+def _new_axes(x: str, metric: str, *, title: str | None = None, measured: bool = False) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    ax.set_xlabel(PLOT_X_AXES[x][0] + (" (s)" if x == "sim_time" else ""))
+    label = PLOT_X_AXES[x][0]
+    if x == "sim_time":
+        label = ("measured time" if measured else label) + " (s)"
+    ax.set_xlabel(label)
     ax.set_ylabel(_metric_label(metric)[0])
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     if x == "cum_bytes":
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_bytes(v) if v >= 0 else ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(_bytes_tick))
     return fig, ax
 
 
@@ -381,13 +428,16 @@ def plot_history(
     *,
     metric: str = "test_accuracy",
     target_accuracy: float | None = None,
+    title: str | None = None,
+    measured: bool = False,
 ) -> list[Path]:
     """Plot ``metric`` against round, simulated time and cumulative bytes.
 
     Writes ``accuracy_vs_round.png``, ``accuracy_vs_sim_time.png`` and ``accuracy_vs_bytes.png``
     (``perplexity_vs_*`` for ``metric="test_perplexity"``) into ``run_dir``; rounds where the
     metric is NaN (not evaluated) are skipped. A dashed line marks ``target_accuracy`` when given
-    and the metric is the accuracy.
+    and the metric is the accuracy. ``title`` goes above each plot (:class:`PlotWriter`: the run's
+    name and strategy); ``measured`` labels the time axis "measured time" (a deployment's clocks).
 
     Returns:
         The paths written, in the order above.
@@ -397,7 +447,7 @@ def plot_history(
     target = target_accuracy if metric == "test_accuracy" and _finite(target_accuracy) else None
     paths = []
     for x, (_, suffix) in PLOT_X_AXES.items():
-        fig, ax = _new_axes(x, metric)
+        fig, ax = _new_axes(x, metric, title=title, measured=measured)
         xs, ys = _points(records, x, metric)
         if xs:
             ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, linewidth=1.5)
@@ -412,6 +462,7 @@ def plot_comparison(
     *,
     metric: str = "test_accuracy",
     target_accuracy: float | None = None,
+    title: str | None = None,
 ) -> Path:
     """One plot with one line per run, e.g. ``{"fedavg": read_metrics(a), "fedprox": read_metrics(b)}``.
 
@@ -421,6 +472,7 @@ def plot_comparison(
         x: ``"round"``, ``"sim_time"`` or ``"cum_bytes"``.
         metric: the record key on the y axis.
         target_accuracy: draw a dashed line at this accuracy.
+        title: a title above the plot.
 
     Returns:
         ``out_path`` as a :class:`~pathlib.Path`.
@@ -431,7 +483,7 @@ def plot_comparison(
     _check_x(x)
     if not named_histories:
         raise ConfigError("`named_histories` is empty: pass {label: records, ...} with at least one run")
-    fig, ax = _new_axes(x, metric)
+    fig, ax = _new_axes(x, metric, title=title)
     any_points = False
     for label, records in named_histories.items():
         xs, ys = _points(records, x, metric)
@@ -457,11 +509,16 @@ class PlotWriter:
         self.metric = metric
         self._start = 0
         self._records: list[dict[str, Any]] = []
+        self._title: str | None = None
+        self._measured = False
         self.paths: list[Path] = []
 
     def on_run_start(self, info: Mapping[str, Any]) -> None:
         self._start = int(info.get("start_round") or 0)
         self._records = []
+        self._measured = info.get("transport") == "fedml"
+        strategy = str(info.get("strategy") or "")
+        self._title = f"{self.run_dir.name}: {strategy}" if strategy else self.run_dir.name
 
     def on_round_end(self, record: Mapping[str, Any]) -> None:
         self._records.append(dict(record))
@@ -471,9 +528,10 @@ class PlotWriter:
         if self._start > 0 and (self.run_dir / METRICS_FILE).is_file():
             earlier = [r for r in read_metrics(self.run_dir) if _finite(r.get("round")) and r["round"] < self._start]
             records = earlier + records
-        self.paths = plot_history(records, self.run_dir, metric=self.metric, target_accuracy=summary.get("target_accuracy"))
+        style = {"title": self._title, "measured": self._measured}
+        self.paths = plot_history(records, self.run_dir, metric=self.metric, target_accuracy=summary.get("target_accuracy"), **style)
         if self.metric != "test_perplexity" and any(_finite(r.get("test_perplexity")) for r in records):
-            self.paths += plot_history(records, self.run_dir, metric="test_perplexity")
+            self.paths += plot_history(records, self.run_dir, metric="test_perplexity", **style)
         log.debug("wrote plots %s", [str(p) for p in self.paths])
 
 
@@ -507,6 +565,7 @@ class RichProgress:
         self._last_acc: float | None = None
         self._last_ppl: float | None = None
         self._strategy = ""
+        self._measured = False
 
     # -------------------------------------------------------------- listener hooks
     def on_run_start(self, info: Mapping[str, Any]) -> None:
@@ -517,9 +576,10 @@ class RichProgress:
         self._failures = 0
         self._last_acc = self._last_ppl = None
         self._strategy = str(info.get("strategy") or "")
+        self._measured = info.get("transport") == "fedml"
         head = f"{self._strategy}: {info.get('num_clients', '?')} clients, {self._total} rounds"
         if self._start:
-            head += f", resuming at round {self._start + 1}"
+            head += f", resuming at round {self._start} ({self._start} done; rounds count from 0)"
         if info.get("run_dir"):
             head += f" -> {info['run_dir']}"
         self.console.print(head, markup=False, highlight=False)
@@ -528,7 +588,7 @@ class RichProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            TextColumn("round {task.completed}/{task.total}"),
+            TextColumn("{task.completed}/{task.total} rounds"),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             console=self.console,
@@ -545,7 +605,7 @@ class RichProgress:
             parts.append(f"ppl {self._last_ppl:.2f}")
         else:
             parts.append(f"acc {_format_acc(self._last_acc)}")
-        parts.append(f"sim {format_duration(record.get('sim_time'))}")
+        parts.append(f"{'time' if self._measured else 'sim'} {format_duration(record.get('sim_time'))}")
         parts.append(format_bytes(record.get("cum_bytes")))
         if self._failures:
             parts.append(f"failures {self._failures}")
@@ -560,7 +620,8 @@ class RichProgress:
         if _finite(ppl):
             self._last_ppl = float(ppl)
         self._failures += _num_failures(record)
-        done = int(record.get("round", 0)) + 1
+        rnd = int(record.get("round", 0))
+        done = rnd + 1
         stats = self._stats(record)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, stats=stats)
@@ -569,7 +630,12 @@ class RichProgress:
         every = max(1, self._total // 20)
         if done % every == 0 or done >= self._total or done == self._start + 1:
             width = len(str(self._total or done))
-            self.console.print(f"round {done:>{width}}/{self._total}  {stats}", markup=False, highlight=False)
+            self.console.print(f"round {rnd:>{width}} ({done:>{width}}/{self._total} done)  {stats}", markup=False, highlight=False)
+
+    def on_run_interrupted(self, info: Mapping[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
     def on_run_end(self, summary: Mapping[str, Any]) -> None:
         if self.disable:
@@ -593,15 +659,15 @@ class RichProgress:
             table.add_row("Final perplexity", f"{final['test_perplexity']:.2f}")
         best = _format_acc(summary.get("best_accuracy"))
         if summary.get("best_round") is not None and best != "-":
-            best += f" (after {int(summary['best_round']) + 1} rounds)"
+            best += f" (round {int(summary['best_round'])})"
         table.add_row("Best accuracy", best)
         if target is not None:
             reached = summary.get("reached_target_round")
             table.add_row("Target accuracy", _format_acc(target))
-            table.add_row("Reached target", "no" if reached is None else f"after {int(reached) + 1} rounds")
+            table.add_row("Reached target", "no" if reached is None else f"in round {int(reached)}")
             table.add_row("Time to target", format_duration(summary.get("time_to_target")))
             table.add_row("Bytes to target", format_bytes(summary.get("bytes_to_target")))
-        table.add_row("Total simulated time", format_duration(final.get("sim_time")))
+        table.add_row("Total measured time" if self._measured else "Total simulated time", format_duration(final.get("sim_time")))
         table.add_row("Total bytes", format_bytes(final.get("cum_bytes")))
         if _finite(final.get("wall_time")):
             table.add_row("Wall time", format_duration(final.get("wall_time")))
@@ -610,3 +676,122 @@ class RichProgress:
         if summary.get("run_dir"):
             table.add_row("Run folder", str(summary["run_dir"]))
         return table
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning loggers
+# --------------------------------------------------------------------------------------------
+
+#: logger name in recipes -> class in ``lightning.pytorch.loggers``
+LOGGERS: dict[str, str] = {
+    "csv": "CSVLogger",
+    "tensorboard": "TensorBoardLogger",
+    "mlflow": "MLFlowLogger",
+    "wandb": "WandbLogger",
+}
+#: what each logger needs installed (besides lightning)
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _logger_class(name: str) -> type:
+    if name not in LOGGERS:
+        raise ConfigError(f"unknown logger {name!r}; valid: {', '.join(LOGGERS)}")
+    import lightning.pytorch.loggers as loggers
+
+    return getattr(loggers, LOGGERS[name])
+
+
+def logger_options(name: str) -> list[str]:
+    """The keyword arguments of the Lightning logger ``name`` (``csv``, ``tensorboard``, ...).
+
+    Raises:
+        ConfigError: an unknown name (listing the valid ones).
+    """
+    import inspect
+
+    params = inspect.signature(_logger_class(name).__init__).parameters
+    return [p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+
+
+def make_logger(name: str, options: Mapping[str, Any] | None = None, *, run_dir: str | os.PathLike[str]) -> Any:
+    """A Lightning logger from a recipe's ``loggers`` entry; it writes under ``run_dir`` unless
+    ``options`` say otherwise (``save_dir``; MLflow's ``tracking_uri``).
+
+    Defaults: ``csv`` -> ``<run_dir>/csv/version_<n>/metrics.csv``; ``tensorboard`` ->
+    ``<run_dir>/tensorboard/``; ``mlflow`` -> ``<run_dir>/mlruns`` with the run folder's name as
+    experiment; ``wandb`` -> ``<run_dir>/wandb`` with the run folder's name as run name.
+
+    Raises:
+        ConfigError: an unknown logger or option, or a logger whose package is not installed.
+    """
+    cls = _logger_class(name)
+    options = dict(options or {})
+    valid = logger_options(name)
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"unknown option {key!r} for the {name} logger ({cls.__name__}); valid: {', '.join(valid)}")
+    run_dir = Path(run_dir)
+    defaults: dict[str, Any] = {
+        "csv": {"save_dir": str(run_dir), "name": "csv"},
+        "tensorboard": {"save_dir": str(run_dir), "name": "tensorboard"},
+        "mlflow": {"save_dir": str(run_dir / "mlruns"), "experiment_name": run_dir.name},
+        "wandb": {"save_dir": str(run_dir), "name": run_dir.name},
+    }[name]
+    if name == "mlflow" and "tracking_uri" in options:
+        defaults.pop("save_dir")
+    try:
+        return cls(**{**defaults, **options})
+    except ModuleNotFoundError as err:
+        package = _LOGGER_PACKAGES.get(name, name)
+        raise ConfigError(f"the {name} logger needs the `{package}` package: pip install {package} ({err})") from None
+
+
+def _numeric(value: Any) -> bool:
+    return _finite(value) and not isinstance(value, bool)
+
+
+class LightningLoggers:
+    """Sends round records to Lightning loggers (``CSVLogger``, ``TensorBoardLogger``,
+    ``MLFlowLogger``, ``WandbLogger``, or any ``lightning.pytorch.loggers.Logger``), with step = round.
+
+    Every finite number of a round record is logged under its record key (``test_accuracy``,
+    ``test_loss``, ``sim_time``, ``round_sim_time``, ``cum_bytes``, ``agg/<name>`` such as
+    ``agg/mean_ratio``, ...); each client's training metrics under
+    ``client_<id>/<metric>`` (``client_3/loss_after``; see :func:`client_metrics_fields`). The
+    run's settings (``hparams``, else the run info) go to ``log_hyperparams`` at the start, the
+    summary's numbers under ``summary/<name>`` at the end, then the loggers are finalized.
+
+    Args:
+        loggers: the Lightning loggers.
+        hparams: the run's settings (e.g. the recipe as a dict).
+    """
+
+    def __init__(self, loggers: Sequence[Any], *, hparams: Mapping[str, Any] | None = None) -> None:
+        self.loggers = list(loggers)
+        self.hparams = dict(hparams) if hparams is not None else None
+        self._last_step = 0
+
+    def on_run_start(self, info: Mapping[str, Any]) -> None:
+        params = self.hparams if self.hparams is not None else dict(info)
+        for lg in self.loggers:
+            lg.log_hyperparams(_jsonable(params))
+
+    def on_round_end(self, record: Mapping[str, Any]) -> None:
+        step = int(record.get("round", 0))
+        metrics = {k: float(v) for k, v in record.items() if k != "round" and _numeric(v)}
+        for cid, values in (record.get("client_metrics") or {}).items():
+            metrics.update({f"client_{cid}/{k}": float(v) for k, v in values.items() if _numeric(v)})
+        self._last_step = step
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+
+    def on_run_end(self, summary: Mapping[str, Any]) -> None:
+        numbers = {f"summary/{k}": float(v) for k, v in summary.items() if _numeric(v)}
+        for lg in self.loggers:
+            if numbers:
+                lg.log_metrics(numbers, step=self._last_step)
+            lg.finalize("success")
+
+    def on_run_interrupted(self, info: Mapping[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.finalize("interrupted")

@@ -241,6 +241,11 @@ class _RoundController(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seg = self.schedule[self._epoch]
+        if trainer.loggers and self.running is not None:
+            # a user's `trainer.logger`: tag each epoch's metrics (e.g. the module's train_loss) with its client
+            task = self.running.task
+            tags = {"client_id": float(task.client_id), "round": float(task.round), "local_epoch": float(seg.epoch)}
+            pl_module.log_dict(tags, on_step=False, on_epoch=True, batch_size=1)
         self._epoch += 1
         # finish at the next epoch start (or at train end) so the module's own epoch-end hooks ran
         self._pending_end = seg.last

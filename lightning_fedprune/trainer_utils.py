@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["trainer_defaults", "quiet_lightning"]
+__all__ = ["trainer_defaults", "quiet_lightning", "check_trainer_settings"]
 
 _DEFAULTS: dict[str, Any] = {
     "accelerator": "cpu",
@@ -75,3 +75,27 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg in loggers:
             lg.removeFilter(_BELOW_WARNING)
+
+
+def check_trainer_settings(settings: Mapping[str, Any]) -> None:
+    """Build (and drop) a ``Trainer`` with a recipe's ``trainer`` settings on top of the package's
+    defaults, so that settings this machine cannot run (``accelerator: gpu`` without a GPU) fail
+    before any round, in one line naming the key.
+
+    Raises:
+        ConfigError: Lightning rejected the settings.
+    """
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_fedprune.errors import ConfigError
+
+    if not settings:
+        return
+    try:
+        with quiet_lightning():
+            pl.Trainer(**trainer_defaults(settings, max_epochs=1))
+    except (MisconfigurationException, RuntimeError, ValueError) as err:
+        keys = ", ".join(f"trainer.{k}={v!r}" for k, v in settings.items())
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"Lightning cannot run with {keys} here: {first}") from None

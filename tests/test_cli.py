@@ -85,3 +85,49 @@ def test_all_clients_failed_exits_1(tmp_path, capsys, monkeypatch):
 def test_help(argv, capsys):
     assert main(argv) == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_list_names_strategies_with_options_wrappers_models_datasets_partitions_callbacks_and_loggers(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Strategies", "Strategy wrappers", "Models", "Datasets", "Partitions", "Client callbacks", "Loggers"):
+        assert title in out
+    for name in ("fedavg", "fedmp", "prunefl", "fedadam", "fedyogi", "vgg11_bn", "cifar10_subset", "dirichlet", "scaffold", "tensorboard"):
+        assert name in out
+    assert "beta (required)" in out  # the dirichlet partition's options
+    assert main(["list", "wrappers"]) == 0
+    wrappers = capsys.readouterr().out
+    assert "fedavgm" in wrappers and "server_lr: float = 1.0, momentum: float = 0.9" in wrappers
+    assert "Models" not in wrappers
+    assert main(["list", "nothing"]) == 2
+
+
+def test_list_sections_follow_the_registries():
+    from lightning_fedprune.cli import list_sections
+    from lightning_fedprune.strategies import STRATEGIES
+
+    (title, rows), = list_sections("strategies")
+    assert [r[0] for r in rows] == sorted(STRATEGIES)
+    fedmp = dict((r[0], r[2]) for r in rows)["fedmp"]
+    assert "theta: float = 0.05" in fedmp and "seed" not in fedmp  # the recipe's top-level seed seeds strategies
+
+
+def test_a_model_swap_resets_the_recipes_model_arguments(capsys):
+    assert main(["show", RECIPE, "--set", "model.name=lenet300_100"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["kwargs"] == {}  # the digits recipe's `hidden` is dropped
+    assert main(["show", RECIPE, "--set", "model.name=lenet300_100", "--set", "model.kwargs={num_classes: 10}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["kwargs"] == {"num_classes": 10}
+
+
+def test_an_accelerator_this_machine_lacks_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["run", RECIPE, "--set", "trainer.accelerator=gpu", "--set", f"run_dir={tmp_path}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.accelerator='gpu'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_data_folder_hint_names_the_recipe_key(tmp_path, capsys):
+    code = main(["run", RECIPE, "--set", "data.name=mnist", "--set", "model.name=lenet300_100", "--set", f"data.root={tmp_path}", "--quiet"])
+    assert code == 2
+    assert "--set data.root=<folder>" in capsys.readouterr().err

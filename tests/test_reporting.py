@@ -248,10 +248,11 @@ def test_rich_progress_fake_run(terminal):
     assert "Run summary" in text
     assert "90.00%" in text  # final accuracy
     assert "92.00%" in text  # best accuracy
-    assert "after 4 rounds" in text  # target first reached after round index 3
+    assert "in round 3" in text  # target first reached in round 3 (rounds count from 0, as in the records)
+    assert "92.00% (round 3)" in text  # best accuracy: the record of round 3
     assert "5.0 kB" in text  # total bytes, human units
     if not terminal:
-        assert "round 5/5" in text  # one plain line per round, no redraws
+        assert "round 4 (5/5 done)" in text  # one plain line per round, no redraws
         assert "\x1b[" not in text
 
 
@@ -259,3 +260,26 @@ def test_rich_progress_disabled_prints_nothing():
     buf = io.StringIO()
     _fake_run([RichProgress(console=Console(file=buf), disable=True)], _history())
     assert buf.getvalue() == ""
+
+
+def test_plots_have_a_title_a_measured_time_axis_for_deployments_and_no_zero_bytes_tick(tmp_path, monkeypatch):
+    from lightning_fedprune import reporting
+
+    seen = []
+    real = reporting._new_axes
+
+    def spy(x, metric, **kw):
+        fig, ax = real(x, metric, **kw)
+        seen.append((x, ax))
+        return fig, ax
+
+    monkeypatch.setattr(reporting, "_new_axes", spy)
+    writer = PlotWriter(tmp_path / "my_run")
+    writer.on_run_start({"start_round": 0, "strategy": "FedAvg", "transport": "fedml"})
+    for rec in _history():
+        writer.on_round_end(rec)
+    writer.on_run_end({"target_accuracy": None})
+    axes = dict(seen)
+    assert all(ax.get_title() == "my_run: FedAvg" for ax in axes.values())
+    assert axes["sim_time"].get_xlabel() == "measured time (s)"
+    assert reporting._bytes_tick(0) == "0" and reporting._bytes_tick(2500) == "2.5 kB" and reporting._bytes_tick(-1) == ""

@@ -25,12 +25,14 @@ from lightning_fedprune.config.build import (
     default_listeners,
     model_kwargs,
     needs_devices,
+    recipe_listeners,
 )
 from lightning_fedprune.config.recipe import (
     RESERVED_TRAINER_KEYS,
     DataConfig,
     DevicesConfig,
     EngineConfig,
+    LoggerConfig,
     ModelConfig,
     RecipeConfig,
     StrategyConfig,
@@ -43,6 +45,7 @@ __all__ = [
     "ModelConfig",
     "StrategyConfig",
     "WrapperConfig",
+    "LoggerConfig",
     "DevicesConfig",
     "EngineConfig",
     "RecipeConfig",
@@ -60,6 +63,7 @@ __all__ = [
     "model_kwargs",
     "client_callbacks_of",
     "default_listeners",
+    "recipe_listeners",
     "strategy_options",
 ]
 

@@ -39,6 +39,7 @@ from lightning_fedprune.config.recipe import ModelConfig, RecipeConfig, Strategy
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.models.modules import ClassifierModule, LanguageModelModule
 from lightning_fedprune.module import FederatedModuleMixin
+from lightning_fedprune.trainer_utils import check_trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ __all__ = [
     "model_kwargs",
     "client_callbacks_of",
     "default_listeners",
+    "recipe_listeners",
 ]
 
 #: what :func:`build_parts` can build for
@@ -122,6 +124,21 @@ def default_listeners(run_dir: str | os.PathLike[str], *, progress: bool = True)
 
     listeners: list[Any] = [RichProgress()] if progress else []
     return [*listeners, MetricsWriter(run_dir), PlotWriter(run_dir)]
+
+
+def recipe_listeners(cfg: RecipeConfig) -> list[Any]:
+    """The listeners the recipe itself asks for: its ``loggers`` (one
+    :class:`~lightning_fedprune.reporting.LightningLoggers` with the recipe as hyperparameters), or none.
+
+    Raises:
+        ConfigError: a logger whose package is not installed.
+    """
+    from lightning_fedprune.reporting import LightningLoggers, make_logger
+
+    if not cfg.loggers:
+        return []
+    run_dir = cfg.resolved_run_dir()
+    return [LightningLoggers([make_logger(lg.name, lg.options, run_dir=run_dir) for lg in cfg.loggers], hparams=cfg.to_dict())]
 
 
 def model_kwargs(cfg: ModelConfig, info: Any) -> dict[str, Any]:
@@ -328,6 +345,8 @@ def build_parts(cfg: RecipeConfig, *, role: str = "simulation", client_data: Any
     if role not in ROLES:
         raise ConfigError(f"`role` can be {', '.join(ROLES)}; got {role!r}")
     torch.set_num_threads(1)
+    if role != "server":
+        check_trainer_settings(cfg.trainer)
     splits = partition = None
     if client_data is not None:
         data, info = client_data, client_data.info

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "WrapperConfig",
+    "LoggerConfig",
     "StrategyConfig",
     "DevicesConfig",
     "EngineConfig",
@@ -66,6 +68,8 @@ __all__ = [
 RESERVED_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
 #: Strategy constructor arguments that have their own key in ``strategy:`` (or the recipe's ``seed``).
 STRATEGY_FIELDS = ("fraction_fit", "min_fit_clients", "local_epochs", "local_steps")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +137,21 @@ class WrapperConfig:
     Attributes:
         name: a registered wrapper (``lightning_fedprune.strategies.WRAPPERS``).
         options: the wrapper's keyword arguments.
+    """
+
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    """One Lightning logger that receives the round metrics (step = round).
+
+    Attributes:
+        name: ``csv``, ``tensorboard``, ``mlflow`` or ``wandb``
+            (:data:`lightning_fedprune.reporting.LOGGERS`).
+        options: the logger's keyword arguments (by default it writes under the run folder, see
+            :func:`lightning_fedprune.reporting.make_logger`), e.g. ``{offline: true}`` for wandb.
     """
 
     name: str = ""
@@ -364,6 +383,7 @@ def validate(cfg: RecipeConfig) -> None:
             f"`trainer.{reserved[0]}` cannot be set: the client runtime sets local work from each round's task; "
             "use `strategy.local_epochs` / `strategy.local_steps`"
         )
+    _validate_loggers(cfg)
     trainer_params = _trainer_params()
     for key in cfg.trainer:
         if key not in trainer_params:
@@ -371,6 +391,20 @@ def validate(cfg: RecipeConfig) -> None:
                 f"unknown key `trainer.{key}`: not an argument of lightning.pytorch.Trainer.{suggest(key, trainer_params)} "
                 f"Valid keys: {', '.join(k for k in trainer_params if k not in RESERVED_TRAINER_KEYS)}"
             )
+
+
+def _validate_loggers(cfg: RecipeConfig) -> None:
+    from lightning_fedprune.reporting import LOGGERS, logger_options
+
+    for i, lg in enumerate(cfg.loggers):
+        check_choice(lg.name, f"loggers[{i}].name", list(LOGGERS))
+        valid = logger_options(lg.name)
+        for key in lg.options:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown key `loggers[{i}].options.{key}` for the {lg.name} logger; valid options: "
+                    f"{', '.join(valid)}.{suggest(key, valid)}"
+                )
 
 
 def _trainer_params() -> list[str]:
@@ -399,6 +433,8 @@ class RecipeConfig:
         checkpoint_every: checkpoint every this many rounds.
         data, model, strategy, devices, engine: the sections above.
         trainer: extra ``lightning.pytorch.Trainer`` arguments (e.g. ``gradient_clip_val``).
+        loggers: Lightning loggers that receive every round's metrics with step = round, e.g.
+            ``[{name: csv}, {name: tensorboard}]`` (:class:`LoggerConfig`).
     """
 
     name: str = "recipe"
@@ -414,6 +450,7 @@ class RecipeConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
+    loggers: list[LoggerConfig] = field(default_factory=list)
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -468,12 +505,16 @@ class RecipeConfig:
         Keys are dotted paths (``data.partition_options.beta=0.3`` reaches into mappings);
         values are parsed with ``yaml.safe_load`` (``[1, 3]``, ``null``, ``0.5``, ``true``). A
         number given for a text key is kept as text. The result is validated as a whole.
+        Changing ``model.name`` resets ``model.kwargs`` (the old model's arguments) unless the same
+        overrides set ``model.kwargs`` too.
 
         Raises:
             ConfigError: on a malformed override or an unknown key (naming the valid keys at
                 that level), or as :meth:`from_dict`.
         """
         data = self.to_dict()
+        keys = [str(item).partition("=")[0].strip() for item in overrides]
+        kwargs_given = any(k == "model.kwargs" or k.startswith("model.kwargs.") for k in keys)
         for item in overrides:
             key, sep, raw = str(item).partition("=")
             key = key.strip()
@@ -483,7 +524,15 @@ class RecipeConfig:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as err:
                 raise ConfigError(f"cannot parse the value of `{key}` ({raw!r}) as YAML: {err}") from err
+            old_model = data["model"]["name"]
             set_path(RecipeConfig, data, key, value, raw)
+            if key == "model.name" and data["model"]["name"] != old_model and data["model"]["kwargs"] and not kwargs_given:
+                # another architecture: the recipe's arguments were for the old one
+                log.info(
+                    "`model.name` changed from %r to %r: `model.kwargs` %s reset to {} (set model.kwargs too to give arguments)",
+                    old_model, data["model"]["name"], data["model"]["kwargs"],
+                )
+                data["model"]["kwargs"] = {}
         return type(self).from_dict(data)
 
     # -------------------------------------------------------------- derived

@@ -5,6 +5,7 @@ from lightning_fedprune.data.datasets import (
     DatasetSplits,
     available_datasets,
     clear_dataset_cache,
+    dataset_description,
     default_data_root,
     load_dataset,
     register_dataset,
@@ -20,6 +21,7 @@ from lightning_fedprune.data.partition import (
     partition_dominant_label,
     partition_iid,
     partition_missing_classes,
+    partition_options,
     partition_shards,
 )
 
@@ -34,6 +36,8 @@ __all__ = [
     "StepsLoader",
     "available_datasets",
     "clear_dataset_cache",
+    "dataset_description",
+    "partition_options",
     "client_batches",
     "default_data_root",
     "load_dataset",

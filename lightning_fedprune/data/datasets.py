@@ -47,6 +47,8 @@ __all__ = [
 
 #: Environment variable naming the data root used when ``root=None``.
 DATA_ROOT_ENV = "LIGHTNING_FEDPRUNE_DATA"
+#: how to name a data folder, in code, in a recipe and on the command line
+_ROOT_HINT = "root=<folder> (a recipe's `data.root`; on the command line `--set data.root=<folder>`)"
 
 _TASKS = ("classification", "language_model")
 
@@ -154,6 +156,17 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_description(name: str) -> str:
+    """The first paragraph of the loader's docstring of dataset ``name`` (what it is, where it is read from).
+
+    Raises:
+        DataError: an unknown name.
+    """
+    if name not in _REGISTRY:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(available_datasets())}")
+    return " ".join((inspect.getdoc(_REGISTRY[name].fn) or "").split("\n\n")[0].split())
+
+
 def clear_dataset_cache() -> None:
     """Forget every memoised dataset, so the next :func:`load_dataset` call reads files again."""
     with _CACHE_LOCK:
@@ -238,7 +251,7 @@ def load_dataset(
             resolved_root = default_data_root()
             if resolved_root is None:
                 raise DataError(
-                    f"dataset {key_name!r} needs a data folder: pass root=<folder> (and "
+                    f"dataset {key_name!r} needs a data folder: pass {_ROOT_HINT} (and "
                     f"download=True to fetch torchvision datasets when a network is available) "
                     f"or set ${DATA_ROOT_ENV}; the built-in 'digits' dataset needs no files"
                 )
@@ -313,7 +326,7 @@ def _check_files(dataset: str, root: Path, files: list[Path], *, download_hint: 
         return
     expected = "\n  ".join(str(p) for p in files)
     layout = files[0].relative_to(root).as_posix()
-    hint = f"Pass root=<folder> such that <folder>/{layout} exists, or set ${DATA_ROOT_ENV}"
+    hint = f"Pass {_ROOT_HINT} such that <folder>/{layout} exists, or set ${DATA_ROOT_ENV}"
     hint += (
         "; download=True fetches the files into root when a network is available."
         if download_hint
@@ -714,7 +727,7 @@ def _load_ptb(
         raise DataError(
             f"dataset 'ptb' not found: expected the files\n  {expected}\n(or the same files "
             f"directly in {root}). PTB cannot be downloaded automatically: place Mikolov's "
-            f"ptb.train.txt / ptb.valid.txt / ptb.test.txt there, pass root=<folder>, or set "
+            f"ptb.train.txt / ptb.valid.txt / ptb.test.txt there, pass {_ROOT_HINT}, or set "
             f"${DATA_ROOT_ENV}."
         )
     if download:

@@ -606,6 +606,18 @@ _SCHEME_OPTIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 PARTITION_SCHEMES: tuple[str, ...] = tuple(_SCHEME_OPTIONS)
 
 
+def partition_options(scheme: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``(optional options with their defaults, required options)`` of a partition scheme.
+
+    Raises:
+        DataError: an unknown scheme.
+    """
+    if scheme not in _SCHEME_OPTIONS:
+        raise DataError(f"unknown partition scheme {scheme!r}; valid: {', '.join(PARTITION_SCHEMES)}")
+    defaults, required = _SCHEME_OPTIONS[scheme]
+    return dict(defaults), tuple(required)
+
+
 def make_partition(
     scheme: str,
     targets: Any,

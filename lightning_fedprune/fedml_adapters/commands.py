@@ -64,6 +64,7 @@ def run_server(cfg: DeploymentConfig, *, resume: bool = False, progress: Any = N
         resume: continue from the run folder's checkpoint.
         progress: a :class:`~lightning_fedprune.reporting.RichProgress` (or ``None``: none).
     """
+    from lightning_fedprune.config import recipe_listeners
     from lightning_fedprune.fedml_adapters.server import FedMLServer
     from lightning_fedprune.reporting import MetricsWriter, PlotWriter
 
@@ -71,7 +72,7 @@ def run_server(cfg: DeploymentConfig, *, resume: bool = False, progress: Any = N
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "deployment.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     (run_dir / "config.yaml").write_text(cfg.recipe.to_yaml(), encoding="utf-8")
-    listeners = [*([progress] if progress is not None else []), MetricsWriter(run_dir), PlotWriter(run_dir)]
+    listeners = [*([progress] if progress is not None else []), MetricsWriter(run_dir), PlotWriter(run_dir), *recipe_listeners(cfg.recipe)]
     server = FedMLServer(cfg, listeners=listeners, resume=resume)
     return server.run()
 

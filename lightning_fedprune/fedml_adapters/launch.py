@@ -65,7 +65,7 @@ def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: context
         comm = dataclasses.replace(comm, grpc_ipconfig_path=str(path.resolve()))
     if comm.backend == "MQTT_S3":
         if not comm.customized_training_mqtt_config:
-            broker = stack.enter_context(LocalBroker(workdir=out / "mosquitto"))
+            broker = stack.enter_context(LocalBroker(workdir=out / "mqtt-broker"))
             comm = dataclasses.replace(comm, customized_training_mqtt_config=broker.fedml_config())
         if not comm.customized_training_s3_config:
             store = stack.enter_context(LocalObjectStore(workdir=out / "moto"))
@@ -139,7 +139,7 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
                 progress.on_run_start({
                     "num_rounds": cfg.recipe.rounds, "start_round": start_round,
                     "strategy": f"{cfg.recipe.strategy.name} over FedML {cfg.comm_args.backend}",
-                    "num_clients": cfg.num_clients, "run_dir": str(cfg.run_dir),
+                    "num_clients": cfg.num_clients, "run_dir": str(cfg.run_dir), "transport": "fedml",
                 })
             emitted: set[int] = set()
             exited: set[str] = set()
@@ -166,6 +166,7 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
             _stop_clients(procs, grace_s=_CLIENT_GRACE_S if code == 0 else 0.0)
         except KeyboardInterrupt:
             code = 130
+            _interrupt_server(procs.get("server"), console)
         finally:
             for p in procs.values():
                 _terminate(p)
@@ -173,6 +174,10 @@ def launch(cfg: DeploymentConfig, *, clients: int | None = None, resume: bool = 
                 fh.close()
             _update_launch_json(out, {"exit_codes": {n: p.returncode for n, p in procs.items()}, "log_dir": str(log_dir)})
     return int(code)
+
+
+#: how long ``launch`` waits for an interrupted server to finish its round
+_SERVER_STOP_S = 300.0
 
 
 def _private_log(path: Path) -> Any:
@@ -222,6 +227,19 @@ def _stop_clients(procs: dict[str, subprocess.Popen], *, grace_s: float) -> None
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not exit after the run; stopping it", name)
+
+
+def _interrupt_server(server: subprocess.Popen | None, console: Any) -> None:
+    """Ctrl-C in ``launch``: pass it on to the server (its own session does not get the terminal's),
+    which finishes the round in progress and writes its checkpoint; a second Ctrl-C stops waiting."""
+    if server is None or server.poll() is not None:
+        return
+    console.print("interrupted: the server finishes the round in progress and writes its checkpoint (Ctrl-C again stops at once)", markup=False)
+    try:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=_SERVER_STOP_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
 
 
 def _terminate(p: subprocess.Popen) -> None:

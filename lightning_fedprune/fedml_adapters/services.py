@@ -1,6 +1,8 @@
 """Local MQTT broker and S3-compatible store for the MQTT_S3 transport on one machine (no FedML here).
 
-:class:`LocalBroker` runs Debian's ``mosquitto`` on 127.0.0.1 and :class:`LocalObjectStore` runs
+:class:`LocalBroker` runs an MQTT broker on 127.0.0.1 (:func:`find_broker`: Debian's ``mosquitto``,
+the production choice, or the pip-installable ``amqtt``, which ``make test`` installs into its own
+environment ``.venv/mqtt-broker`` because its pins conflict with FedML's) and :class:`LocalObjectStore` runs
 ``moto`` in server mode on 127.0.0.1 with one bucket; both are context managers that stop their
 process on exit. Their ``fedml_config()`` is what goes into ``comm_args.customized_training_mqtt_config``
 and ``comm_args.customized_training_s3_config``. ``launch`` and the tests start them; on real
@@ -26,9 +28,15 @@ from lightning_fedprune.errors import ConfigError, FedPruneError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalBroker", "LocalObjectStore", "ServiceError", "free_port", "wait_for_port", "find_mosquitto"]
+__all__ = ["LocalBroker", "LocalObjectStore", "ServiceError", "free_port", "wait_for_port", "find_mosquitto", "find_amqtt", "find_broker"]
 
-_MOSQUITTO_HINT = "install Debian's broker with `apt-get install -y mosquitto` (or point comm_args at a running broker)"
+_MOSQUITTO_HINT = (
+    "install Debian's broker with `apt-get install -y mosquitto`, or amqtt in an environment of its own "
+    "(`make test` does: python -m venv .venv/mqtt-broker && .venv/mqtt-broker/bin/pip install amqtt), "
+    "or point comm_args at a running broker"
+)
+#: environment variable that picks the local broker: ``mosquitto`` or ``amqtt`` (default: mosquitto if installed)
+BROKER_ENV = "LIGHTNING_FEDPRUNE_MQTT_BROKER"
 
 
 class ServiceError(FedPruneError, RuntimeError):
@@ -71,6 +79,33 @@ def find_mosquitto() -> str | None:
     return None
 
 
+def find_amqtt() -> str | None:
+    """The ``amqtt`` broker executable: ``<this environment>/mqtt-broker/bin/amqtt`` (where ``make test``
+    installs it), then PATH; or None."""
+    local = Path(sys.prefix) / "mqtt-broker" / "bin" / "amqtt"
+    if os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("amqtt")
+
+
+def find_broker() -> tuple[str, str] | None:
+    """``(kind, executable)`` of the local MQTT broker to start: ``$LIGHTNING_FEDPRUNE_MQTT_BROKER``
+    (``mosquitto`` or ``amqtt``) when set, else mosquitto when installed, else amqtt; None if none is.
+
+    Raises:
+        ConfigError: the environment variable names another broker.
+    """
+    choice = os.environ.get(BROKER_ENV, "").strip().lower()
+    if choice not in ("", "mosquitto", "amqtt"):
+        raise ConfigError(f"${BROKER_ENV} can be mosquitto or amqtt, got {choice!r}")
+    for kind, find in (("mosquitto", find_mosquitto), ("amqtt", find_amqtt)):
+        if choice in ("", kind):
+            exe = find()
+            if exe is not None:
+                return kind, exe
+    return None
+
+
 class _Service:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -102,7 +137,7 @@ class _Service:
 
 
 class LocalBroker(_Service):
-    """mosquitto on ``127.0.0.1:port`` (anonymous, no persistence).
+    """An MQTT broker on ``127.0.0.1:port`` (anonymous, no persistence): mosquitto or amqtt (:func:`find_broker`).
 
     Args:
         port: the port (default: a free one).
@@ -113,25 +148,34 @@ class LocalBroker(_Service):
         super().__init__()
         self.host = "127.0.0.1"
         self.port = int(port) if port is not None else free_port()
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lfp-mosquitto-"))
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lfp-mqtt-"))
+        self.kind = ""
 
     def start(self) -> LocalBroker:
-        exe = find_mosquitto()
-        if exe is None:
-            raise ConfigError(f"the MQTT_S3 transport needs an MQTT broker and `mosquitto` is not installed: {_MOSQUITTO_HINT}")
+        found = find_broker()
+        if found is None:
+            raise ConfigError(f"the MQTT_S3 transport needs an MQTT broker and none is installed: {_MOSQUITTO_HINT}")
+        self.kind, exe = found
         self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n",
-            encoding="utf-8",
-        )
-        self._spawn([exe, "-c", str(conf)], self.workdir / "mosquitto.log")
+        if self.kind == "mosquitto":
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n", encoding="utf-8")
+            argv = [exe, "-c", str(conf)]
+        else:
+            conf = self.workdir / "amqtt.yaml"
+            conf.write_text(
+                f"listeners:\n  default:\n    type: tcp\n    bind: {self.host}:{self.port}\n"
+                "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n",
+                encoding="utf-8",
+            )
+            argv = [exe, "-c", str(conf)]
+        self._spawn(argv, self.workdir / f"{self.kind}.log")
         try:
             wait_for_port(self.host, self.port, timeout_s=15.0, proc=self.proc)
         except ServiceError:
             self.stop()
             raise
-        log.info("MQTT broker (mosquitto) on %s:%d", self.host, self.port)
+        log.info("MQTT broker (%s) on %s:%d", self.kind, self.host, self.port)
         return self
 
     def fedml_config(self) -> dict[str, Any]:

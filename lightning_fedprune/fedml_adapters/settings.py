@@ -236,7 +236,12 @@ class DeploymentConfig:
     # -------------------------------------------------------------- construction
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+        cls,
+        data: Mapping[str, Any],
+        *,
+        base_dir: str | os.PathLike[str] | None = None,
+        overrides: Sequence[str] = (),
+        name: str | None = None,
     ) -> DeploymentConfig:
         """Build and validate a deployment config from a mapping.
 
@@ -246,6 +251,9 @@ class DeploymentConfig:
             overrides: ``key=value`` strings; keys starting with a section name
                 (``comm_args.backend=MQTT_S3``) set deployment keys, all others recipe keys
                 (``rounds=3``, ``strategy.name=fedprox``).
+            name: the deployment's name (:meth:`from_yaml`: the file's stem); it names the run
+                (log lines, the default run folder and ``run_id``) instead of the base recipe's
+                name, unless ``recipe_overrides`` set ``name``.
 
         Raises:
             ConfigError: naming the offending key and the valid keys or values.
@@ -272,6 +280,8 @@ class DeploymentConfig:
         sections: _Sections = parse_section(_Sections, sections_data, "")
         recipe = _load_recipe(data["recipe"], base)
         mapped = []
+        if name and isinstance(data["recipe"], str):
+            mapped.append(f"name={name}")
         if sections.common_args.random_seed is not None:
             mapped.append(f"seed={sections.common_args.random_seed}")
         if sections.train_args.comm_round is not None:
@@ -301,7 +311,7 @@ class DeploymentConfig:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        return cls.from_dict(data, base_dir=path.resolve().parent, overrides=overrides)
+        return cls.from_dict(data, base_dir=path.resolve().parent, overrides=overrides, name=path.stem)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the recipe inlined and paths made absolute (reloads to an equal config)."""

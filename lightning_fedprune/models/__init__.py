@@ -20,6 +20,7 @@ from lightning_fedprune.models.registry import (
     ModelInfo,
     create_model,
     list_models,
+    model_description,
     model_info,
     register_model,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "create_model",
     "model_info",
     "list_models",
+    "model_description",
     "ClassifierModule",
     "LanguageModelModule",
 ]

@@ -191,6 +191,17 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_description(name: str) -> str:
+    """The first paragraph of the docstring of the registered model ``name``'s entrypoint.
+
+    Raises:
+        ModelError: an unknown name.
+    """
+    if name not in _REGISTRY:
+        raise _unknown_name_error(name)
+    return " ".join((inspect.getdoc(_REGISTRY[name].fn) or "").split("\n\n")[0].split())
+
+
 def _unknown_name_error(name: Any) -> ModelError:
     choices = list_models()
     close = difflib.get_close_matches(str(name), choices, n=3)

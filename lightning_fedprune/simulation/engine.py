@@ -265,7 +265,9 @@ class SimulationEngine(RoundDriver):
         run_dir: where checkpoints go (``checkpoint.safetensors``); ``None`` keeps nothing on disk.
         checkpoint_every: save a checkpoint every this many rounds (needs ``run_dir``).
         listeners: objects with optional ``on_run_start(info)``, ``on_round_end(record)``,
-            ``on_run_end(summary)`` methods (progress bars, metric writers, plots).
+            ``on_run_end(summary)`` methods (progress bars, metric writers, plots) and Lightning
+            loggers; ``None``: the CLI's rich progress bar and table on a terminal or in a
+            notebook (see :class:`~lightning_fedprune.driver.RoundDriver`), else nothing.
         perplexity: report perplexity too (language models).
         max_message_bytes: reject results larger than this (default: no limit).
         mode, deadline_fraction, deadline_factor, deadline_backoff, async_m, join_rounds: the
@@ -288,7 +290,7 @@ class SimulationEngine(RoundDriver):
         target_accuracy: float | None = None,
         run_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
-        listeners: Sequence[Any] = (),
+        listeners: Sequence[Any] | None = None,
         perplexity: bool = False,
         max_message_bytes: int | None = None,
         mode: str = "sync",
@@ -366,10 +368,11 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
     """A :class:`SimulationEngine` for a recipe (a :class:`~lightning_fedprune.config.RecipeConfig`).
 
     The parts come from :func:`lightning_fedprune.config.build_parts` (role ``"simulation"``);
-    ``listeners`` default to :func:`~lightning_fedprune.config.default_listeners` of the run folder.
+    ``listeners`` default to :func:`~lightning_fedprune.config.default_listeners` of the run folder;
+    the recipe's ``loggers`` are added (:func:`~lightning_fedprune.config.recipe_listeners`).
     Run it with ``engine.run(cfg.rounds, resume=...)``.
     """
-    from lightning_fedprune.config.build import build_parts, default_listeners
+    from lightning_fedprune.config.build import build_parts, default_listeners, recipe_listeners
 
     parts = build_parts(cfg, role="simulation")
     run_dir = cfg.resolved_run_dir()
@@ -384,7 +387,7 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
         target_accuracy=cfg.target_accuracy,
         run_dir=run_dir,
         checkpoint_every=cfg.checkpoint_every,
-        listeners=list(listeners) if listeners is not None else default_listeners(run_dir),
+        listeners=[*(listeners if listeners is not None else default_listeners(run_dir)), *recipe_listeners(cfg)],
         perplexity=parts.perplexity,
         mode=e.mode,
         async_m=e.async_m,

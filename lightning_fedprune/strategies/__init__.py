@@ -19,6 +19,7 @@ from lightning_fedprune.strategies.registry import (
     wrapper_options,
 )
 from lightning_fedprune.strategies.robust import ClipUpdates, RobustMean
+from lightning_fedprune.strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from lightning_fedprune.strategies.wrappers import FedProx, Proximal, StrategyWrapper
 
 __all__ = [
@@ -41,6 +42,11 @@ __all__ = [
     "Proximal",
     "ClipUpdates",
     "RobustMean",
+    "ServerOptimizer",
+    "FedAvgM",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
     "STRATEGIES",
     "WRAPPERS",
     "register_strategy",

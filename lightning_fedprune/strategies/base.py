@@ -134,6 +134,20 @@ class Strategy(abc.ABC):
         """
         return tensor_spec(task.weights), None
 
+    def trained_positions(self, results: Sequence[ClientResult]) -> dict[str, torch.Tensor] | None:
+        """The positions of the global model that ``results`` trained, before :meth:`aggregate`.
+
+        ``None``: every position. Otherwise a bool tensor of a global tensor's shape per key (a key
+        not listed: every position). Sub-model strategies return the union of the results' kept
+        positions, PruneFL its masks. Server optimizers update only these positions.
+        """
+        return None
+
+    def set_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the global model as a whole (a strategy with structural constraints, such as
+        PruneFL's masks, applies them here)."""
+        self._global = dict(state)
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -174,6 +174,19 @@ class SubModelStrategy(FedAvg):
     def expected_result(self, task: ClientTask) -> tuple[TensorSpec | None, TensorSpec | None]:
         return tensor_spec(task.weights), None
 
+    def trained_positions(self, results: Sequence[ClientResult]) -> dict[str, torch.Tensor] | None:
+        """The union of the results' kept positions (from their tasks' plans)."""
+        covered: dict[str, torch.Tensor] = {}
+        for r in results:
+            plan = self._plans.get((r.round, r.client_id))
+            if plan is None:
+                return None  # aggregate() reports the missing plan
+            ones = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in r.weights.items()}
+            zeros = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in self.global_state.items() if k in ones}
+            for k, v in plan.recover(ones, base=zeros).items():
+                covered[k] = covered[k] | v if k in covered else v
+        return covered
+
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
         for f in failures:
             self._plans.pop((f.round, f.client_id), None)

@@ -246,6 +246,14 @@ class PruneFL(FedAvg):
         self._set_global(self._init if self._init is not None and masks.level > 0 else state)
         self._prune_rounds = []
 
+    def trained_positions(self, results: Sequence[ClientResult]) -> dict[str, torch.Tensor] | None:
+        """The unpruned positions of the pruned layers (clients keep pruned weights at zero)."""
+        return {k: m.clone() for k, m in self.masks.masks.items() if not bool(m.all())}
+
+    def set_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the global model; pruned positions are set to zero."""
+        self._set_global(state)
+
     def _set_global(self, state: Mapping[str, torch.Tensor]) -> None:
         assert self._masks is not None
         self._global = {k: v if k in self._masks.masks else v.clone() for k, v in apply_masks(dict(state), self._masks).items()}

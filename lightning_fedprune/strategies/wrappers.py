@@ -96,6 +96,12 @@ class StrategyWrapper(Strategy):
     def expected_result(self, task: ClientTask) -> tuple[TensorSpec | None, TensorSpec | None]:
         return self.inner.expected_result(task)
 
+    def trained_positions(self, results: Sequence[ClientResult]) -> dict[str, Any] | None:
+        return self.inner.trained_positions(results)
+
+    def set_global_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.set_global_state(state)
+
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
         results = list(self.before_aggregate(rnd, results, failures))
         metrics = dict(self.inner.aggregate(rnd, results, failures))

@@ -93,10 +93,10 @@ def need_fedml() -> None:
 
 def need_mqtt_s3() -> None:
     need_fedml()
-    from lightning_fedprune.fedml_adapters.services import find_mosquitto
+    from lightning_fedprune.fedml_adapters.services import find_broker
 
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    if find_broker() is None:
+        pytest.skip("no MQTT broker is installed (`make test` installs amqtt; or apt-get install -y mosquitto)")
     if importlib.util.find_spec("moto") is None:
         pytest.skip("moto is not installed (pip install 'moto[server]')")
 

@@ -122,3 +122,24 @@ def test_mqtt_s3_needs_its_services_outside_launch():
 def test_yaml_of_shipped_configs_is_plain():
     data = yaml.safe_load(GRPC.read_text())
     assert set(data) == {"recipe", "recipe_overrides", "common_args", "train_args", "device_args", "comm_args", "tracking_args"}
+
+
+def test_a_deployment_is_named_after_its_file_not_its_base_recipe(tmp_path):
+    cfg = DeploymentConfig.from_yaml(GRPC)
+    assert cfg.recipe.name == "digits_grpc"  # its base recipe is digits_fedavg.yaml
+    assert DeploymentConfig.from_yaml(GRPC, overrides=["name=mine"]).recipe.name == "mine"
+
+
+def test_the_local_broker_is_mosquitto_or_the_pip_installable_amqtt(monkeypatch, tmp_path):
+    from lightning_fedprune.fedml_adapters.services import BROKER_ENV, find_broker
+
+    fake = tmp_path / "amqtt"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv(BROKER_ENV, "amqtt")
+    kind, exe = find_broker()
+    assert kind == "amqtt" and exe.endswith("amqtt")
+    monkeypatch.setenv(BROKER_ENV, "rabbit")
+    with pytest.raises(ConfigError, match="can be mosquitto or amqtt"):
+        find_broker()

@@ -1,0 +1,103 @@
+"""Ctrl-C: a real SIGINT stops a run after the round in progress with a consistent checkpoint,
+the message and exit code 130; a second SIGINT stops at once, still with 130; the run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lightning_fedprune.core.serialization import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """\
+seed: 0
+rounds: {rounds}
+run_dir: {run_dir}
+data: {{name: digits, num_clients: 4, partition: iid, batch_size: 20}}
+model: {{name: mlp, kwargs: {{hidden: [32]}}, lr: 0.05}}
+strategy: {{name: fedavg, local_epochs: 1}}
+"""
+
+
+def _start(recipe: Path, *extra: str, quiet: bool = True) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightning_fedprune", "run", str(recipe), *(["--quiet"] if quiet else []), *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _rounds_written(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["round"])
+        except (ValueError, KeyError):
+            pass
+    return out
+
+
+def _wait_for_rounds(proc: subprocess.Popen, run_dir: Path, n: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while len(_rounds_written(run_dir)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "the run did not start"
+        time.sleep(0.05)
+
+
+def _check_consistent(run_dir: Path) -> int:
+    state = load_state(run_dir / "checkpoint.safetensors")
+    rounds = _rounds_written(run_dir)
+    nxt = int(state["next_round"])
+    assert [r["round"] for r in state["history"]] == list(range(nxt))
+    assert rounds[:nxt] == list(range(nxt))  # the metric file holds every checkpointed round
+    return nxt
+
+
+def test_sigint_stops_after_the_round_with_a_checkpoint_and_exit_130_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(rounds=500, run_dir=run_dir))
+
+    # 1. one SIGINT while round 1 runs: the round finishes, is checkpointed, exit 130
+    proc = _start(recipe)
+    _wait_for_rounds(proc, run_dir, 1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted after round" in err and "continue the run with --resume" in err
+    assert "Traceback" not in err
+    first = _check_consistent(run_dir)
+    assert first >= 1
+
+    # 2. resumed, then two SIGINTs in a row a few rounds later: the second stops at once, still 130,
+    # and the last checkpoint is intact
+    proc = _start(recipe, "--resume")
+    _wait_for_rounds(proc, run_dir, first + 3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    nxt = _check_consistent(run_dir)
+    assert nxt >= first + 2
+
+    # 3. the run resumes from there and finishes; a default (not quiet) run prints no third-party warning
+    recipe.write_text(RECIPE.format(rounds=nxt + 2, run_dir=run_dir))
+    proc = _start(recipe, "--resume", quiet=False)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert _rounds_written(run_dir) == list(range(nxt + 2))
+    assert f"resuming at round {nxt}" in out
+    assert "Warning" not in out + err and "warn" not in err, out + err
