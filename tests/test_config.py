@@ -101,7 +101,7 @@ def test_wrong_types(data, match):
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"strategy": {"name": "fedsgd"}}, r"`strategy\.name` can be fedavg, fedmp, fednova, fedprox, flexcom, prunefl, scaffold, upfl; got 'fedsgd'"),
+        ({"strategy": {"name": "fedsgd"}}, r"`strategy\.name` can be fedavg, feddp, fedmp, fednova, fedprox, flexcom, prunefl, scaffold, upfl; got 'fedsgd'"),
         ({"data": {"name": "imagenet"}}, r"`data\.name` can be .*digits.*got 'imagenet'"),
         ({"model": {"name": "mpl"}}, r"`model\.name` can be .*Did you mean `mlp`.*timm"),
         ({"model": {"optimizer": "rmsprop"}}, r"`model\.optimizer` can be sgd, adam"),

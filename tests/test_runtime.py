@@ -302,7 +302,7 @@ def test_other_trainer_kwargs_are_passed_on(tiny_module, tiny_data):
 
 
 def test_unknown_client_callback_is_refused(tiny_module, tiny_data):
-    with pytest.raises(ConfigError, match=r"unknown client callback\(s\) \['nope'\]; valid: fedprox, masks, scaffold, topk_upload"):
+    with pytest.raises(ConfigError, match=r"unknown client callback\(s\) \['nope'\]; valid: fedprox, gates, masks, scaffold, topk_upload"):
         ClientRuntime(tiny_module(), data=tiny_data, client_callbacks=("nope",))
 
 

@@ -3,6 +3,7 @@
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
+from lightning_fedprune.callbacks.gates import DynamicGating, GateCallback
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
 from lightning_fedprune.callbacks.registry import CLIENT_CALLBACKS, make_client_callbacks, register_client_callback
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
@@ -14,6 +15,8 @@ __all__ = [
     "FederatedCallback",
     "FedProxCallback",
     "ScaffoldCallback",
+    "GateCallback",
+    "DynamicGating",
     "TopKUploadCallback",
     "StructuredPruning",
     "MaskingCallback",

@@ -140,7 +140,7 @@ def test_a_recipe_wraps_its_strategy():
 @pytest.mark.parametrize(
     "wrappers, match",
     [
-        ([{"name": "fedprx"}], r"`strategy.wrappers\[0\].name` can be fedprox; got 'fedprx'. Did you mean `fedprox`"),
+        ([{"name": "fedprx"}], r"`strategy.wrappers\[0\].name` can be feddp, fedprox; got 'fedprx'. Did you mean `fedprox`"),
         (
             [{"name": "fedprox", "options": {"muu": 1}}],
             r"unknown key `strategy.wrappers\[0\].options.muu` for wrapper 'fedprox'; valid options: client_local_steps, mu",
