@@ -12,8 +12,12 @@ add the lasso to the loss and keep the gates' tensors where they belong.
   saves them back to the client's state and removes them, before the runtime reads the weights.
   Gates are therefore never sent, in either direction; the client's state is checkpointed with
   the run (simulation) or by the client process (FedML). The keep ratio and lambda come from the
-  task (``gate_keep_ratio``, ``gate_lasso``). The client runtime's own local evaluation and loss
-  probe run after ``on_client_end``, i.e. on the backbone without gates, like the server's.
+  task (``gate_keep_ratio``, ``gate_lasso``). When the client has local test (validation) data,
+  the callback evaluates the GATED model on it before removing the gates and reports
+  ``local_test_acc`` / ``local_test_loss`` and the mean theoretical FLOPs per sample,
+  ``gated_flops`` against ``dense_flops`` (scalars in the result's metrics; no gate tensor). The
+  server's global evaluation sees the backbone without gates: for a gated run it measures the
+  dense backbone, which was never trained to run without its gates.
 * :class:`DynamicGating`: the same gates in an ordinary (centralized) ``Trainer``: inserted at
   ``setup`` (before ``configure_optimizers``), the lasso added to ``training_step``'s loss while
   fitting, gates checkpointed with the Trainer's checkpoint (``state_dict``), removed by
@@ -32,8 +36,17 @@ import torch
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.registry import register_client_callback
 from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO
-from lightning_fedprune.core.gates import GateSet, GateSite, check_keep_ratio, check_lasso, find_gate_sites
+from lightning_fedprune.core.gates import (
+    GateSet,
+    GateSite,
+    check_keep_ratio,
+    check_lasso,
+    dense_flops_per_sample,
+    find_gate_sites,
+    gated_flops_per_sample,
+)
 from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +83,7 @@ class GateCallback(FederatedCallback):
         self.gates: GateSet | None = None
         self.lam = 0.0
         self._sites: dict[tuple, list[GateSite]] = {}
+        self._dense: dict[tuple, float] = {}
 
     def transform_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         self._remove()  # a previous client that failed mid-training left its gates in
@@ -83,7 +97,10 @@ class GateCallback(FederatedCallback):
         self.lam = check_lasso(cfg.get(GATE_LASSO, 0.0))
         sig = _conv_signature(pl_module)
         if sig not in self._sites:
-            self._sites[sig] = find_gate_sites(pl_module, _example(pl_module, None))[0]
+            example = _example(pl_module, None)
+            self._sites[sig] = find_gate_sites(pl_module, example)[0]
+            self._dense[sig] = float(dense_flops_per_sample(pl_module, example)[0])
+        self._sig = sig
         gates = GateSet(self._sites[sig], keep)
         stored = ctx.state.get(GATE_STATE_KEY)
         if stored:
@@ -99,7 +116,23 @@ class GateCallback(FederatedCallback):
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         if self.gates is not None:
             ctx.state[GATE_STATE_KEY] = self.gates.gate_state()
+            if ctx.local_test_loader is not None:
+                ctx.metrics_extra.update(self._evaluate(pl_module, ctx.local_test_loader))
         self._remove()
+
+    def _evaluate(self, pl_module: pl.LightningModule, loader: Any) -> dict[str, float]:
+        """The gated model on the client's local test data: accuracy, loss and mean FLOPs per sample."""
+        assert self.gates is not None
+        ev = evaluate(pl_module, loader)
+        total, n = 0.0, 0
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            total += float(gated_flops_per_sample(pl_module, self.gates, x).sum())
+            n += int(x.shape[0])
+        out = {"local_test_acc": ev["accuracy"], "local_test_loss": ev["loss"], "dense_flops": self._dense[self._sig]}
+        if n:
+            out["gated_flops"] = total / n
+        return out
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove()

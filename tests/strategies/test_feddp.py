@@ -338,3 +338,18 @@ def test_dynamic_gating_state_save_then_resume():
     other.load_state_dict(saved)
     with pytest.raises(ModelError, match="gate state key 'net.3/linear.bias' is not a gate of this model"):
         other.setup(None, DigitsCNN(), "validate")
+
+
+def test_clients_report_the_gated_models_local_accuracy_and_flops(tiny_data):
+    strategy = FedDP(keep_ratio=0.5, lasso=0.01, local_steps=2, seed=0)
+    module = TinyCNN()
+    initialize_strategy(strategy, module, num_clients=3)
+    runtime = ClientRuntime(module, data=tiny_data, seed=0, client_callbacks=strategy.client_callbacks)
+    res = runtime.run(strategy.configure_round(0, [2])[0])
+    extra = res.metrics.extra
+    # dense, by hand on a 1x2x4 input: conv1 2*6*1*9*8 + conv2 2*4*6*9*8 + classifier 2*4*4
+    assert extra["dense_flops"] == 864 + 3456 + 32
+    # gated: conv1 keeps 3 of 6 (2*3*1*9*8 = 432, gate 1*8 + 2*1*6 = 20); conv2 keeps 2 of 4 from at
+    # most 3 non-zero inputs (<= 2*2*3*9*8 = 864, gate 6*8 + 2*6*4 = 96); classifier <= 2*2*4 = 16
+    assert 432 + 20 + 96 < extra["gated_flops"] <= 432 + 20 + 864 + 96 + 16
+    assert 0.0 <= extra["local_test_acc"] <= 1.0 and extra["local_test_loss"] > 0
