@@ -92,6 +92,9 @@ class FedDP(DynamicGates):
         **fedavg_kwargs: as :class:`~lightning_fedprune.strategies.FedAvg`.
     """
 
+    #: what a client process builds without the strategy: SCAFFOLD's callback and the gates
+    client_callbacks = ("scaffold", "gates")
+
     def __init__(self, *, keep_ratio: float = 0.5, lasso: float = 5e-3, server_lr: float = 1.0, **fedavg_kwargs: Any) -> None:
         super().__init__(Scaffold(server_lr=server_lr, **fedavg_kwargs), keep_ratio=keep_ratio, lasso=lasso)
 

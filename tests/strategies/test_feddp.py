@@ -353,3 +353,11 @@ def test_clients_report_the_gated_models_local_accuracy_and_flops(tiny_data):
     # most 3 non-zero inputs (<= 2*2*3*9*8 = 864, gate 6*8 + 2*6*4 = 96); classifier <= 2*2*4 = 16
     assert 432 + 20 + 96 < extra["gated_flops"] <= 432 + 20 + 864 + 96 + 16
     assert 0.0 <= extra["local_test_acc"] <= 1.0 and extra["local_test_loss"] > 0
+
+
+def test_a_client_process_builds_scaffolds_and_the_gates_callbacks_from_the_names():
+    from lightning_fedprune.strategies.registry import declared_client_callbacks
+
+    assert declared_client_callbacks("feddp") == ("scaffold", "gates") == FedDP().client_callbacks
+    assert declared_client_callbacks("fednova", ["feddp"]) == ("gates",)
+    assert declared_client_callbacks("fedavg", ["fedprox", "feddp"]) == ("fedprox", "gates")
