@@ -169,12 +169,12 @@ def test_the_next_layer_sees_only_the_kept_channels():
     assert seen["nz"].tolist() == [4, 4]  # ceil(0.5 * 8) of conv 0's channels, after BN and ReLU
 
 
-@pytest.mark.parametrize("name", ["vgg11_bn", "resnet32_cifar"])
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet32_cifar", "timm:resnet18"])
 def test_gated_inference_indexes_the_weights_and_matches_the_masked_forward(name):
     from lightning_fedprune.models.registry import create_model
 
     torch.manual_seed(0)
-    net = create_model(name).eval()
+    net = create_model(name, num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     gates = GateSet.for_model(net, x, keep_ratio=0.5)
     gates.attach(net)
