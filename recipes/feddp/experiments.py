@@ -242,10 +242,32 @@ def table1(args: argparse.Namespace, base: RecipeConfig, out: Path) -> str:
         rows.append(r)
         ratio = r["gated_flops"] / r["dense_flops"]
         lines.append(f"{model:<12}{r['dense_flops'] / 1e6:>10.1f} M{r['gated_flops'] / 1e6:>10.1f} M{ratio:>8.1%}   {PAPER_TABLE1[model]}")
+    lines.append("plot: " + _plot_flops(rows, out / "table1_flops.png"))
     lines.append("FLOPs here are 2 x MACs of convolutions and linear layers for one 32x32 image (the paper's absolute"
                  " numbers are not per image); with keep ratio 0.5 a chain of gated convolutions halves both the kept"
                  " outputs and the non-zero inputs of the next layer (about 25%), residual adds make inputs dense again")
     return _finish(lines, rows, out / "table1")
+
+
+def _plot_flops(rows: list[dict[str, Any]], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["dense_flops"] / 1e6 for r in rows], width=0.4, label="dense")
+    ax.bar([x + 0.2 for x in xs], [r["gated_flops"] / 1e6 for r in rows], width=0.4, label="gated (mean over clients)")
+    ax.set_xticks(list(xs), [r["label"] for r in rows])
+    ax.set_ylabel("MFLOPs per 32x32 image")
+    ax.set_title("Table I analog: FLOPs of the gated clients", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
 
 
 def _mb(v: Any) -> str:
