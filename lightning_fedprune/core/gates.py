@@ -422,7 +422,7 @@ def _count(model: nn.Module, x: torch.Tensor, gates: GateSet | None) -> torch.Te
             total = total + conv_flops(m, m.in_channels, m.out_channels, hw)
             return
         kin = _nonzero_channels(inp).double()
-        if gates is not None and name in gates.kept:
+        if name in gates.kept:
             kout = gates.kept[name].sum(dim=1).double()
             total = total + gate_flops(m.in_channels, m.out_channels, (inp.shape[2], inp.shape[3]))
         else:
