@@ -262,7 +262,8 @@ class _RoundController(pl.Callback):
         state = self.store.get(task.client_id)
         rt.load_task(pl_module, task, state)
         pl_module.train()
-        ctx = ClientContext(task=task, state=state, plan=rt._task_plan(task))
+        test_loader = rt.data.local_test_loader(task.client_id) if rt.evaluate_local else None
+        ctx = ClientContext(task=task, state=state, plan=rt._task_plan(task), local_test_loader=test_loader)
         callbacks = rt._federated_callbacks(trainer)
         for cb in callbacks:
             # before the optimizer is built: modules inserted here (e.g. gates) are trained
@@ -290,9 +291,9 @@ class _RoundController(pl.Callback):
         if local:
             run.ctx.state[LOCAL_STATE_KEY] = local
         self.store.put(task.client_id, run.ctx.state)
-        extra: dict[str, float] = {}
-        test_loader = rt.data.local_test_loader(task.client_id) if rt.evaluate_local else None
-        if test_loader is not None:
+        extra: dict[str, float] = dict(run.ctx.metrics_extra)
+        test_loader = run.ctx.local_test_loader
+        if test_loader is not None and "local_test_acc" not in extra:
             ev = evaluate(pl_module, test_loader)
             extra["local_test_acc"] = ev["accuracy"]
             extra["local_test_loss"] = ev["loss"]

@@ -3,6 +3,7 @@
 from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.compression import TopKUploadCallback
 from lightning_fedprune.callbacks.fedprox import FedProxCallback
+from lightning_fedprune.callbacks.gates import DynamicGating, GateCallback
 from lightning_fedprune.callbacks.heterofl import HeteroFLScaler, StaticBatchNorm
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
 from lightning_fedprune.callbacks.personal import PersonalizedModel
@@ -16,6 +17,8 @@ __all__ = [
     "FederatedCallback",
     "FedProxCallback",
     "ScaffoldCallback",
+    "GateCallback",
+    "DynamicGating",
     "TopKUploadCallback",
     "StructuredPruning",
     "MaskingCallback",

@@ -50,6 +50,11 @@ class ClientContext:
             :class:`~lightning_fedprune.core.plans.Plan`) when the task carries them
             (``config["kept"]``), so a client can line its own full-size tensors up with the
             round's sub-model; ``None`` otherwise.
+        local_test_loader: the client's local test (validation) data when the runtime evaluates
+            clients locally, else ``None``.
+        metrics_extra: floats to add to the result's ``metrics.extra``; a callback that sets
+            ``local_test_acc`` / ``local_test_loss`` here (e.g. evaluating the client's model with
+            its own client-side modules in place) replaces the runtime's own local evaluation.
     """
 
     task: ClientTask
@@ -60,6 +65,8 @@ class ClientContext:
     result_weights: dict[str, torch.Tensor] | None = None
     flops_saved_per_example: float = 0.0
     plan: Any = None
+    local_test_loader: Any = None
+    metrics_extra: dict[str, float] = field(default_factory=dict)
 
 
 class FederatedCallback(pl.Callback):

@@ -17,6 +17,8 @@ key                        meaning
 ``upload_error_feedback``  top-k compressed upload: keep what was not sent for next time
 ``kept``                   kept channels per group of the task's sub-model
                            (:func:`encode_kept_groups`)
+``gate_keep_ratio``        FedDP: the fraction of output channels each client-local gate keeps
+``gate_lasso``             FedDP: lambda of the lasso on the gates' linear outputs
 ========================== ====================================================================
 
 Weight formats are a registry (:func:`register_weights_format`): the client runtime decodes a
@@ -41,6 +43,8 @@ __all__ = [
     "UPLOAD_KEEP_RATIO",
     "UPLOAD_ERROR_FEEDBACK",
     "KEPT",
+    "GATE_KEEP_RATIO",
+    "GATE_LASSO",
     "UPLOAD",
     "DENSE",
     "SUBMODEL",
@@ -61,6 +65,8 @@ PROX_MU = "prox_mu"
 UPLOAD_KEEP_RATIO = "upload_keep_ratio"
 UPLOAD_ERROR_FEEDBACK = "upload_error_feedback"
 KEPT = "kept"
+GATE_KEEP_RATIO = "gate_keep_ratio"
+GATE_LASSO = "gate_lasso"
 # result config keys
 UPLOAD = "upload"
 

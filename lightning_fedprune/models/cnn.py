@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_fedprune.models.registry import check_positive_int, register_model
 
-__all__ = ["SmallCNN", "cnn_mnist", "conv_fmnist", "conv_femnist"]
+__all__ = ["SmallCNN", "DigitsCNN", "cnn_mnist", "conv_fmnist", "conv_femnist", "cnn_digits"]
 
 
 class SmallCNN(nn.Module):
@@ -109,3 +109,36 @@ def conv_femnist(num_classes: int = 62, in_channels: int = 1) -> SmallCNN:
     check_positive_int("num_classes", num_classes, "conv_femnist")
     check_positive_int("in_channels", in_channels, "conv_femnist")
     return SmallCNN(in_channels, (32, 128), (5, 5), (0, 0), (1024, 512), num_classes)
+
+
+class DigitsCNN(nn.Module):
+    """A small BatchNorm CNN for flattened 8x8 images (scikit-learn's digits).
+
+    ``view(1, 8, 8) -> [conv3x3 -> BN -> ReLU] x 2 (16, 32 channels) -> global average pool ->
+    classifier``. Accepts ``(B, 64)`` vectors or ``(B, 1, 8, 8)`` images.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32), num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits ``(B, num_classes)``."""
+        return self.classifier(self.flatten(self.pool(self.features(x.reshape(-1, 1, 8, 8)))))
+
+
+@register_model(input_shape=lambda **_: (64,))
+def cnn_digits(num_classes: int = 10, channels: Sequence[int] = (16, 32)) -> DigitsCNN:
+    """A two-conv BatchNorm CNN on scikit-learn's 8x8 digits (64 features per sample): the
+    smallest registry model with gateable convolutions (FedDP tests and the digits recipes).
+    5,226 parameters with the defaults."""
+    check_positive_int("num_classes", num_classes, "cnn_digits")
+    return DigitsCNN(tuple(int(c) for c in channels), num_classes)

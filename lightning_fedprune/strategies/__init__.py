@@ -6,6 +6,7 @@ importing this package registers the built-in ones.
 
 from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clients
 from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, Scaffold, capability_local_steps
+from lightning_fedprune.strategies.feddp import DynamicGates, FedDP
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
 from lightning_fedprune.strategies.heterofl import HeteroFL
 from lightning_fedprune.strategies.nestfl import NestFL
@@ -38,6 +39,8 @@ __all__ = [
     "PruneFL",
     "NestFL",
     "HeteroFL",
+    "DynamicGates",
+    "FedDP",
     "StrategyWrapper",
     "Proximal",
     "ClipUpdates",

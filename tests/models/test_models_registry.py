@@ -11,6 +11,7 @@ from lightning_fedprune.models import create_model, list_models, model_info, reg
 
 EXPECTED = {
     "alexnet_cifar",
+    "cnn_digits",
     "cnn_har",
     "cnn_mnist",
     "conv_femnist",
