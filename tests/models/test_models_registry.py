@@ -12,6 +12,7 @@ from lightning_fedprune.models import create_model, list_models, model_info, reg
 EXPECTED = {
     "alexnet_cifar",
     "cnn_mnist",
+    "cnn_mnist_large",
     "conv_femnist",
     "conv_fmnist",
     "lenet300_100",
