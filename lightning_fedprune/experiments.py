@@ -29,7 +29,15 @@ from lightning_fedprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VariantResult", "run_variants", "format_table", "plot_variants", "metric_at_time"]
+__all__ = [
+    "VariantResult",
+    "run_variants",
+    "format_table",
+    "plot_variants",
+    "metric_at_time",
+    "matched_ratios",
+    "client_ratio_medians",
+]
 
 
 @dataclass
@@ -175,3 +183,91 @@ def plot_variants(
     from lightning_fedprune.reporting import plot_comparison
 
     return plot_comparison({k: v.history for k, v in results.items()}, out_path, x=x, metric=metric, target_accuracy=target_accuracy)
+
+
+def matched_ratios(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> dict[int, float]:
+    """The capability-matched fixed pruning ratios of a recipe's simulated devices (an oracle).
+
+    Every worker gets the smallest ratio on the grid ``0, step, 2 step, ... <= max_ratio`` whose
+    simulated round time (:func:`~lightning_fedprune.core.devices.round_time` of the sub-model's
+    bytes both ways and its training FLOPs for one round of the recipe's local work) is at most
+    ``T*``, the round time of the fastest worker with the full model; a worker that cannot reach
+    ``T*`` gets the largest ratio of the grid. This is the equilibrium Eq. 8 aims at (every
+    worker finishes with the others, with as little pruning as that allows) computed from the
+    device profiles that FedMP itself never sees. The recipe's strategy must send sub-models
+    (e.g. ``fedmp``); its local work must be ``strategy.local_steps``.
+
+    Returns:
+        client id -> ratio.
+
+    Raises:
+        ConfigError: ``strategy.local_steps`` is not set, the strategy has no pruning planner, or
+            a bad ``step`` / ``max_ratio``.
+    """
+    import copy
+
+    from lightning_fedprune.config import build_parts
+    from lightning_fedprune.core.devices import round_time
+    from lightning_fedprune.core.plans import resize_module
+    from lightning_fedprune.runtime import count_flops_per_example
+
+    if not (0.0 < step <= max_ratio < 1.0):
+        raise ConfigError(f"`step` and `max_ratio` must satisfy 0 < step <= max_ratio < 1, got step={step}, max_ratio={max_ratio}")
+    steps = cfg.strategy.local_steps
+    if steps is None:
+        raise ConfigError("matched_ratios needs `strategy.local_steps` (the local work of one round)")
+    parts = build_parts(cfg)
+    planner = getattr(parts.strategy, "planner", None)
+    if planner is None:
+        raise ConfigError(f"matched_ratios needs a strategy that sends sub-models (e.g. fedmp), got {cfg.strategy.name!r}")
+    state = parts.strategy.global_state
+    example = parts.module.federated_example_input()
+    examples = steps * cfg.data.batch_size
+    grid = [round(i * step, 10) for i in range(int(max_ratio / step + 1e-9) + 1)]
+    cost = []  # (ratio, payload bytes, training FLOPs) per grid point
+    for ratio in grid:
+        plan = planner.plan(state, ratio)
+        sub = plan.extract(state)
+        payload = sum(t.numel() * t.element_size() for t in sub.values())
+        module = copy.deepcopy(parts.module)
+        resize_module(module, plan.sub_shapes())
+        cost.append((ratio, payload, 3.0 * count_flops_per_example(module, example) * examples))
+    devices = parts.devices
+
+    def seconds(dev: Any, payload: int, flops: float) -> float:
+        return round_time(dev, flops=flops, bytes_down=payload, bytes_up=payload)
+
+    t_star = min(seconds(dev, cost[0][1], cost[0][2]) for dev in devices)
+    out = {}
+    for c, dev in enumerate(devices):
+        fits = [r for r, b, f in cost if seconds(dev, b, f) <= t_star * (1 + 1e-9)]
+        out[c] = fits[0] if fits else grid[-1]
+    return out
+
+
+def client_ratio_medians(
+    history: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[int]], *, window: int = 100
+) -> list[dict[str, Any]]:
+    """Median pruning ratio per group of clients per ``window`` rounds, from FedMP's round records.
+
+    Reads the ``agg/ratio/<client>`` fields (the ratio each client trained at, late ones included).
+
+    Returns:
+        one row per window: ``{"rounds": "0-99", <group>: median or None, ...}``.
+    """
+    import statistics
+
+    if window < 1:
+        raise ConfigError(f"`window` must be >= 1, got {window}")
+    rows: list[dict[str, Any]] = []
+    if not history:
+        return rows
+    last = max(int(rec["round"]) for rec in history)
+    for start in range(0, last + 1, window):
+        recs = [r for r in history if start <= int(r["round"]) < start + window]
+        row: dict[str, Any] = {"rounds": f"{start}-{min(start + window, last + 1) - 1}"}
+        for name, clients in groups.items():
+            vals = [float(r[f"agg/ratio/{c}"]) for r in recs for c in clients if f"agg/ratio/{c}" in r]
+            row[name] = statistics.median(vals) if vals else None
+        rows.append(row)
+    return rows
