@@ -36,21 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_fedprune.config import RecipeConfig  # noqa: E402
-from lightning_fedprune.core.devices import fedmp_device_specs  # noqa: E402
-from lightning_fedprune.experiments import (  # noqa: E402
-    client_ratio_medians,
-    format_table,
-    matched_ratios,
-    plot_variants,
-    run_variants,
-)
+from lightning_fedprune.experiments import compare_fedmp, format_table, plot_variants  # noqa: E402
 
 VARIANTS = ("Syn-FL", "Oracle", "FedMP")
-SYN = ["strategy.name=fedavg", "strategy.options={}", "engine.mode=sync"]
-
-
-def _speedup(syn: float | None, other: float | None) -> float:
-    return syn / other if syn and other else math.nan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,39 +64,28 @@ def main(argv: list[str] | None = None) -> int:
             f"seed={seed}", f"devices.scenario={args.scenario}", f"target_accuracy={args.target}", f"rounds={args.rounds}",
             "model.momentum=0.0", "model.lr=0.005", "strategy.local_steps=5", "eval_every=5", "checkpoint_every=25", *args.set,
         ]
-        cfg = base.apply_overrides(common)
-        clusters: dict[str, list[int]] = {}
-        for d in fedmp_device_specs(args.scenario, seed=seed):
-            clusters.setdefault(d.cluster, []).append(d.client)
-        variants: dict[str, list[str]] = {}
-        matched = matched_ratios(cfg)
-        if "Syn-FL" in chosen:
-            variants["Syn-FL"] = [*SYN, *common]
-        if "Oracle" in chosen:
-            ratios = ", ".join(f"{c}: {r}" for c, r in matched.items())
-            variants["Oracle"] = [*common, f"strategy.options.fixed_ratios={{{ratios}}}"]
-        if "FedMP" in chosen:
-            variants["FedMP"] = common
         out = Path(args.out) / f"seed{seed}"
-        results = run_variants(base, variants, out_dir=out, resume=args.resume)
-        print(format_table(results, title=f"seed {seed}: CNN on MNIST, {args.scenario} heterogeneity, target {args.target:.0%}"))
-        plot_variants(results, out / "accuracy_vs_time.png", target_accuracy=args.target)
-        syn = results["Syn-FL"].summary.get("time_to_target") if "Syn-FL" in results else None
-        seed_speedups = {}
-        for name in ("FedMP", "Oracle"):
-            if name in results:
-                seed_speedups[name] = _speedup(syn, results[name].summary.get("time_to_target"))
-                speedups[name].append(seed_speedups[name])
-        print(f"seed {seed}: " + ", ".join(f"{k} speed-up {v:.2f}x" for k, v in seed_speedups.items()))
-        matched_by_cluster = {k: statistics.median(matched[c] for c in v) for k, v in clusters.items()}
-        print("  matched median ratio per cluster: " + ", ".join(f"{k} {v:.2f}" for k, v in matched_by_cluster.items()))
-        summary = {"seed": seed, "matched": matched, "matched_by_cluster": matched_by_cluster, "speedups": seed_speedups}
-        if "FedMP" in results:
-            rows = client_ratio_medians(results["FedMP"].history, clusters)
-            for row in rows:
-                print(f"  FedMP rounds {row['rounds']}: " + ", ".join(
-                    f"{k} {row[k]:.2f}" if row[k] is not None else f"{k} -" for k in clusters))
-            summary["learned_by_cluster"] = rows
+        cmp = compare_fedmp(
+            base, common, {"FedMP": []} if "FedMP" in chosen else {}, out_dir=out,
+            syn="Syn-FL" in chosen, oracle="Oracle" in chosen, resume=args.resume,
+        )
+        print(format_table(cmp.results, title=f"seed {seed}: CNN on MNIST, {args.scenario} heterogeneity, target {args.target:.0%}"))
+        plot_variants(cmp.results, out / "accuracy_vs_time.png", target_accuracy=args.target)
+        for name in speedups:
+            if name in cmp.speedups:
+                speedups[name].append(cmp.speedups[name])
+        print(f"seed {seed}: " + ", ".join(f"{k} speed-up {v:.2f}x" for k, v in cmp.speedups.items()))
+        matched = cmp.matched_by_cluster()
+        print("  matched median ratio per cluster: " + ", ".join(f"{k} {v:.2f}" for k, v in matched.items()))
+        for row in cmp.learned.get("FedMP", []):
+            print(f"  FedMP rounds {row['rounds']}: " + ", ".join(
+                f"{k} {row[k]:.2f} ({row[k] - matched[k]:+.2f})" if row[k] is not None else f"{k} -" for k in cmp.clusters))
+        summary = {
+            "seed": seed, "matched": cmp.matched, "matched_by_cluster": matched, "speedups": cmp.speedups,
+            "learned_by_cluster": cmp.learned.get("FedMP"),
+            "time_to_target": {k: r.summary.get("time_to_target") for k, r in cmp.results.items()},
+            "rounds_to_target": {k: r.summary.get("reached_target_round") for k, r in cmp.results.items()},
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     med = {k: statistics.median(v) if v else math.nan for k, v in speedups.items()}
     print(f"fedmp_time_to_target eucb_speedup={med['FedMP']:.2f} oracle_speedup={med['Oracle']:.2f} seeds={len(args.seeds)}")

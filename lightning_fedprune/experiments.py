@@ -37,7 +37,13 @@ __all__ = [
     "metric_at_time",
     "matched_ratios",
     "client_ratio_medians",
+    "FedMPComparison",
+    "compare_fedmp",
+    "SYN_FL",
 ]
+
+#: overrides that turn a FedMP recipe into Syn-FL: FedAvg with its own synchronous rounds
+SYN_FL = ("strategy.name=fedavg", "strategy.options={}", "engine.mode=sync")
 
 
 @dataclass
@@ -271,3 +277,86 @@ def client_ratio_medians(
             row[name] = statistics.median(vals) if vals else None
         rows.append(row)
     return rows
+
+
+@dataclass
+class FedMPComparison:
+    """One seed's comparison of FedMP variants with Syn-FL and the matched-ratio oracle.
+
+    Attributes:
+        results: label -> :class:`VariantResult` (``"Syn-FL"``, ``"Oracle"``, the FedMP labels).
+        matched: client id -> the oracle's ratio (:func:`matched_ratios`).
+        clusters: cluster name -> client ids (FedMP's device scenarios).
+        speedups: label -> Syn-FL's time to target / the label's (NaN when either did not reach it
+            or Syn-FL was not run).
+        learned: FedMP label -> :func:`client_ratio_medians` rows (median ratio per cluster per
+            100 rounds).
+    """
+
+    results: dict[str, VariantResult]
+    matched: dict[int, float]
+    clusters: dict[str, list[int]]
+    speedups: dict[str, float]
+    learned: dict[str, list[dict[str, Any]]]
+
+    def matched_by_cluster(self) -> dict[str, float]:
+        """The oracle's median ratio per cluster."""
+        import statistics
+
+        return {k: statistics.median(self.matched[c] for c in v) for k, v in self.clusters.items()}
+
+
+def compare_fedmp(
+    base: Any,
+    common: Sequence[str],
+    fedmp_variants: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike[str],
+    syn: bool = True,
+    oracle: bool = True,
+    resume: bool = False,
+) -> FedMPComparison:
+    """Run Syn-FL (:data:`SYN_FL`), the oracle (FedMP with :func:`matched_ratios`) and FedMP
+    variants of a FedMP recipe on FedMP's device scenarios, and compare their times to target.
+
+    Args:
+        base: a FedMP recipe (:class:`~lightning_fedprune.config.RecipeConfig`) with
+            ``devices.scenario`` set (after ``common``).
+        common: overrides applied to every variant (seed, scenario, local work, ...).
+        fedmp_variants: label -> overrides of a FedMP variant (``[]``: the recipe as it is).
+        out_dir: each variant runs in ``out_dir/<label>``.
+        syn / oracle: run Syn-FL / the oracle (skip one to run the variants piecewise with
+            ``resume``).
+        resume: reuse finished runs and continue interrupted ones.
+
+    Raises:
+        ConfigError: the recipe has no FedMP device scenario, or a bad variant.
+    """
+    from lightning_fedprune.core.devices import fedmp_device_specs
+
+    cfg = base.apply_overrides(list(common))
+    if cfg.devices.scenario is None:
+        raise ConfigError("compare_fedmp needs `devices.scenario` (low, medium or high) to name the clusters")
+    clusters: dict[str, list[int]] = {}
+    for d in fedmp_device_specs(cfg.devices.scenario, seed=cfg.seed):
+        clusters.setdefault(d.cluster, []).append(d.client)
+    matched = matched_ratios(cfg)
+    variants: dict[str, list[str]] = {}
+    if syn:
+        variants["Syn-FL"] = [*SYN_FL, *common]
+    if oracle:
+        ratios = ", ".join(f"{c}: {r}" for c, r in matched.items())
+        variants["Oracle"] = [*common, f"strategy.options.fixed_ratios={{{ratios}}}"]
+    for label, overrides in fedmp_variants.items():
+        if label in ("Syn-FL", "Oracle"):
+            raise ConfigError(f"FedMP variant label {label!r} is taken; choose another")
+        variants[label] = [*common, *overrides]
+    results = run_variants(base, variants, out_dir=out_dir, resume=resume) if variants else {}
+    syn_time = results["Syn-FL"].summary.get("time_to_target") if "Syn-FL" in results else None
+    speedups = {}
+    for label, res in results.items():
+        if label != "Syn-FL":
+            t = res.summary.get("time_to_target")
+            speedups[label] = syn_time / t if syn_time and t else math.nan
+    learned = {label: client_ratio_medians(results[label].history, clusters) for label in fedmp_variants if label in results}
+    return FedMPComparison(results, matched, clusters, speedups, learned)

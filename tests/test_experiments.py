@@ -45,3 +45,23 @@ def test_matched_ratios_follow_the_clusters():
         matched_ratios(cfg.apply_overrides(["strategy.name=fedavg"]))
     with pytest.raises(ConfigError, match="`step` and `max_ratio`"):
         matched_ratios(cfg, step=0.0)
+
+
+def test_compare_fedmp_runs_syn_fl_the_oracle_and_variants(tmp_path):
+    from lightning_fedprune.experiments import compare_fedmp
+
+    base = RecipeConfig().apply_overrides(["strategy.name=fedmp", "strategy.local_steps=2", "model.name=mlp"])
+    common = ["devices.scenario=high", "rounds=2", "target_accuracy=0.99", "checkpoint_every=1"]
+    cmp = compare_fedmp(base, common, {"FedMP": [], "FedMP l=0.9": ["strategy.options.discount=0.9"]}, out_dir=tmp_path)
+    assert list(cmp.results) == ["Syn-FL", "Oracle", "FedMP", "FedMP l=0.9"]
+    assert cmp.results["Syn-FL"].overrides[:3] == ("strategy.name=fedavg", "strategy.options={}", "engine.mode=sync")
+    # the oracle trains at the matched ratios; FedMP's rounds record every client's ratio
+    oracle_ratios = {c: cmp.results["Oracle"].history[0][f"agg/ratio/{c}"] for c in range(10)}
+    assert oracle_ratios == pytest.approx(cmp.matched)
+    assert set(cmp.learned) == {"FedMP", "FedMP l=0.9"} and cmp.learned["FedMP"][0]["rounds"] == "0-1"
+    assert set(cmp.matched_by_cluster()) == {"A", "B", "C"}
+    assert all(v != v for v in cmp.speedups.values())  # nobody reached 99%: NaN speed-ups
+    with pytest.raises(ConfigError, match="label 'Oracle' is taken"):
+        compare_fedmp(base, common, {"Oracle": []}, out_dir=tmp_path, syn=False, oracle=False)
+    with pytest.raises(ConfigError, match="needs `devices.scenario`"):
+        compare_fedmp(base, [], {}, out_dir=tmp_path)
