@@ -36,6 +36,8 @@ __all__ = [
     "plot_variants",
     "metric_at_time",
     "matched_ratios",
+    "match_ratios",
+    "round_time_table",
     "client_ratio_medians",
     "FedMPComparison",
     "compare_fedmp",
@@ -191,20 +193,17 @@ def plot_variants(
     return plot_comparison({k: v.history for k, v in results.items()}, out_path, x=x, metric=metric, target_accuracy=target_accuracy)
 
 
-def matched_ratios(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> dict[int, float]:
-    """The capability-matched fixed pruning ratios of a recipe's simulated devices (an oracle).
+def round_time_table(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> tuple[list[float], list[list[float]]]:
+    """Every simulated worker's round time at every pruning ratio of a grid.
 
-    Every worker gets the smallest ratio on the grid ``0, step, 2 step, ... <= max_ratio`` whose
-    simulated round time (:func:`~lightning_fedprune.core.devices.round_time` of the sub-model's
-    bytes both ways and its training FLOPs for one round of the recipe's local work) is at most
-    ``T*``, the round time of the fastest worker with the full model; a worker that cannot reach
-    ``T*`` gets the largest ratio of the grid. This is the equilibrium Eq. 8 aims at (every
-    worker finishes with the others, with as little pruning as that allows) computed from the
-    device profiles that FedMP itself never sees. The recipe's strategy must send sub-models
-    (e.g. ``fedmp``); its local work must be ``strategy.local_steps``.
+    The time of worker ``c`` at ratio ``r`` is :func:`~lightning_fedprune.core.devices.round_time`
+    of the sub-model's bytes both ways and its training FLOPs for one round of the recipe's
+    local work (``strategy.local_steps`` steps of ``data.batch_size`` examples), on the recipe's
+    devices, for the recipe's initial model.
 
     Returns:
-        client id -> ratio.
+        ``(grid, seconds)``: the ratios ``0, step, 2 step, ... <= max_ratio`` and
+        ``seconds[c][i]``, worker ``c``'s round time at ``grid[i]``.
 
     Raises:
         ConfigError: ``strategy.local_steps`` is not set, the strategy has no pruning planner, or
@@ -230,23 +229,45 @@ def matched_ratios(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> 
     example = parts.module.federated_example_input()
     examples = steps * cfg.data.batch_size
     grid = [round(i * step, 10) for i in range(int(max_ratio / step + 1e-9) + 1)]
-    cost = []  # (ratio, payload bytes, training FLOPs) per grid point
+    cost = []  # (payload bytes, training FLOPs) per grid point
     for ratio in grid:
         plan = planner.plan(state, ratio)
         sub = plan.extract(state)
         payload = sum(t.numel() * t.element_size() for t in sub.values())
         module = copy.deepcopy(parts.module)
         resize_module(module, plan.sub_shapes())
-        cost.append((ratio, payload, 3.0 * count_flops_per_example(module, example) * examples))
-    devices = parts.devices
+        cost.append((payload, 3.0 * count_flops_per_example(module, example) * examples))
+    seconds = [[round_time(dev, flops=f, bytes_down=b, bytes_up=b) for b, f in cost] for dev in parts.devices]
+    return grid, seconds
 
-    def seconds(dev: Any, payload: int, flops: float) -> float:
-        return round_time(dev, flops=flops, bytes_down=payload, bytes_up=payload)
 
-    t_star = min(seconds(dev, cost[0][1], cost[0][2]) for dev in devices)
+def matched_ratios(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> dict[int, float]:
+    """The capability-matched fixed pruning ratios of a recipe's simulated devices (an oracle).
+
+    Every worker gets the smallest ratio on the grid of :func:`round_time_table` whose simulated
+    round time is at most ``T*``, the round time of the fastest worker with the full model; a
+    worker that cannot reach ``T*`` gets the largest ratio of the grid. This is the equilibrium
+    Eq. 8 aims at (every worker finishes with the others, with as little pruning as that allows)
+    computed from the device profiles that FedMP itself never sees. The recipe's strategy must
+    send sub-models (e.g. ``fedmp``); its local work must be ``strategy.local_steps``.
+
+    Returns:
+        client id -> ratio.
+
+    Raises:
+        ConfigError: as :func:`round_time_table`.
+    """
+    return match_ratios(*round_time_table(cfg, step=step, max_ratio=max_ratio))
+
+
+def match_ratios(grid: Sequence[float], seconds: Sequence[Sequence[float]]) -> dict[int, float]:
+    """The rule of :func:`matched_ratios` on a :func:`round_time_table`: each worker's smallest
+    ratio of ``grid`` whose time is at most the fastest worker's time at ``grid[0]`` (else the
+    last ratio)."""
+    t_star = min(row[0] for row in seconds)
     out = {}
-    for c, dev in enumerate(devices):
-        fits = [r for r, b, f in cost if seconds(dev, b, f) <= t_star * (1 + 1e-9)]
+    for c, row in enumerate(seconds):
+        fits = [r for r, t in zip(grid, row) if t <= t_star * (1 + 1e-9)]
         out[c] = fits[0] if fits else grid[-1]
     return out
 

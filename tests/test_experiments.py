@@ -65,3 +65,11 @@ def test_compare_fedmp_runs_syn_fl_the_oracle_and_variants(tmp_path):
         compare_fedmp(base, common, {"Oracle": []}, out_dir=tmp_path, syn=False, oracle=False)
     with pytest.raises(ConfigError, match="needs `devices.scenario`"):
         compare_fedmp(base, [], {}, out_dir=tmp_path)
+
+
+def test_match_ratios_by_hand():
+    from lightning_fedprune.experiments import match_ratios
+
+    grid = [0.0, 0.25, 0.5]
+    seconds = [[1.0, 0.8, 0.6], [2.0, 1.0, 0.7], [3.0, 2.0, 1.5]]  # T* = 1.0 (worker 0, full model)
+    assert match_ratios(grid, seconds) == {0: 0.0, 1: 0.25, 2: 0.5}  # worker 2 cannot reach T*: the last ratio

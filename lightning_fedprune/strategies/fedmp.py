@@ -251,9 +251,11 @@ class FedMP(SubModelStrategy):
         exploration: scale of E-UCB's padding: ``"auto"`` (default: the median observed
             ``|reward|`` of the agent) or a number (``1.0``: as printed); see
             :class:`~lightning_fedprune.core.bandit.EUCBAgent`. With the bounded reward the
-            printed scale keeps every agent exploring the whole range (decisions spread over
-            [0, 1) after hundreds of rounds); the median reward, typically well below 1, lets
-            them settle.
+            printed scale keeps the agents exploring (replaying E-UCB against the High
+            scenario's simulated round times with noisy synthetic loss decreases, every
+            cluster's median ratio stayed near 0.5 after 200 rounds, against matched ratios of
+            about 0.0 / 0.4 / 0.7 for A / B / C); the median reward, typically well below 1,
+            lets them settle (about 0.1 / 0.4 / 0.7 there).
         reward: ``"bounded"`` (default: Eq. 8's intent, unit-free, in ``[0, 1]``) or
             ``"printed"`` (Eq. 8 as printed); see :mod:`lightning_fedprune.core.bandit`.
         gap_floor: the bounded reward's relative time gap that counts as a perfect fit.
