@@ -29,7 +29,23 @@ from lightning_fedprune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VariantResult", "run_variants", "format_table", "plot_variants", "metric_at_time"]
+__all__ = [
+    "VariantResult",
+    "run_variants",
+    "format_table",
+    "plot_variants",
+    "metric_at_time",
+    "matched_ratios",
+    "match_ratios",
+    "round_time_table",
+    "client_ratio_medians",
+    "FedMPComparison",
+    "compare_fedmp",
+    "SYN_FL",
+]
+
+#: overrides that turn a FedMP recipe into Syn-FL: FedAvg with its own synchronous rounds
+SYN_FL = ("strategy.name=fedavg", "strategy.options={}", "engine.mode=sync")
 
 
 @dataclass
@@ -175,3 +191,193 @@ def plot_variants(
     from lightning_fedprune.reporting import plot_comparison
 
     return plot_comparison({k: v.history for k, v in results.items()}, out_path, x=x, metric=metric, target_accuracy=target_accuracy)
+
+
+def round_time_table(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> tuple[list[float], list[list[float]]]:
+    """Every simulated worker's round time at every pruning ratio of a grid.
+
+    The time of worker ``c`` at ratio ``r`` is :func:`~lightning_fedprune.core.devices.round_time`
+    of the sub-model's bytes both ways and its training FLOPs for one round of the recipe's
+    local work (``strategy.local_steps`` steps of ``data.batch_size`` examples), on the recipe's
+    devices, for the recipe's initial model.
+
+    Returns:
+        ``(grid, seconds)``: the ratios ``0, step, 2 step, ... <= max_ratio`` and
+        ``seconds[c][i]``, worker ``c``'s round time at ``grid[i]``.
+
+    Raises:
+        ConfigError: ``strategy.local_steps`` is not set, the strategy has no pruning planner, or
+            a bad ``step`` / ``max_ratio``.
+    """
+    import copy
+
+    from lightning_fedprune.config import build_parts
+    from lightning_fedprune.core.devices import round_time
+    from lightning_fedprune.core.plans import resize_module
+    from lightning_fedprune.runtime import count_flops_per_example
+
+    if not (0.0 < step <= max_ratio < 1.0):
+        raise ConfigError(f"`step` and `max_ratio` must satisfy 0 < step <= max_ratio < 1, got step={step}, max_ratio={max_ratio}")
+    steps = cfg.strategy.local_steps
+    if steps is None:
+        raise ConfigError("matched_ratios needs `strategy.local_steps` (the local work of one round)")
+    parts = build_parts(cfg)
+    planner = getattr(parts.strategy, "planner", None)
+    if planner is None:
+        raise ConfigError(f"matched_ratios needs a strategy that sends sub-models (e.g. fedmp), got {cfg.strategy.name!r}")
+    state = parts.strategy.global_state
+    example = parts.module.federated_example_input()
+    examples = steps * cfg.data.batch_size
+    grid = [round(i * step, 10) for i in range(int(max_ratio / step + 1e-9) + 1)]
+    cost = []  # (payload bytes, training FLOPs) per grid point
+    for ratio in grid:
+        plan = planner.plan(state, ratio)
+        sub = plan.extract(state)
+        payload = sum(t.numel() * t.element_size() for t in sub.values())
+        module = copy.deepcopy(parts.module)
+        resize_module(module, plan.sub_shapes())
+        cost.append((payload, 3.0 * count_flops_per_example(module, example) * examples))
+    seconds = [[round_time(dev, flops=f, bytes_down=b, bytes_up=b) for b, f in cost] for dev in parts.devices]
+    return grid, seconds
+
+
+def matched_ratios(cfg: Any, *, step: float = 0.01, max_ratio: float = 0.95) -> dict[int, float]:
+    """The capability-matched fixed pruning ratios of a recipe's simulated devices (an oracle).
+
+    Every worker gets the smallest ratio on the grid of :func:`round_time_table` whose simulated
+    round time is at most ``T*``, the round time of the fastest worker with the full model; a
+    worker that cannot reach ``T*`` gets the largest ratio of the grid. This is the equilibrium
+    Eq. 8 aims at (every worker finishes with the others, with as little pruning as that allows)
+    computed from the device profiles that FedMP itself never sees. The recipe's strategy must
+    send sub-models (e.g. ``fedmp``); its local work must be ``strategy.local_steps``.
+
+    Returns:
+        client id -> ratio.
+
+    Raises:
+        ConfigError: as :func:`round_time_table`.
+    """
+    return match_ratios(*round_time_table(cfg, step=step, max_ratio=max_ratio))
+
+
+def match_ratios(grid: Sequence[float], seconds: Sequence[Sequence[float]]) -> dict[int, float]:
+    """The rule of :func:`matched_ratios` on a :func:`round_time_table`: each worker's smallest
+    ratio of ``grid`` whose time is at most the fastest worker's time at ``grid[0]`` (else the
+    last ratio)."""
+    t_star = min(row[0] for row in seconds)
+    out = {}
+    for c, row in enumerate(seconds):
+        fits = [r for r, t in zip(grid, row) if t <= t_star * (1 + 1e-9)]
+        out[c] = fits[0] if fits else grid[-1]
+    return out
+
+
+def client_ratio_medians(
+    history: Sequence[Mapping[str, Any]], groups: Mapping[str, Sequence[int]], *, window: int = 100
+) -> list[dict[str, Any]]:
+    """Median pruning ratio per group of clients per ``window`` rounds, from FedMP's round records.
+
+    Reads the ``agg/ratio/<client>`` fields (the ratio each client trained at, late ones included).
+
+    Returns:
+        one row per window: ``{"rounds": "0-99", <group>: median or None, ...}``.
+    """
+    import statistics
+
+    if window < 1:
+        raise ConfigError(f"`window` must be >= 1, got {window}")
+    rows: list[dict[str, Any]] = []
+    if not history:
+        return rows
+    last = max(int(rec["round"]) for rec in history)
+    for start in range(0, last + 1, window):
+        recs = [r for r in history if start <= int(r["round"]) < start + window]
+        row: dict[str, Any] = {"rounds": f"{start}-{min(start + window, last + 1) - 1}"}
+        for name, clients in groups.items():
+            vals = [float(r[f"agg/ratio/{c}"]) for r in recs for c in clients if f"agg/ratio/{c}" in r]
+            row[name] = statistics.median(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class FedMPComparison:
+    """One seed's comparison of FedMP variants with Syn-FL and the matched-ratio oracle.
+
+    Attributes:
+        results: label -> :class:`VariantResult` (``"Syn-FL"``, ``"Oracle"``, the FedMP labels).
+        matched: client id -> the oracle's ratio (:func:`matched_ratios`).
+        clusters: cluster name -> client ids (FedMP's device scenarios).
+        speedups: label -> Syn-FL's time to target / the label's (NaN when either did not reach it
+            or Syn-FL was not run).
+        learned: FedMP label -> :func:`client_ratio_medians` rows (median ratio per cluster per
+            100 rounds).
+    """
+
+    results: dict[str, VariantResult]
+    matched: dict[int, float]
+    clusters: dict[str, list[int]]
+    speedups: dict[str, float]
+    learned: dict[str, list[dict[str, Any]]]
+
+    def matched_by_cluster(self) -> dict[str, float]:
+        """The oracle's median ratio per cluster."""
+        import statistics
+
+        return {k: statistics.median(self.matched[c] for c in v) for k, v in self.clusters.items()}
+
+
+def compare_fedmp(
+    base: Any,
+    common: Sequence[str],
+    fedmp_variants: Mapping[str, Sequence[str]],
+    *,
+    out_dir: str | os.PathLike[str],
+    syn: bool = True,
+    oracle: bool = True,
+    resume: bool = False,
+) -> FedMPComparison:
+    """Run Syn-FL (:data:`SYN_FL`), the oracle (FedMP with :func:`matched_ratios`) and FedMP
+    variants of a FedMP recipe on FedMP's device scenarios, and compare their times to target.
+
+    Args:
+        base: a FedMP recipe (:class:`~lightning_fedprune.config.RecipeConfig`) with
+            ``devices.scenario`` set (after ``common``).
+        common: overrides applied to every variant (seed, scenario, local work, ...).
+        fedmp_variants: label -> overrides of a FedMP variant (``[]``: the recipe as it is).
+        out_dir: each variant runs in ``out_dir/<label>``.
+        syn / oracle: run Syn-FL / the oracle (skip one to run the variants piecewise with
+            ``resume``).
+        resume: reuse finished runs and continue interrupted ones.
+
+    Raises:
+        ConfigError: the recipe has no FedMP device scenario, or a bad variant.
+    """
+    from lightning_fedprune.core.devices import fedmp_device_specs
+
+    cfg = base.apply_overrides(list(common))
+    if cfg.devices.scenario is None:
+        raise ConfigError("compare_fedmp needs `devices.scenario` (low, medium or high) to name the clusters")
+    clusters: dict[str, list[int]] = {}
+    for d in fedmp_device_specs(cfg.devices.scenario, seed=cfg.seed):
+        clusters.setdefault(d.cluster, []).append(d.client)
+    matched = matched_ratios(cfg)
+    variants: dict[str, list[str]] = {}
+    if syn:
+        variants["Syn-FL"] = [*SYN_FL, *common]
+    if oracle:
+        ratios = ", ".join(f"{c}: {r}" for c, r in matched.items())
+        variants["Oracle"] = [*common, f"strategy.options.fixed_ratios={{{ratios}}}"]
+    for label, overrides in fedmp_variants.items():
+        if label in ("Syn-FL", "Oracle"):
+            raise ConfigError(f"FedMP variant label {label!r} is taken; choose another")
+        variants[label] = [*common, *overrides]
+    results = run_variants(base, variants, out_dir=out_dir, resume=resume) if variants else {}
+    syn_time = results["Syn-FL"].summary.get("time_to_target") if "Syn-FL" in results else None
+    speedups = {}
+    for label, res in results.items():
+        if label != "Syn-FL":
+            t = res.summary.get("time_to_target")
+            speedups[label] = syn_time / t if syn_time and t else math.nan
+    learned = {label: client_ratio_medians(results[label].history, clusters) for label in fedmp_variants if label in results}
+    return FedMPComparison(results, matched, clusters, speedups, learned)

@@ -242,3 +242,24 @@ def test_language_model_flops_are_analytic():
     net = create_model("lstm_lm", vocab_size=5, embed_dim=4, hidden_size=3, num_layers=1, dropout=0.0)
     module = FederatedLanguageModel(net)
     assert count_flops_per_example(module, torch.zeros((1, 7), dtype=torch.long)) == 1386.0 + 10.0
+
+
+def test_fedmp_eucb_options_are_recipe_keys():
+    from lightning_fedprune.config import build_strategy
+
+    assert {"theta", "discount", "exploration", "reward", "gap_floor", "late_reward"} <= set(strategy_options("fedmp"))
+    shipped = RecipeConfig.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "fedmp" / "cnn_mnist.yaml")
+    assert shipped.engine.mode == "deadline" and shipped.model.name == "cnn_mnist"
+    cfg = RecipeConfig().apply_overrides([
+        "strategy.name=fedmp", "strategy.options.theta=0.01", "strategy.options.discount=0.99", "strategy.options.exploration=0.5",
+        "strategy.options.reward=printed", "strategy.options.gap_floor=0.1", "strategy.options.late_reward=-1",
+    ])
+    strategy = build_strategy(cfg)
+    b = strategy.bandit
+    assert (b.theta, b.discount, b.exploration, b.reward, b.gap_floor, strategy.late_reward) == (0.01, 0.99, 0.5, "printed", 0.1, -1.0)
+    with pytest.raises(ConfigError, match=r"unknown key `strategy\.options\.lambda` for strategy 'fedmp'"):
+        RecipeConfig().apply_overrides(["strategy.name=fedmp", "strategy.options.lambda=0.9"])
+    with pytest.raises(ConfigError, match=r"invalid `strategy` settings for 'fedmp'.*`reward` can be bounded, printed"):
+        build_strategy(RecipeConfig().apply_overrides(["strategy.name=fedmp", "strategy.options.reward=eq8"]))
+    with pytest.raises(ConfigError, match=r"invalid `strategy` settings for 'fedmp'.*`discount`"):
+        build_strategy(RecipeConfig().apply_overrides(["strategy.name=fedmp", "strategy.options.discount=1.5"]))

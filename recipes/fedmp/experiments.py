@@ -33,10 +33,10 @@ sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installi
 from lightning_fedprune.config import RecipeConfig  # noqa: E402
 from lightning_fedprune.experiments import format_table, plot_variants, run_variants  # noqa: E402
 
-SYN = ["strategy.name=fedavg", "strategy.options={}"]
-UPFL = ["strategy.name=upfl", "strategy.options={}"]
-FEDPROX = ["strategy.name=fedprox", "strategy.options={mu: 0.01}", "strategy.local_work_by_capability=true"]
-FLEXCOM = ["strategy.name=flexcom", "strategy.options={}"]
+SYN = ["strategy.name=fedavg", "strategy.options={}", "engine.mode=sync"]
+UPFL = ["strategy.name=upfl", "strategy.options={}", "engine.mode=sync"]
+FEDPROX = ["strategy.name=fedprox", "strategy.options={mu: 0.01}", "strategy.local_work_by_capability=true", "engine.mode=sync"]
+FLEXCOM = ["strategy.name=flexcom", "strategy.options={}", "engine.mode=sync"]
 FEDMP: list[str] = []  # the base recipe
 
 EXPERIMENTS = {

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from lightning_fedprune.core.bandit import EUCB, EUCBAgent, eucb_reward
+from lightning_fedprune.core.bandit import EUCB, EUCBAgent, bounded_reward, eucb_reward, round_rewards
 from lightning_fedprune.errors import ConfigError
 
 
@@ -49,6 +49,97 @@ def test_reward_rejects_bad_inputs(args, message):
 
 
 # ----------------------------------------------------------------------------- Eqs. 9-11 by hand
+
+
+def test_bounded_reward_by_hand():
+    # progress share 0.2 / 0.4 = 0.5; relative gap |12 - 10| / 10 = 0.2; fit 0.05 / 0.2 = 0.25
+    assert bounded_reward(0.2, 12.0, 10.0, best_delta_loss=0.4) == pytest.approx(0.125)
+    # within the floor (gap 0.03 < 0.05) the fit is perfect; the best worker's share is 1
+    assert bounded_reward(0.4, 10.3, 10.0, best_delta_loss=0.4) == pytest.approx(1.0)
+    # the same in any unit of time and of loss
+    assert bounded_reward(200.0, 12e3, 10e3, best_delta_loss=400.0) == pytest.approx(0.125)
+    # within a round it is Eq. 8 times one positive constant (gap_floor * mean / best)
+    for dl, t in ((0.2, 12.0), (0.1, 7.0), (0.35, 16.0)):
+        assert bounded_reward(dl, t, 10.0, best_delta_loss=0.4) == pytest.approx(eucb_reward(dl, t, 10.0) * 0.05 * 10.0 / 0.4)
+
+
+@pytest.mark.parametrize(
+    ("delta_loss", "time", "mean", "best", "expected"),
+    [
+        (-5.0, 10.0, 10.0, 0.4, 0.0),  # the loss rose: no progress, whatever the fit (Eq. 8: -5000)
+        (-1e9, 1e-9, 10.0, 1.0, 0.0),
+        (0.3, 10.0, 10.0, 0.3, 1.0),  # a time equal to the mean: a perfect fit, no division by zero
+        (1e9, 10.0, 10.0, 1.0, 1.0),  # more than the round's best (not possible in a round): capped
+        (0.3, 1e12, 10.0, 0.3, 0.05 / ((1e12 - 10.0) / 10.0)),
+        (0.3, 0.0, 10.0, 0.3, 0.05),  # instant worker: relative gap 1
+        (0.3, 10.0, 10.0, 0.0, 0.0),  # nobody made progress this round
+        (0.0, 10.0, 10.0, 0.3, 0.0),
+    ],
+)
+def test_bounded_reward_stays_in_its_range_for_extreme_inputs(delta_loss, time, mean, best, expected):
+    r = bounded_reward(delta_loss, time, mean, best_delta_loss=best)
+    assert 0.0 <= r <= 1.0
+    assert r == pytest.approx(expected)
+
+
+def test_bounded_reward_rejects_bad_inputs():
+    with pytest.raises(ConfigError, match="bounded_reward: `completion_time` must be >= 0"):
+        bounded_reward(0.1, -1.0, 1.0, best_delta_loss=0.1)
+    with pytest.raises(ConfigError, match="bounded_reward: `mean_time` must be > 0"):
+        bounded_reward(0.1, 1.0, 0.0, best_delta_loss=0.1)
+    with pytest.raises(ConfigError, match="bounded_reward: `delta_loss` must be a finite number"):
+        bounded_reward(math.nan, 1.0, 1.0, best_delta_loss=0.1)
+    with pytest.raises(ConfigError, match=r"`gap_floor` .* must be in \(0, 1\], got 0"):
+        bounded_reward(0.1, 1.0, 1.0, best_delta_loss=0.1, gap_floor=0)
+
+
+def test_round_rewards_by_hand():
+    # times 2, 4, 9 -> mean 5 -> relative gaps 0.6, 0.2, 0.8; best clipped loss decrease 0.5
+    outcomes = {0: (0.3, 2.0), 1: (0.5, 4.0), 2: (-0.4, 9.0)}
+    assert round_rewards(outcomes) == {0: pytest.approx(0.6 * 0.05 / 0.6), 1: pytest.approx(1.0 * 0.05 / 0.2), 2: 0.0}
+    assert round_rewards(outcomes, form="printed") == {0: pytest.approx(0.1), 1: pytest.approx(0.5), 2: pytest.approx(-0.1)}
+    assert round_rewards(outcomes, gap_floor=0.25)[1] == pytest.approx(1.0)  # within the floor
+    assert round_rewards({}) == {}
+    with pytest.raises(ConfigError, match="`reward` can be bounded, printed, got 'eq8'"):
+        round_rewards(outcomes, form="eq8")
+
+
+def test_eucb_bounded_rewards_and_deadline_penalty():
+    bandit = EUCB(seed=0, reward="bounded")
+    ratios = bandit.decide(0, [0, 1, 2])
+    rewards = bandit.observe(0, {0: (0.3, 2.0), 1: (0.5, 4.0)})  # mean 3: gaps 1/3 each
+    assert rewards == {0: pytest.approx(0.6 * 0.15), 1: pytest.approx(0.15)}
+    # worker 2 missed the deadline: its decision is recorded with the penalty, not forgotten
+    assert bandit.penalize(0, [2, 9], reward=0.0) == {2: ratios[2]}  # 9 has no decision: skipped
+    assert bandit.agent(2).pending == {}
+    (observed,) = [s for s in bandit.agent(2).statistics(1) if s.count > 0]
+    assert observed.mean == 0.0 and observed.count == pytest.approx(0.95) and observed.low <= ratios[2] < observed.high
+    assert bandit.penalize(0, [2]) == {}  # already recorded
+    with pytest.raises(ConfigError, match="EUCB.penalize: `reward` must be a finite number"):
+        bandit.penalize(1, [0], reward=math.inf)
+    # a dropout is still discarded: no reward, no count
+    bandit.decide(1, [0])
+    bandit.discard(1, [0])
+    assert bandit.agent(0).pending == {}
+    with pytest.raises(ConfigError, match="`reward` can be bounded, printed"):
+        EUCB(reward="eq8")
+
+
+def test_agent_with_bounded_rewards_concentrates_on_the_matching_ratio():
+    # the worker of test_agent_concentrates_on_the_ratio_whose_time_matches_the_mean, rewarded
+    # with the bounded form (its own progress share against a best of 1.0)
+    medians = []
+    for seed in range(10):
+        agent = EUCBAgent(seed=seed, discount=0.99)
+        noise = np.random.default_rng(seed)
+        chosen = []
+        for k in range(130):
+            x = agent.choose(k)
+            delta_loss = 1.0 - 0.3 * x + 0.05 * float(noise.standard_normal())
+            agent.observe(k, x, bounded_reward(delta_loss, 10.0 * (1.0 - x), 4.0, best_delta_loss=1.0))
+            chosen.append(x)
+        medians.append(statistics.median(chosen[-30:]))
+    assert sum(abs(m - 0.6) <= 0.1 for m in medians) >= 8, medians
 
 
 def test_single_leaf_three_round_history_by_hand():

@@ -48,7 +48,7 @@ def test_registered_model(name):
 
 
 def test_num_classes_and_in_channels_are_honoured():
-    for name in ("cnn_mnist", "conv_fmnist", "conv_femnist", "alexnet_cifar", "vgg11_bn", "resnet32_cifar"):
+    for name in ("cnn_mnist", "cnn_mnist_large", "conv_fmnist", "conv_femnist", "alexnet_cifar", "vgg11_bn", "resnet32_cifar"):
         kwargs = {"num_classes": 7, "in_channels": 3}
         if name == "alexnet_cifar":
             kwargs["hidden"] = (32,)
@@ -72,6 +72,15 @@ def test_cnn_mnist_parameter_count():
     classifier = 256 * 10 + 10  # 2,570
     assert conv1 + conv2 + fc + classifier == 317_066
     assert n_params(create_model("cnn_mnist")) == 317_066
+
+
+def test_cnn_mnist_large_parameter_count():
+    conv1 = 1 * 32 * 5 * 5 + 32  # 832
+    conv2 = 32 * 64 * 5 * 5 + 64  # 51,264
+    fc = 64 * 7 * 7 * 512 + 512  # 1,606,144 (padding 2: 28 -> 28 -> 14 -> 14 -> 7)
+    classifier = 512 * 10 + 10  # 5,130
+    assert conv1 + conv2 + fc + classifier == 1_663_370
+    assert n_params(create_model("cnn_mnist_large")) == 1_663_370
 
 
 def test_prunefl_models_match_table_1():

@@ -14,6 +14,7 @@ EXPECTED = {
     "cnn_digits",
     "cnn_har",
     "cnn_mnist",
+    "cnn_mnist_large",
     "conv_femnist",
     "conv_fmnist",
     "lenet300_100",

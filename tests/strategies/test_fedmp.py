@@ -129,9 +129,18 @@ def test_structured_strategies_need_a_planner():
 # ----------------------------------------------------------------------------- E-UCB feedback
 
 
-def test_fedmp_rewards_each_worker_with_eq8_and_forgets_failed_ones():
+@pytest.mark.parametrize(
+    "reward, expected",
+    [
+        # printed Eq. 8: 0.5 / |1 - 2| = 0.5 and 0.2 / |3 - 2| = 0.2
+        ("printed", 0.35),
+        # bounded: progress shares 0.5/0.5 = 1 and 0.2/0.5 = 0.4; relative gaps 0.5, fit 0.05/0.5 = 0.1
+        ("bounded", (1.0 * 0.1 + 0.4 * 0.1) / 2),
+    ],
+)
+def test_fedmp_rewards_each_worker_and_forgets_failed_ones(reward, expected):
     module = Hidden3()
-    strategy = FedMP(seed=3)
+    strategy = FedMP(seed=3, reward=reward)
     strategy.initialize(_spec(module), num_clients=3)
     tasks = strategy.configure_round(0, [0, 1, 2])
     ratios = {t.client_id: t.config["pruning_ratio"] for t in tasks}
@@ -139,18 +148,44 @@ def test_fedmp_rewards_each_worker_with_eq8_and_forgets_failed_ones():
     # client 2 fails; 0 and 1 report times 1 s and 3 s (mean 2 s) and loss drops 0.5 and 0.2
     results = [_result(tasks[0], 0.1, before=1.0, after=0.5, time=1.0), _result(tasks[1], 0.1, before=1.0, after=0.8, time=3.0)]
     metrics = strategy.aggregate(0, results, [ClientFailure(0, 2, "dropout", "gone")])
-    # Eq. 8: 0.5 / |1 - 2| = 0.5 and 0.2 / |3 - 2| = 0.2
-    assert metrics["reward_mean"] == pytest.approx(0.35)
+    assert metrics["reward_mean"] == pytest.approx(expected)
     assert metrics["time_mean"] == pytest.approx(2.0)
+    assert metrics["ratio/0"] == ratios[0] and metrics["ratio/1"] == ratios[1] and "ratio/2" not in metrics
     assert strategy.bandit.agent(2).pending == {}
+    assert all(not leaf.obs for leaf in strategy.bandit.agent(2)._leaves)  # a dropout teaches nothing
     # the next round's decisions are made with the observed rewards; state round-trips exactly
     state = strategy.state_dict()
-    clone = FedMP(seed=3)
+    clone = FedMP(seed=3, reward=reward)
     clone.initialize(_spec(Hidden3()), num_clients=3)
     clone.load_state_dict(state)
     a = [t.config["pruning_ratio"] for t in strategy.configure_round(1, [0, 1, 2])]
     b = [t.config["pruning_ratio"] for t in clone.configure_round(1, [0, 1, 2])]
     assert a == b
+
+
+@pytest.mark.parametrize("late_reward", [0.0, -0.5])
+def test_fedmp_penalizes_a_late_workers_decision(late_reward):
+    strategy = FedMP(seed=3, late_reward=late_reward)
+    strategy.initialize(_spec(Hidden3()), num_clients=3)
+    tasks = strategy.configure_round(0, [0, 1, 2])
+    ratios = {t.client_id: t.config["pruning_ratio"] for t in tasks}
+    results = [_result(tasks[0], 0.1, time=1.0), _result(tasks[1], 0.1, time=1.0)]
+    metrics = strategy.aggregate(0, results, [ClientFailure(0, 2, "deadline", "arrived at 9 s, after the deadline 1.5 s")])
+    agent = strategy.bandit.agent(2)
+    assert agent.pending == {}
+    assert [o for leaf in agent._leaves for o in leaf.obs] == [(0, ratios[2], late_reward)]
+    assert metrics["ratio/2"] == ratios[2]  # the late decision's ratio is on the round record
+    # both on-time workers fit the mean exactly and made the same progress: reward 1 each
+    assert metrics["reward_mean"] == pytest.approx(1.0)
+
+
+def test_fedmp_options_are_checked():
+    with pytest.raises(ConfigError, match="`reward` can be bounded, printed"):
+        FedMP(reward="eq8")
+    with pytest.raises(ConfigError, match="`gap_floor`"):
+        FedMP(gap_floor=0.0)
+    with pytest.raises(ConfigError, match="`late_reward` must be a finite number"):
+        FedMP(late_reward=float("nan"))
 
 
 def test_uniform_pruning_gives_every_worker_the_same_ratio():
