@@ -141,19 +141,24 @@ class SubModelStrategy(FedAvg):
         """Tasks that will never deliver (override to drop pending decisions)."""
 
     # ------------------------------------------------------------------ round
+    def round_plans(self, state: Mapping[str, torch.Tensor], ratios: Mapping[int, float]) -> dict[int, Any]:
+        """Each selected client's plan this round (FedMP: the same ratio in every group, L1 of each
+        filter alone, the global model scored once for every client)."""
+        scores = self.planner.importance(state)
+        return {cid: self.planner.plan(state, _check_ratio(f"ratio of client {cid}", r), scores=scores) for cid, r in ratios.items()}
+
     def configure_round(self, rnd: int, available: Sequence[int]) -> list[ClientTask]:
         clients = self.sample(rnd, available)
         if not clients:
             return []
-        ratios = self.client_ratios(rnd, clients)
+        ratios = {cid: _check_ratio(f"ratio of client {cid}", r) for cid, r in self.client_ratios(rnd, clients).items()}
         state = self.global_state
-        scores = self.planner.importance(state)  # scored once per round, shared by every client's plan
+        plans = self.round_plans(state, {cid: ratios[cid] for cid in clients})
         tasks = []
         for cid in clients:
-            ratio = _check_ratio(f"ratio of client {cid}", ratios[cid])
-            plan = self.planner.plan(state, ratio, scores=scores)
+            plan = plans[cid]
             self._plans[(rnd, cid)] = plan
-            config = {WEIGHTS_FORMAT: SUBMODEL, PRUNING_RATIO: ratio, PROBE_LOSS: True, **self.task_config(rnd, cid)}
+            config = {WEIGHTS_FORMAT: SUBMODEL, PRUNING_RATIO: ratios[cid], PROBE_LOSS: True, **self.task_config(rnd, cid)}
             if self.send_kept:
                 config[KEPT] = encode_kept_groups(plan)
             tasks.append(
@@ -167,6 +172,20 @@ class SubModelStrategy(FedAvg):
                 )
             )
         return tasks
+
+    def plans_of(self, results: Sequence[ClientResult]) -> list[Any]:
+        """The plan of each result's task, in order.
+
+        Raises:
+            PayloadError: a result whose task was never sent or is already aggregated.
+        """
+        plans = []
+        for r in results:
+            plan = self._plans.get((r.round, r.client_id))
+            if plan is None:
+                raise PayloadError(f"no plan for client {r.client_id}'s task of round {r.round}: it was never sent or already aggregated")
+            plans.append(plan)
+        return plans
 
     def plan_of(self, rnd: int, client_id: int) -> Any:
         """The plan of the task sent to ``client_id`` in round ``rnd`` (``None`` once aggregated)."""
@@ -201,10 +220,7 @@ class SubModelStrategy(FedAvg):
         base = global_state if self.aggregation == "r2sp" else None
         recovered, ratios, weights = [], {}, []
         # recover every result before touching the global model (a bad one leaves it as it was)
-        for r in results:
-            plan = self._plans.get((r.round, r.client_id))
-            if plan is None:
-                raise PayloadError(f"no plan for client {r.client_id}'s task of round {r.round}: it was never sent or already aggregated")
+        for r, plan in zip(results, self.plans_of(results)):
             recovered.append(plan.recover(r.weights, base=base))
             ratios[r.client_id] = plan.ratio if plan.ratio is not None else math.nan
             weights.append(r.metrics.num_samples if self.weighted else 1.0)

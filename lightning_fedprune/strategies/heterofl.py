@@ -31,11 +31,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_fedprune.core.contract import KEPT, PROBE_LOSS, PRUNING_RATIO, SUBMODEL, WEIGHTS_FORMAT, encode_kept_groups
-from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask
+from lightning_fedprune.core.messages import ClientFailure, ClientResult
 from lightning_fedprune.core.nested import keep_counts, partition_aggregate
 from lightning_fedprune.core.seeding import rng_for
-from lightning_fedprune.errors import ConfigError, PayloadError
+from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.fedmp import SubModelStrategy
 from lightning_fedprune.strategies.registry import register_strategy
 
@@ -112,35 +111,18 @@ class HeteroFL(SubModelStrategy):
             bounds.append(acc * self.num_clients)
         return {c: self.levels[next(i for i, b in enumerate(bounds) if c < b - 1e-9)] for c in clients}
 
-    def configure_round(self, rnd: int, available: Sequence[int]) -> list[ClientTask]:
-        clients = self.sample(rnd, available)
-        if not clients:
-            return []
-        ratios = self.client_ratios(rnd, clients)
-        state = self.global_state
+    def round_plans(self, state: Mapping[str, Any], ratios: Mapping[int, float]) -> dict[int, Any]:
+        """The FIRST channels of every group, ``keep_counts`` of them (nested by construction)."""
         plans = {r: self.planner.plan_from_indices([list(range(k)) for k in keep_counts(self.planner, r)]) for r in set(ratios.values())}
-        tasks = []
-        for cid in clients:
-            plan = plans[ratios[cid]]
-            self._plans[(rnd, cid)] = plan
-            config = {WEIGHTS_FORMAT: SUBMODEL, PRUNING_RATIO: ratios[cid], PROBE_LOSS: True, KEPT: encode_kept_groups(plan)}
-            config.update(self.task_config(rnd, cid))
-            tasks.append(ClientTask(
-                round=rnd, client_id=cid, weights=plan.extract(state), extras=self.task_extras(rnd, cid), config=config,
-                **self.local_work(rnd, cid),
-            ))
-        return tasks
+        return {cid: plans[r] for cid, r in ratios.items()}
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
         for f in failures:
             self._plans.pop((f.round, f.client_id), None)
         if not results:
             return {"num_results": 0.0}
-        missing = [(r.round, r.client_id) for r in results if (r.round, r.client_id) not in self._plans]
-        if missing:
-            raise PayloadError(f"no plan for the tasks {missing}: never sent or already aggregated")
+        plans = self.plans_of(results)
         state = self.global_state
-        plans = [self._plans[(r.round, r.client_id)] for r in results]
         trained = [p.recover(r.weights, base=state) for p, r in zip(plans, results)]
         weights = [float(r.metrics.num_samples) if self.weighted else 1.0 for r in results]
         new, sharing = partition_aggregate(state, trained, plans, lambda lvl, clients, upd: [weights[i] for i in clients])

@@ -57,9 +57,8 @@ from typing import Any
 
 import torch
 
-from lightning_fedprune.core.contract import KEPT, PROBE_LOSS, PRUNING_RATIO, SUBMODEL, WEIGHTS_FORMAT, encode_kept_groups
 from lightning_fedprune.core.devices import DeviceProfile, fluctuate_bandwidth
-from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask
+from lightning_fedprune.core.messages import ClientFailure, ClientResult
 from lightning_fedprune.core.nested import (
     angle_weights,
     choose_rate,
@@ -68,7 +67,7 @@ from lightning_fedprune.core.nested import (
     progressive_plans,
     update_angle,
 )
-from lightning_fedprune.errors import ConfigError, PayloadError
+from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.base import ModelSpec
 from lightning_fedprune.strategies.fedmp import SubModelStrategy
 from lightning_fedprune.strategies.registry import register_strategy
@@ -230,35 +229,18 @@ class NestFL(SubModelStrategy):
         return out
 
     # ------------------------------------------------------------------ round
-    def configure_round(self, rnd: int, available: Sequence[int]) -> list[ClientTask]:
-        clients = self.sample(rnd, available)
-        if not clients:
-            return []
-        ratios = self.client_ratios(rnd, clients)
-        state = self.global_state
+    def round_plans(self, state: Mapping[str, torch.Tensor], ratios: Mapping[int, float]) -> dict[int, Any]:
+        """Progressive pruning: one nested plan per distinct rate (see the module docstring)."""
         plans = progressive_plans(self.planner, state, list(ratios.values()))
-        tasks = []
-        for cid in clients:
-            plan = plans[ratios[cid]]
-            self._plans[(rnd, cid)] = plan
-            config = {WEIGHTS_FORMAT: SUBMODEL, PRUNING_RATIO: ratios[cid], PROBE_LOSS: True, KEPT: encode_kept_groups(plan)}
-            config.update(self.task_config(rnd, cid))
-            tasks.append(ClientTask(
-                round=rnd, client_id=cid, weights=plan.extract(state), extras=self.task_extras(rnd, cid), config=config,
-                **self.local_work(rnd, cid),
-            ))
-        return tasks
+        return {cid: plans[r] for cid, r in ratios.items()}
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
         for f in failures:
             self._plans.pop((f.round, f.client_id), None)
         if not results:
             return {"num_results": 0.0}
-        missing = [(r.round, r.client_id) for r in results if (r.round, r.client_id) not in self._plans]
-        if missing:
-            raise PayloadError(f"no plan for the tasks {missing}: never sent or already aggregated")
+        kept = [p.kept_fraction() for p in self.plans_of(results)]
         state = self.global_state
-        kept = [self._plans[(r.round, r.client_id)].kept_fraction() for r in results]
         angles: dict[int, list[float]] = {}
         num_partitions = 0
         for issued in sorted({r.round for r in results}):
