@@ -300,3 +300,19 @@ def grpc_deployment(base: Path, *overrides: str) -> tuple[Any, Path, dict[int, A
     config = base / "deployment.yaml"
     config.write_text(cfg.to_yaml())
     return cfg, config, addresses
+
+
+class SerialRuntime:
+    """Client runtimes of several in-process clients take turns (torch's RNG is process-global)."""
+
+    lock = threading.Lock()
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_many(self, tasks, store):
+        with self.lock:
+            return self.inner.run_many(tasks, store)

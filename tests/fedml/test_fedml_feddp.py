@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from fedml_testing import RECIPES, need_fedml, read_jsonl, simulate, start_cli
+from fedml_testing import RECIPES, SerialRuntime, need_fedml, read_jsonl, simulate, start_cli
 from safetensors.torch import load as st_load
 
 from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
@@ -51,22 +51,6 @@ def _assert_like_the_simulator(cfg, global_state, gates_of):
     return engine
 
 
-class _Serial:
-    """In-process clients take turns (torch's RNG is process-global)."""
-
-    lock = threading.Lock()
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_many(self, tasks, store):
-        with self.lock:
-            return self.inner.run_many(tasks, store)
-
-
 def _session(hub, cfg, *, resume):
     """Server + 3 clients over ``hub``; returns the server, the clients and every endpoint used."""
     from lightning_fedprune.fedml_adapters.components import build_client_runtime
@@ -75,7 +59,7 @@ def _session(hub, cfg, *, resume):
     for rank in (1, 2, 3):
         ep = hub.endpoint(rank)
         endpoints.append(ep)
-        c = FedMLClient(cfg, rank, endpoint=ep, runtime=_Serial(build_client_runtime(cfg, rank)))
+        c = FedMLClient(cfg, rank, endpoint=ep, runtime=SerialRuntime(build_client_runtime(cfg, rank)))
         t = threading.Thread(target=c.run, daemon=True)
         t.start()
         clients.append(c)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from fedml_testing import RECIPES, simulate
+from fedml_testing import RECIPES, SerialRuntime, simulate
 
 from lightning_fedprune.core.messages import ClientResult, encode_result
 from lightning_fedprune.fedml_adapters.client import FedMLClient, model_path
@@ -19,22 +19,6 @@ from lightning_fedprune.fedml_adapters.server import FedMLServer
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 
 torch.set_num_threads(1)
-
-
-class SerialRuntime:
-    """Client runtimes of several in-process clients take turns (torch's RNG is process-global)."""
-
-    lock = threading.Lock()
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_many(self, tasks, store):
-        with self.lock:
-            return self.inner.run_many(tasks, store)
 
 
 def _cfg(tmp_path, *extra: str) -> DeploymentConfig:
