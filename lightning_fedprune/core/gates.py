@@ -169,6 +169,25 @@ class GateSite:
     out_channels: int
 
 
+def _hooked_forward(model: nn.Module, x: torch.Tensor, hooks: Mapping[type, Any]) -> None:
+    """One eval-mode, no-grad forward of ``model`` with forward hooks on the modules of the given
+    types (the first matching type wins); the hooks are removed and the mode restored after."""
+    handles = []
+    for m in model.modules():
+        hook = next((h for t, h in hooks.items() if isinstance(m, t)), None)
+        if hook is not None:
+            handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def _conv_ok(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
 
@@ -221,21 +240,7 @@ def find_gate_sites(model: nn.Module, example: torch.Tensor, layers: Sequence[st
         if src is not None and placement.get(src) == src:
             placement[src] = names[m]
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.BatchNorm2d):
-            handles.append(m.register_forward_hook(bn_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _hooked_forward(model, example, {nn.Conv2d: conv_hook, nn.BatchNorm2d: bn_hook})
     if not order:
         extra = f" (grouped or otherwise ungateable convolutions: {skipped})" if skipped else ""
         raise ModelError(
@@ -441,21 +446,7 @@ def _count(model: nn.Module, x: torch.Tensor, gates: GateSet | None) -> torch.Te
         nz = (inp.detach() != 0).sum(dim=2).double().sum(dim=1)  # non-zero inputs, over any extra dims
         total = total + 2.0 * nz * m.out_features
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _hooked_forward(model, x, {nn.Conv2d: conv_hook, nn.Linear: linear_hook})
     return total
 
 

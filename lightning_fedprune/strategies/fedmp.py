@@ -173,6 +173,15 @@ class SubModelStrategy(FedAvg):
             )
         return tasks
 
+    def drop_failed(self, failures: Sequence[ClientFailure]) -> dict[tuple[int, int], Any]:
+        """Forget the plans of tasks that will never deliver; ``{(round, client): plan}`` of those dropped."""
+        dropped = {}
+        for f in failures:
+            plan = self._plans.pop((f.round, f.client_id), None)
+            if plan is not None:
+                dropped[(f.round, f.client_id)] = plan
+        return dropped
+
     def plans_of(self, results: Sequence[ClientResult]) -> list[Any]:
         """The plan of each result's task, in order.
 
@@ -209,8 +218,9 @@ class SubModelStrategy(FedAvg):
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
         late: dict[str, float] = {}
+        dropped = self.drop_failed(failures)
         for f in failures:
-            plan = self._plans.pop((f.round, f.client_id), None)
+            plan = dropped.get((f.round, f.client_id))
             if f.kind == "deadline" and plan is not None and plan.ratio is not None:
                 late[f"ratio/{f.client_id}"] = plan.ratio  # the ratio that was too low to make it
         self.forget(failures)

@@ -117,8 +117,7 @@ class HeteroFL(SubModelStrategy):
         return {cid: plans[r] for cid, r in ratios.items()}
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
-        for f in failures:
-            self._plans.pop((f.round, f.client_id), None)
+        self.drop_failed(failures)
         if not results:
             return {"num_results": 0.0}
         plans = self.plans_of(results)

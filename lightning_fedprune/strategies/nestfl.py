@@ -235,8 +235,7 @@ class NestFL(SubModelStrategy):
         return {cid: plans[r] for cid, r in ratios.items()}
 
     def aggregate(self, rnd: int, results: Sequence[ClientResult], failures: Sequence[ClientFailure]) -> dict[str, float]:
-        for f in failures:
-            self._plans.pop((f.round, f.client_id), None)
+        self.drop_failed(failures)
         if not results:
             return {"num_results": 0.0}
         kept = [p.kept_fraction() for p in self.plans_of(results)]

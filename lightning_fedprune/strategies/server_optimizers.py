@@ -21,6 +21,7 @@ their moments stay as they were. PruneFL's pruned weights stay zero.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,11 +117,11 @@ class ServerOptimizer(StrategyWrapper):
         self.set_global_state(new)
         return {"pseudo_grad_norm": sq**0.5}
 
+    @abc.abstractmethod
     def step(
         self, x: torch.Tensor, a: torch.Tensor, moments: Mapping[str, torch.Tensor], *, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One server step on one tensor: ``(new x, new moments)``."""
-        raise NotImplementedError
+        """One server step on one tensor: ``(new x, new moments)`` (each optimizer defines it)."""
 
     def wrapper_state(self) -> dict[str, Any]:
         return {m: dict(self._state[m]) for m in self.moments}
