@@ -6,6 +6,7 @@ from lightning_fedprune.callbacks.fedprox import FedProxCallback
 from lightning_fedprune.callbacks.gates import DynamicGating, GateCallback
 from lightning_fedprune.callbacks.heterofl import HeteroFLScaler, StaticBatchNorm
 from lightning_fedprune.callbacks.masking import IterativeMagnitudePruning, MaskingCallback
+from lightning_fedprune.callbacks.perfedavg import PerFedAvgCallback
 from lightning_fedprune.callbacks.personal import PersonalizedModel
 from lightning_fedprune.callbacks.registry import CLIENT_CALLBACKS, make_client_callbacks, register_client_callback
 from lightning_fedprune.callbacks.scaffold import ScaffoldCallback
@@ -25,6 +26,7 @@ __all__ = [
     "HeteroFLScaler",
     "StaticBatchNorm",
     "PersonalizedModel",
+    "PerFedAvgCallback",
     "IterativeMagnitudePruning",
     "run_server_pruning",
     "sample_based_pruning",

@@ -19,6 +19,8 @@ key                        meaning
                            (:func:`encode_kept_groups`)
 ``gate_keep_ratio``        FedDP: the fraction of output channels each client-local gate keeps
 ``gate_lasso``             FedDP: lambda of the lasso on the gates' linear outputs
+``perfedavg``              Per-FedAvg: ``{"variant", "alpha", "delta", "inner_fraction",
+                           "adapt_from"}`` of the client's MAML steps
 ========================== ====================================================================
 
 Weight formats are a registry (:func:`register_weights_format`): the client runtime decodes a
@@ -45,6 +47,7 @@ __all__ = [
     "KEPT",
     "GATE_KEEP_RATIO",
     "GATE_LASSO",
+    "PERFEDAVG",
     "UPLOAD",
     "DENSE",
     "SUBMODEL",
@@ -67,6 +70,7 @@ UPLOAD_ERROR_FEEDBACK = "upload_error_feedback"
 KEPT = "kept"
 GATE_KEEP_RATIO = "gate_keep_ratio"
 GATE_LASSO = "gate_lasso"
+PERFEDAVG = "perfedavg"
 # result config keys
 UPLOAD = "upload"
 

@@ -10,6 +10,7 @@ from lightning_fedprune.strategies.feddp import DynamicGates, FedDP
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
 from lightning_fedprune.strategies.heterofl import HeteroFL
 from lightning_fedprune.strategies.nestfl import NestFL
+from lightning_fedprune.strategies.perfedavg import PerFedAvg
 from lightning_fedprune.strategies.prunefl import PruneFL
 from lightning_fedprune.strategies.registry import (
     STRATEGIES,
@@ -39,6 +40,7 @@ __all__ = [
     "PruneFL",
     "NestFL",
     "HeteroFL",
+    "PerFedAvg",
     "DynamicGates",
     "FedDP",
     "StrategyWrapper",

@@ -1,0 +1,148 @@
+"""Per-FedAvg: one MAML step checked by hand, both variants, personalized evaluation, resume."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_fedprune.core.contract import PERFEDAVG
+from lightning_fedprune.core.messages import ClientTask
+from lightning_fedprune.core.meta import part_sizes, split_batch
+from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.module import FederatedModuleMixin
+from lightning_fedprune.runtime import ClientRuntime
+from lightning_fedprune.simulation import SimulationEngine, make_devices
+from lightning_fedprune.strategies import PerFedAvg
+
+
+class LinearRegression(FederatedModuleMixin, pl.LightningModule):
+    """``y = w·x`` (no bias), loss ``0.5 (w·x − y)²`` averaged over the batch, plain SGD."""
+
+    federated_example_input_shape = (2,)
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def federated_evaluate_batch(self, batch):
+        x, y = batch
+        return 0.5 * ((self(x) - y) ** 2).sum(), None, None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return 0.5 * ((self(x) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class OneBatch:
+    """Client data: the same single batch at every step; no local test split."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.batch = (x, y)
+
+    def num_train_samples(self, client_id: int) -> int:
+        return int(self.batch[0].shape[0])
+
+    def train_steps(self, client_id, num_steps, *, run_seed, rnd):
+        return [self.batch] * num_steps
+
+    def train_batches(self, client_id, *, run_seed, rnd, epoch):
+        return [self.batch]
+
+    def local_test_loader(self, client_id):
+        return None
+
+
+# rows: D = (x [1, 0], y 0), D' = (x [0, 1], y 1), D'' = (x [1, 1], y 0)
+X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+Y = torch.tensor([[0.0], [1.0], [0.0]])
+
+
+def _one_step(variant: str, n: int) -> torch.Tensor:
+    module = LinearRegression(lr=0.5)  # beta = 0.5
+    settings = {"variant": variant, "alpha": 0.1, "delta": 1e-3, "inner_fraction": None, "adapt_from": "received"}
+    runtime = ClientRuntime(module, data=OneBatch(X[:n], Y[:n]), client_callbacks=("perfedavg",), evaluate_local=False)
+    task = ClientTask(0, 0, {k: v.clone() for k, v in module.federated_state().items()}, local_epochs=None, local_steps=1, config={PERFEDAVG: settings})
+    return runtime.run(task).weights["lin.weight"].reshape(-1)
+
+
+def test_one_first_order_step_matches_the_hand_computation():
+    # w = [1, 2]; grad on D: (w.x - y) x = [1, 0]; w~ = w - 0.1 [1, 0] = [0.9, 2]
+    # grad at w~ on D': (2 - 1) [0, 1] = [0, 1]; FO: w - 0.5 [0, 1] = [1, 1.5]
+    assert torch.allclose(_one_step("fo", 2), torch.tensor([1.0, 1.5]), atol=1e-6)
+
+
+def test_one_hessian_free_step_matches_the_hand_computation():
+    # Hessian on D'' = x x^T = [[1, 1], [1, 1]]; H g = [1, 1]; g - alpha H g = [0, 1] - 0.1 [1, 1]
+    # = [-0.1, 0.9]; w - 0.5 [-0.1, 0.9] = [1.05, 1.55]
+    assert torch.allclose(_one_step("hf", 3), torch.tensor([1.05, 1.55]), atol=1e-4)
+
+
+def test_batches_are_cut_into_independent_parts():
+    assert part_sizes(10, "fo") == [5, 5] and part_sizes(10, "hf") == [3, 4, 3] and part_sizes(10, "fo", 0.2) == [2, 8]
+    assert part_sizes(1, "fo") == [1, 1] and part_sizes(2, "hf") == [2, 2, 2]  # too small: the whole batch each time
+    a, b = split_batch((torch.arange(5), torch.arange(5) * 10), [2, 3])
+    assert a[1].tolist() == [0, 10] and b[0].tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("variant", ["fo", "hf"])
+def test_per_fedavg_runs_and_reports_the_one_step_personalized_accuracy(tiny_module, tiny_data, variant):
+    s = PerFedAvg(variant=variant, alpha=0.05, local_steps=3, seed=0)
+    runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=1, client_callbacks=s.client_callbacks)
+    eng = SimulationEngine(strategy=s, runtime=runtime, data=tiny_data, devices=make_devices(3, seed=0), seed=2)
+    rec = eng.run_round(0)
+    assert rec["num_results"] == 3 and 0.0 <= rec["local_acc_min"] <= rec["local_acc_mean"] <= rec["local_acc_max"] <= 1.0
+    assert "training_step" not in runtime.module.__dict__  # the wrapper is gone after the client
+
+
+def test_the_personalized_evaluation_starts_from_the_received_model_by_default(tiny_module, tiny_data):
+    def local_acc(**kw):
+        s = PerFedAvg(alpha=0.5, local_steps=4, seed=0, **kw)
+        runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=1, client_callbacks=s.client_callbacks)
+        eng = SimulationEngine(strategy=s, runtime=runtime, data=tiny_data, devices=make_devices(3, seed=0), seed=2)
+        return eng.run_round(0)["local_acc_mean"]
+
+    assert local_acc() != local_acc(adapt_from="trained")
+
+
+def test_resume_is_bit_identical(tiny_module, tiny_data, tmp_path):
+    def engine(run_dir):
+        s = PerFedAvg(variant="hf", alpha=0.05, local_steps=2, seed=0)
+        runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=1, client_callbacks=s.client_callbacks)
+        return SimulationEngine(strategy=s, runtime=runtime, data=tiny_data, devices=make_devices(3, seed=0), seed=2, run_dir=run_dir)
+
+    a = engine(tmp_path / "a")
+    a.run(3)
+    engine(tmp_path / "b").run(2)
+    b = engine(tmp_path / "b")
+    b.run(3, resume=True)
+    for k, v in a.strategy.global_state.items():
+        assert torch.equal(b.strategy.global_state[k], v), k
+    restored = PerFedAvg(variant="hf", alpha=0.05, local_steps=2, seed=0)
+    restored.load_state_dict(a.strategy.state_dict())
+    assert all(torch.equal(restored.global_state[k], v) for k, v in a.strategy.global_state.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"variant": "so"}, r"`variant` can be fo, hf, got 'so'"),
+        ({"alpha": 0.0}, r"`alpha` must be a number > 0, got 0.0"),
+        ({"delta": -1.0}, r"`delta` must be a number > 0"),
+        ({"inner_fraction": 1.0}, r"`inner_fraction` must be null or a number in \(0, 1\), got 1.0"),
+        ({"adapt_from": "global"}, r"`adapt_from` can be received, trained, got 'global'"),
+    ],
+)
+def test_bad_settings_name_the_option(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        PerFedAvg(**kwargs)
