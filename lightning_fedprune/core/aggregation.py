@@ -23,6 +23,7 @@ __all__ = [
     "scaffold_update",
     "state_sub",
     "state_add",
+    "overlap_average",
 ]
 
 State = Mapping[str, torch.Tensor]
@@ -75,6 +76,42 @@ def state_sub(a: State, b: State) -> dict[str, torch.Tensor]:
 def state_add(a: State, b: State, *, alpha: float = 1.0) -> dict[str, torch.Tensor]:
     """``a + alpha * b`` for every floating tensor of ``a`` present in ``b``."""
     return {k: (v + b[k] * alpha) if (v.is_floating_point() and k in b) else v.clone() for k, v in a.items()}
+
+
+def overlap_average(
+    global_state: State,
+    states: Sequence[State],
+    masks: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """Average each position only over the clients that hold it (HeteroFL's and Hermes' rule).
+
+    Every position of every tensor becomes ``sum_i w_i m_i x_i / sum_i w_i m_i`` over the clients
+    ``i`` whose mask ``m_i`` contains it; a position no client holds keeps ``global_state``'s value.
+    Computed in float64 and cast back (integer tensors rounded).
+
+    Args:
+        global_state: the current global model (full shapes).
+        states: per client, its trained model at full shape (positions it does not hold are ignored).
+        masks: per client, a bool tensor of the full shape per key (a key it lacks: every position).
+        weights: one weight per client (e.g. sample counts, or 1 each).
+    """
+    if not (len(states) == len(masks) == len(weights)):
+        raise ValueError(f"{len(states)} states, {len(masks)} masks and {len(weights)} weights")
+    ws = normalize_weights(weights)  # checks them; the mean below renormalizes per position
+    out: dict[str, torch.Tensor] = {}
+    for name, g in global_state.items():
+        num = torch.zeros(g.shape, dtype=torch.float64)
+        den = torch.zeros(g.shape, dtype=torch.float64)
+        for state, mask, w in zip(states, masks, ws):
+            m = mask[name] if name in mask else torch.ones(g.shape, dtype=torch.bool)
+            num += torch.where(m, state[name].to(torch.float64) * w, 0.0)
+            den += m.to(torch.float64) * w
+        held = den > 0
+        avg = torch.where(held, num / torch.where(held, den, 1.0), g.to(torch.float64))
+        out[name] = avg.to(g.dtype) if g.is_floating_point() else torch.round(avg).to(g.dtype)
+        out[name][~held] = g[~held]  # untouched positions: bit-identical
+    return out
 
 
 def fednova_coefficient(num_steps: int, momentum: float = 0.0) -> float:

@@ -8,6 +8,7 @@ from lightning_fedprune.strategies.base import ModelSpec, Strategy, sample_clien
 from lightning_fedprune.strategies.fedavg import FedAvg, FedNova, Scaffold, capability_local_steps
 from lightning_fedprune.strategies.feddp import DynamicGates, FedDP
 from lightning_fedprune.strategies.fedmp import FedMP, FlexCom, SubModelStrategy, UniformPruning
+from lightning_fedprune.strategies.hermes import Hermes
 from lightning_fedprune.strategies.heterofl import HeteroFL
 from lightning_fedprune.strategies.nestfl import NestFL
 from lightning_fedprune.strategies.perfedavg import PerFedAvg
@@ -41,6 +42,7 @@ __all__ = [
     "NestFL",
     "HeteroFL",
     "PerFedAvg",
+    "Hermes",
     "DynamicGates",
     "FedDP",
     "StrategyWrapper",

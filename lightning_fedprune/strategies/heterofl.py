@@ -4,7 +4,7 @@ Each client trains the global model sliced to the FIRST channels of every prunab
 fraction ``1 - rate`` of them, absolute keep counts as in
 :func:`~lightning_fedprune.core.nested.keep_counts`), so smaller sub-models are nested in larger
 ones. Aggregation averages every position over the clients whose sub-models hold it
-(:func:`~lightning_fedprune.core.nested.partition_aggregate`); by default each client counts once
+(:func:`~lightning_fedprune.core.aggregation.overlap_average`); by default each client counts once
 (HeteroFL's count-weighted averaging; ``weighted=True`` weighs by samples). Positions no client
 held keep their values.
 
@@ -31,8 +31,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_fedprune.core.aggregation import overlap_average
 from lightning_fedprune.core.messages import ClientFailure, ClientResult
-from lightning_fedprune.core.nested import keep_counts, partition_aggregate
+from lightning_fedprune.core.nested import keep_counts
 from lightning_fedprune.core.seeding import rng_for
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.strategies.fedmp import SubModelStrategy
@@ -124,12 +125,13 @@ class HeteroFL(SubModelStrategy):
         state = self.global_state
         trained = [p.recover(r.weights, base=state) for p, r in zip(plans, results)]
         weights = [float(r.metrics.num_samples) if self.weighted else 1.0 for r in results]
-        new, sharing = partition_aggregate(state, trained, plans, lambda lvl, clients, upd: [weights[i] for i in clients])
+        new = overlap_average(state, trained, [{k: p.mask(k) for k in state} for p in plans], weights)
+        levels = {tuple(p.kept_counts) for p in plans}
         kept = [p.kept_fraction() for p in plans]
         for r in results:
             del self._plans[(r.round, r.client_id)]
         self._global = new
-        return {"num_results": float(len(results)), "num_partitions": float(len(sharing)), "kept_fraction_mean": sum(kept) / len(kept)}
+        return {"num_results": float(len(results)), "num_partitions": float(len(levels)), "kept_fraction_mean": sum(kept) / len(kept)}
 
     def __repr__(self) -> str:
         return f"HeteroFL(assignment={self.assignment!r}, levels={self.levels})"
