@@ -1,8 +1,8 @@
 """NestFL's experiments at CPU scale: our numbers beside the paper's claims, plus plots.
 
     python recipes/nestfl/experiments.py fig2 [--dataset digits|har|mnist|cifar10_subset] [--noniid 0.8]
-        test accuracy vs rounds: NestFL against FedAvg and HeteroFL (fix and dynamic rates),
-        and NestFL's ablations (plain sample weighting; a fixed per-device rate table)
+        test accuracy vs rounds: NestFL against FedAvg, Per-FedAvg (FO and HF), HeteroFL (fix and
+        dynamic rates) and Hermes, and NestFL's ablations (plain sample weighting; a fixed per-device rate table)
     python recipes/nestfl/experiments.py fig3 [--dataset ...]
         normalized communication cost vs normalized training time (measured payload bytes and
         the simulated clock), for the same variants
@@ -13,8 +13,11 @@ variant), ``--rounds N``, ``--out runs/nestfl``, ``--set key=value`` (every vari
 
 The paper's claims (Figs. 2-3; it prints no numbers): NestFL reaches higher accuracy in fewer
 rounds than FedAvg, Per-FedAvg, HeteroFL and Hermes, and costs less communication and training
-time. Per-FedAvg and Hermes are not in this library yet; the table says so. Devices are simulated
-(seeded speeds, bandwidths and memory, see the recipes); time is the simulated clock.
+time. Every variant runs on the same data, the same simulated devices (seeded speeds, bandwidths and
+memory, see the recipes) and the same simulated clock. Per-FedAvg's inner step ``alpha`` is the
+local learning rate (``model.lr``); Hermes prunes each client's sub-network by 0.1 of the channels
+toward rate 0.5 whenever its local accuracy is at least 0.5. Personalized methods (NestFL, Per-FedAvg,
+Hermes) are also reported with their per-client local accuracy.
 """
 
 from __future__ import annotations
@@ -41,11 +44,17 @@ DATASETS = {
 FEDAVG = ["strategy.name=fedavg", "strategy.options={}"]
 HETEROFL_FIX = ["strategy.name=heterofl", "strategy.options={assignment: fix, levels: [0.0, 0.25, 0.5, 0.75]}"]
 HETEROFL_DYN = ["strategy.name=heterofl", "strategy.options={assignment: dynamic, levels: [0.0, 0.25, 0.5, 0.75]}"]
+PERFEDAVG_FO = ["strategy.name=perfedavg", "strategy.options={variant: fo, alpha: 0.05}"]
+PERFEDAVG_HF = ["strategy.name=perfedavg", "strategy.options={variant: hf, alpha: 0.05}"]
+HERMES = ["strategy.name=hermes", "strategy.options={target_rate: 0.5, prune_step: 0.1, accuracy_threshold: 0.5}"]
 VARIANTS = {
     "NestFL": [],
     "FedAvg": FEDAVG,
+    "Per-FedAvg (FO)": PERFEDAVG_FO,
+    "Per-FedAvg (HF)": PERFEDAVG_HF,
     "HeteroFL (fix)": HETEROFL_FIX,
     "HeteroFL (dynamic)": HETEROFL_DYN,
+    "Hermes": HERMES,
     "NestFL, sample weights": ["strategy.options.weighting=samples"],
     "NestFL, fixed rates": ["strategy.options.fixed_rates={0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75, 4: 0.75}"],
 }
@@ -54,8 +63,9 @@ PAPER = {
     "FedAvg": "below NestFL",
     "HeteroFL (fix)": "below NestFL",
     "HeteroFL (dynamic)": "below NestFL",
-    "Per-FedAvg": "below NestFL (not in this library yet)",
-    "Hermes": "below NestFL (not in this library yet)",
+    "Per-FedAvg (FO)": "below NestFL",
+    "Per-FedAvg (HF)": "below NestFL",
+    "Hermes": "below NestFL",
 }
 QUICK = ["rounds=3", "strategy.local_steps=3"]
 
