@@ -309,7 +309,7 @@ class _RoundController(pl.Callback):
             loss_before=before,
             loss_after=after,
             compute_seconds=compute,
-            flops=3.0 * max(0.0, rt._flops_per_example(pl_module) - run.ctx.flops_saved_per_example) * run.examples,
+            flops=3.0 * max(0.0, rt._flops_per_example(pl_module) - run.ctx.flops_saved_per_example) * (run.examples + run.ctx.extra_examples),
             extra=extra,
         )
         self.results[task.client_id] = ClientResult(

@@ -46,6 +46,9 @@ class ClientContext:
             compressed into ``result_extras`` sends ``{}`` here).
         flops_saved_per_example: forward FLOPs per example that sparse compute skips (e.g. pruned
             FC weights); the runtime charges the simulated clock the dense count minus this.
+        extra_examples: examples a callback ran through extra forward + backward passes of the
+            module (e.g. Per-FedAvg's Hessian-vector products); the runtime charges the simulated
+            clock for them as for training examples.
         plan: the task's kept channels in full-model coordinates (a
             :class:`~lightning_fedprune.core.plans.Plan`) when the task carries them
             (``config["kept"]``), so a client can line its own full-size tensors up with the
@@ -64,6 +67,7 @@ class ClientContext:
     num_steps: int = 0
     result_weights: dict[str, torch.Tensor] | None = None
     flops_saved_per_example: float = 0.0
+    extra_examples: int = 0
     plan: Any = None
     local_test_loader: Any = None
     metrics_extra: dict[str, float] = field(default_factory=dict)

@@ -9,7 +9,8 @@ client's ordinary ``Trainer`` into one Per-FedAvg step (math in :mod:`lightning_
   ``∇f(w̃; D')`` (with the user's loss, logging and any extra loss terms);
 * in ``on_before_optimizer_step`` the parameters go back to ``w``; the Hessian-free variant
   replaces the gradient by ``g − α·d`` with the finite-difference Hessian-vector product on
-  ``D''``; the user's optimizer (learning rate ``β``) then steps from ``w``.
+  ``D''`` (its two gradients are charged to the simulated clock: ``ClientContext.extra_examples``);
+  the user's optimizer (learning rate ``β``) then steps from ``w``.
 
 The loss of the inner step and of the Hessian-vector product is the module's
 ``federated_evaluate_batch`` loss sum divided by the number of targets (cross-entropy by default).
@@ -60,6 +61,7 @@ class PerFedAvgCallback(FederatedCallback):
         self._hessian_batch: Any = None
         self._first_batch: Any = None
         self._received: dict[str, torch.Tensor] | None = None
+        self._ctx: ClientContext | None = None
 
     # ------------------------------------------------------------------ client boundaries
     def transform_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
@@ -70,6 +72,7 @@ class PerFedAvgCallback(FederatedCallback):
         if not pl_module.automatic_optimization:
             raise ConfigError(f"Per-FedAvg needs automatic optimization; {type(pl_module).__name__} sets `automatic_optimization = False`")
         self._settings = dict(settings)
+        self._ctx = ctx
         self._first_batch = None
         self._module = pl_module
         self._previous = pl_module.__dict__.get("training_step")
@@ -96,7 +99,7 @@ class PerFedAvgCallback(FederatedCallback):
             ctx.metrics_extra["local_test_acc"] = ev["accuracy"]
             ctx.metrics_extra["local_test_loss"] = ev["loss"]
         self._settings = self._module = self._previous = self._saved = self._hessian_batch = None
-        self._first_batch = self._received = None
+        self._first_batch = self._received = self._ctx = None
 
     # ------------------------------------------------------------------ one MAML step
     def _params(self, pl_module: Any) -> list[torch.nn.Parameter]:
@@ -132,6 +135,8 @@ class PerFedAvgCallback(FederatedCallback):
         outer = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         batch = self._hessian_batch
         hvp = hessian_vector_product(lambda: mean_loss(pl_module, batch), params, outer, float(s["delta"]))
+        if self._ctx is not None:
+            self._ctx.extra_examples += 2 * batch_size_of(batch)  # two more gradients on D''
         for p, g in zip(params, meta_gradient(outer, float(s["alpha"]), hvp)):
             p.grad = g
         self._hessian_batch = None

@@ -18,8 +18,9 @@ Choices where the paper is silent (named options):
 
 * ``inner_fraction``: the paper draws independent batches ``D``, ``D'``, ``D''`` per step; here each
   training batch is cut into them (``D`` takes ``inner_fraction`` of it, default 1/2 for FO and 1/3
-  for HF, the rest is split evenly), so a local step consumes one batch as in FedAvg and the clock
-  charges one gradient per example (HF's two extra gradients on ``D''`` are not charged).
+  for HF, the rest is split evenly), so a local step consumes one batch as in FedAvg. The clock
+  charges one gradient per example, plus, for HF, the two gradients on ``D''`` of the
+  Hessian-vector product.
 * ``adapt_from``: ``"received"`` (default) personalizes the received global model, as the paper's
   evaluation does; ``"trained"`` the client's locally trained model.
 * ``delta``: the finite-difference step of the Hessian-free variant (default 1e-3).

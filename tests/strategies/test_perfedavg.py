@@ -69,11 +69,15 @@ Y = torch.tensor([[0.0], [1.0], [0.0]])
 
 
 def _one_step(variant: str, n: int) -> torch.Tensor:
+    return _run_one_step(variant, n).weights["lin.weight"].reshape(-1)
+
+
+def _run_one_step(variant: str, n: int):
     module = LinearRegression(lr=0.5)  # beta = 0.5
     settings = {"variant": variant, "alpha": 0.1, "delta": 1e-3, "inner_fraction": None, "adapt_from": "received"}
     runtime = ClientRuntime(module, data=OneBatch(X[:n], Y[:n]), client_callbacks=("perfedavg",), evaluate_local=False)
     task = ClientTask(0, 0, {k: v.clone() for k, v in module.federated_state().items()}, local_epochs=None, local_steps=1, config={PERFEDAVG: settings})
-    return runtime.run(task).weights["lin.weight"].reshape(-1)
+    return runtime.run(task)
 
 
 def test_one_first_order_step_matches_the_hand_computation():
@@ -86,6 +90,12 @@ def test_one_hessian_free_step_matches_the_hand_computation():
     # Hessian on D'' = x x^T = [[1, 1], [1, 1]]; H g = [1, 1]; g - alpha H g = [0, 1] - 0.1 [1, 1]
     # = [-0.1, 0.9]; w - 0.5 [-0.1, 0.9] = [1.05, 1.55]
     assert torch.allclose(_one_step("hf", 3), torch.tensor([1.05, 1.55]), atol=1e-4)
+
+
+def test_the_clock_charges_the_hessian_free_variant_its_two_extra_gradients():
+    fo, hf = _run_one_step("fo", 3).metrics, _run_one_step("hf", 3).metrics
+    assert fo.num_examples == hf.num_examples == 3
+    assert hf.flops / fo.flops == pytest.approx(5 / 3)  # 3 examples + 2 gradients on the 1-example D''
 
 
 def test_batches_are_cut_into_independent_parts():
