@@ -45,10 +45,11 @@ class LinearRegression(FederatedModuleMixin, pl.LightningModule):
 
 
 class OneBatch:
-    """Client data: the same single batch at every step; no local test split."""
+    """Client data: the same single batch at every step; an optional one-batch local test split."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, test: tuple | None = None) -> None:
         self.batch = (x, y)
+        self.test = test
 
     def num_train_samples(self, client_id: int) -> int:
         return int(self.batch[0].shape[0])
@@ -60,7 +61,7 @@ class OneBatch:
         return [self.batch]
 
     def local_test_loader(self, client_id):
-        return None
+        return [self.test] if self.test is not None else None
 
 
 # rows: D = (x [1, 0], y 0), D' = (x [0, 1], y 1), D'' = (x [1, 1], y 0)
@@ -72,10 +73,11 @@ def _one_step(variant: str, n: int) -> torch.Tensor:
     return _run_one_step(variant, n).weights["lin.weight"].reshape(-1)
 
 
-def _run_one_step(variant: str, n: int):
+def _run_one_step(variant: str, n: int, adapt_from: str = "received", test: tuple | None = None):
     module = LinearRegression(lr=0.5)  # beta = 0.5
-    settings = {"variant": variant, "alpha": 0.1, "delta": 1e-3, "inner_fraction": None, "adapt_from": "received"}
-    runtime = ClientRuntime(module, data=OneBatch(X[:n], Y[:n]), client_callbacks=("perfedavg",), evaluate_local=False)
+    settings = {"variant": variant, "alpha": 0.1, "delta": 1e-3, "inner_fraction": None, "adapt_from": adapt_from}
+    data = OneBatch(X[:n], Y[:n], test)
+    runtime = ClientRuntime(module, data=data, client_callbacks=("perfedavg",), evaluate_local=test is not None)
     task = ClientTask(0, 0, {k: v.clone() for k, v in module.federated_state().items()}, local_epochs=None, local_steps=1, config={PERFEDAVG: settings})
     return runtime.run(task)
 
@@ -90,6 +92,18 @@ def test_one_hessian_free_step_matches_the_hand_computation():
     # Hessian on D'' = x x^T = [[1, 1], [1, 1]]; H g = [1, 1]; g - alpha H g = [0, 1] - 0.1 [1, 1]
     # = [-0.1, 0.9]; w - 0.5 [-0.1, 0.9] = [1.05, 1.55]
     assert torch.allclose(_one_step("hf", 3), torch.tensor([1.05, 1.55]), atol=1e-4)
+
+
+def test_the_personalized_model_is_one_step_from_the_received_or_the_trained_model_by_hand():
+    test = (torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0]]))
+    # received w = [1, 2]; one step on the whole first batch (D and D'): mean grad ([1, 0] + [0, 1]) / 2
+    # = [0.5, 0.5]; w' = [0.95, 1.95]; test prediction 2.9, loss 0.5 * 2.9^2 = 4.205
+    received = _run_one_step("fo", 2, test=test).metrics.extra["local_test_loss"]
+    assert received == pytest.approx(4.205, abs=1e-5)
+    # trained w = [1, 1.5]: mean grad ([1, 0] * 1 + [0, 1] * 0.5) / 2 = [0.5, 0.25]; w' = [0.95, 1.475]
+    # test prediction 2.425, loss 0.5 * 2.425^2 = 2.9403125
+    trained = _run_one_step("fo", 2, adapt_from="trained", test=test).metrics.extra["local_test_loss"]
+    assert trained == pytest.approx(2.9403125, abs=1e-5)
 
 
 def test_the_clock_charges_the_hessian_free_variant_its_two_extra_gradients():
