@@ -90,16 +90,27 @@ class PerFedAvgCallback(FederatedCallback):
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         if self._settings is None:
             return
-        if self._previous is not None:
-            object.__setattr__(pl_module, "training_step", self._previous)
-        elif "training_step" in pl_module.__dict__:
-            object.__delattr__(pl_module, "training_step")
+        self._unwrap(pl_module)
         if ctx.local_test_loader is not None and self._first_batch is not None:
             ev = self.personalized_evaluation(pl_module, self._first_batch, ctx.local_test_loader, start=self._received)
             ctx.metrics_extra["local_test_acc"] = ev["accuracy"]
             ctx.metrics_extra["local_test_loss"] = ev["loss"]
         self._settings = self._module = self._previous = self._saved = self._hessian_batch = None
         self._first_batch = self._received = self._ctx = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a client's code failed: the runtime goes on with the others, with the module unwrapped
+        if self._settings is not None:
+            self._unwrap(pl_module)
+        self._settings = self._module = self._previous = self._saved = self._hessian_batch = None
+        self._first_batch = self._received = self._ctx = None
+
+    def _unwrap(self, pl_module: Any) -> None:
+        if self._previous is not None:
+            object.__setattr__(pl_module, "training_step", self._previous)
+        elif "training_step" in pl_module.__dict__:
+            object.__delattr__(pl_module, "training_step")
+        self._previous = None
 
     # ------------------------------------------------------------------ one MAML step
     def _params(self, pl_module: Any) -> list[torch.nn.Parameter]:

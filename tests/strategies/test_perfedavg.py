@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.contract import PERFEDAVG
-from lightning_fedprune.core.messages import ClientTask
+from lightning_fedprune.core.messages import ClientFailure, ClientTask
 from lightning_fedprune.core.meta import part_sizes, split_batch
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.module import FederatedModuleMixin
-from lightning_fedprune.runtime import ClientRuntime
+from lightning_fedprune.runtime import ClientRuntime, initialize_strategy
 from lightning_fedprune.simulation import SimulationEngine, make_devices
 from lightning_fedprune.strategies import PerFedAvg
 
@@ -127,6 +128,23 @@ def test_per_fedavg_runs_and_reports_the_one_step_personalized_accuracy(tiny_mod
     rec = eng.run_round(0)
     assert rec["num_results"] == 3 and 0.0 <= rec["local_acc_min"] <= rec["local_acc_mean"] <= rec["local_acc_max"] <= 1.0
     assert "training_step" not in runtime.module.__dict__  # the wrapper is gone after the client
+
+
+def test_a_failing_client_leaves_the_module_unwrapped_and_the_others_train_as_usual(tiny_module, tiny_data, client_probe):
+    def run(fail):
+        module = tiny_module()
+        module.fail_clients = frozenset(fail)
+        s = PerFedAvg(variant="hf", alpha=0.05, local_steps=3, seed=0)
+        runtime = ClientRuntime(module, data=tiny_data, seed=1, client_callbacks=s.client_callbacks, callbacks=[client_probe])
+        initialize_strategy(s, module, num_clients=3)
+        out = runtime.run_many(s.configure_round(0, [0, 1, 2]), ClientStore())
+        assert "training_step" not in module.__dict__
+        return out
+
+    clean, failed = run(()), run({1})
+    assert isinstance(failed[1], ClientFailure) and "injected failure for client 1" in failed[1].reason
+    for c in (0, 2):  # the clients after the failure trained exactly as without it
+        assert all(torch.equal(failed[c].weights[k], clean[c].weights[k]) for k in clean[c].weights)
 
 
 def test_the_personalized_evaluation_starts_from_the_received_model_by_default(tiny_module, tiny_data):
