@@ -43,7 +43,7 @@ import torch
 from lightning_fedprune.core.aggregation import overlap_average
 from lightning_fedprune.core.messages import ClientFailure, ClientResult
 from lightning_fedprune.core.nested import keep_counts
-from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.strategies.fedmp import SubModelStrategy
 from lightning_fedprune.strategies.registry import register_strategy
 
@@ -129,7 +129,12 @@ class Hermes(SubModelStrategy):
         plans = self.plans_of(results)
         state = self.global_state
         # everything is checked before anything changes
-        trained = [p.recover(r.weights, base=state) for p, r in zip(plans, results)]
+        trained = []
+        for p, r in zip(plans, results):
+            try:
+                trained.append(p.recover(r.weights, base=state))
+            except (ConfigError, PayloadError) as err:
+                raise PayloadError(f"result of client {r.client_id} (round {r.round}) does not fit its sub-network: {err}") from None
         accuracy = {}
         for r in results:
             acc = r.metrics.extra.get(self.accuracy_key)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from lightning_fedprune.callbacks.personal import personal_model
 from lightning_fedprune.core.aggregation import overlap_average
 from lightning_fedprune.core.messages import ClientMetrics, ClientResult
-from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.runtime import ClientRuntime, initialize_strategy
 from lightning_fedprune.simulation import SimulationEngine, make_devices
 from lightning_fedprune.strategies import Hermes
@@ -100,6 +102,11 @@ def test_a_result_without_local_accuracy_is_refused_and_the_global_model_stays_w
     with pytest.raises(ConfigError, match=r"result of client 1 \(round 0\) has no finite metrics.extra\['local_test_acc'\]"):
         s.aggregate(0, results, [])
     assert all(torch.equal(s.global_state[k], v) for k, v in g.items())
+    bad = dict(tasks[1].weights)
+    bad["body.weight"] = torch.zeros(3, 8)
+    with pytest.raises(PayloadError, match=r"result of client 1 \(round 0\) does not fit its sub-network: .*body.weight"):
+        s.aggregate(0, [results[0], _result(dataclasses.replace(tasks[1], weights=bad), 0.0, 10, 0.9)], [])
+    assert all(torch.equal(s.global_state[k], v) for k, v in g.items()) and s.rate_of(0) == 0.0
 
 
 @pytest.mark.parametrize(
