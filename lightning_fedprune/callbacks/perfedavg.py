@@ -55,7 +55,6 @@ class PerFedAvgCallback(FederatedCallback):
 
     def __init__(self) -> None:
         self._settings: dict[str, Any] | None = None
-        self._module: Any = None
         self._previous: Any = None
         self._saved: list[torch.Tensor] | None = None
         self._hessian_batch: Any = None
@@ -74,7 +73,6 @@ class PerFedAvgCallback(FederatedCallback):
         self._settings = dict(settings)
         self._ctx = ctx
         self._first_batch = None
-        self._module = pl_module
         self._previous = pl_module.__dict__.get("training_step")
         step = pl_module.training_step
 
@@ -95,14 +93,16 @@ class PerFedAvgCallback(FederatedCallback):
             ev = self.personalized_evaluation(pl_module, self._first_batch, ctx.local_test_loader, start=self._received)
             ctx.metrics_extra["local_test_acc"] = ev["accuracy"]
             ctx.metrics_extra["local_test_loss"] = ev["loss"]
-        self._settings = self._module = self._previous = self._saved = self._hessian_batch = None
-        self._first_batch = self._received = self._ctx = None
+        self._reset()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a client's code failed: the runtime goes on with the others, with the module unwrapped
         if self._settings is not None:
             self._unwrap(pl_module)
-        self._settings = self._module = self._previous = self._saved = self._hessian_batch = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._settings = self._previous = self._saved = self._hessian_batch = None
         self._first_batch = self._received = self._ctx = None
 
     def _unwrap(self, pl_module: Any) -> None:
