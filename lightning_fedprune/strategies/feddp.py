@@ -26,8 +26,13 @@ Departures from the paper (Algorithm 1) and readings of it:
 * The paper's hyper-parameter "alpha = 5e-3" is read as the lasso's lambda (the default here).
 * Gated FLOPs: see :mod:`lightning_fedprune.core.gates` (training masks a dense computation; the
   saving is realized at inference).
-* Composition with physically pruned sub-models (FedMP) is not supported: a client's gates are
-  shaped for the full model, and a sub-model task is refused by the gates' shape check.
+* Composition with physically pruned sub-models (beyond the paper): ``DynamicGates(FedMP(...))``
+  sends each client its FedMP sub-model plus the task's kept channels (``config["kept"]``, a few
+  bytes); the client gates the sub-model's convolutions (each gate keeps ``keep_ratio`` of the
+  sub-model's channels) and keeps its gate state at the full model's width, sliced by the kept
+  channels before training and scattered back after it, so positions outside this round's
+  sub-model keep their values (:func:`lightning_fedprune.core.gates.slice_gate_state`). The server
+  aggregates the sub-models with FedMP's rule (R2SP / BSP) and never sees a gate.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO
+from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO, KEPT, SUBMODEL, WEIGHTS_FORMAT, encode_kept_groups
 from lightning_fedprune.core.gates import check_keep_ratio, check_lasso
 from lightning_fedprune.core.messages import ClientTask
 from lightning_fedprune.errors import ConfigError
@@ -68,14 +73,21 @@ class DynamicGates(StrategyWrapper):
         super().__init__(inner)
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.lasso = check_lasso(lasso)
-        if getattr(self.innermost, "requires_planner", False):
+        if self.requires_planner and not callable(getattr(self.innermost, "plan_of", None)):
             raise ConfigError(
-                f"the 'feddp' wrapper cannot wrap {type(self.innermost).__name__}: client gates are shaped for the full "
-                "model and sub-model tasks change its shape"
+                f"the 'feddp' wrapper cannot wrap {type(self.innermost).__name__}: it sends sub-models without a "
+                "`plan_of(round, client)` to tell the clients their kept channels"
             )
 
     def wrap_task(self, task: ClientTask) -> ClientTask:
-        return dataclasses.replace(task, config={**task.config, GATE_KEEP_RATIO: self.keep_ratio, GATE_LASSO: self.lasso})
+        config = {**task.config, GATE_KEEP_RATIO: self.keep_ratio, GATE_LASSO: self.lasso}
+        if config.get(WEIGHTS_FORMAT) == SUBMODEL and KEPT not in config:
+            # the client lines its full-width gates up with the sub-model's channels
+            plan = self.innermost.plan_of(task.round, task.client_id)  # type: ignore[attr-defined]
+            if plan is None:
+                raise ConfigError(f"no plan for client {task.client_id}'s sub-model task of round {task.round}")
+            config[KEPT] = encode_kept_groups(plan)
+        return dataclasses.replace(task, config=config)
 
     def __repr__(self) -> str:
         return f"DynamicGates({self.inner!r}, keep_ratio={self.keep_ratio}, lasso={self.lasso})"
