@@ -43,6 +43,7 @@ from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.registry import register_client_callback
 from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO
 from lightning_fedprune.core.gates import (
+    DEFAULT_LASSO,
     GateIndex,
     GateSet,
     GateSite,
@@ -178,7 +179,8 @@ class DynamicGating(pl.Callback):
 
     Args:
         keep_ratio: fraction of output channels each gate keeps, in (0, 1].
-        lasso: lambda of the lasso on the gates' linear outputs (>= 0).
+        lasso: lambda of the lasso on the gates' linear outputs (>= 0; default
+            :data:`~lightning_fedprune.core.gates.DEFAULT_LASSO`, 1e-4).
         layers: names of the convolutions to gate (default: every gateable one).
         example: an example input batch to find the gateable layers (default: the module's
             ``example_input_array`` or ``federated_example_input()``).
@@ -191,7 +193,7 @@ class DynamicGating(pl.Callback):
         ConfigError: ``keep_ratio`` outside (0, 1] or ``lasso`` < 0.
     """
 
-    def __init__(self, *, keep_ratio: float = 0.5, lasso: float = 5e-3, layers: Sequence[str] | None = None, example: Any = None) -> None:
+    def __init__(self, *, keep_ratio: float = 0.5, lasso: float = DEFAULT_LASSO, layers: Sequence[str] | None = None, example: Any = None) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.lasso = check_lasso(lasso)
         self.layers = tuple(layers) if layers is not None else None

@@ -27,10 +27,10 @@ class ScaffoldCallback(FederatedCallback):
 
       and ``c_i+ - c_i`` goes back in the result's extras (``scaffold.dc/<name>``).
 
-    ``eta`` is the learning rate of the optimizer's first param group at the optimizer steps: with a local schedule (e.g. the runtime's ``lr_schedule="cosine"``) the mean over the
-    ``K`` steps, so that ``K * eta`` is the sum of the step sizes (option II for varying rates).
-    With momentum or adaptive optimizers option II is an approximation (as in the paper's
-    experiments).
+    ``eta`` is the learning rate of the optimizer's first param group at the optimizer steps: with
+    a local schedule (e.g. the runtime's ``lr_schedule="cosine"``) the mean over the ``K`` steps,
+    so that ``K * eta`` is the sum of the step sizes (option II for varying rates). With momentum
+    or adaptive optimizers option II is an approximation (as in the paper's experiments).
     """
 
     def __init__(self) -> None:

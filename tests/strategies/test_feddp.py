@@ -17,7 +17,7 @@ from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO, KEPT, SUBMODEL, WEIGHTS_FORMAT, decode_kept_groups, encode_kept_groups
 from lightning_fedprune.core.control_variates import SCAFFOLD_CONTROL
-from lightning_fedprune.core.gates import GATE_ATTR
+from lightning_fedprune.core.gates import DEFAULT_LASSO, GATE_ATTR
 from lightning_fedprune.core.messages import ClientFailure, ClientTask
 from lightning_fedprune.core.plans import Plan
 from lightning_fedprune.errors import ConfigError, ModelError
@@ -196,6 +196,14 @@ def test_the_gated_run_differs_from_the_plain_base(tiny_data):
     diff = max((a[k] - b[k]).abs().max().item() for k in a if k != "bn1.num_batches_tracked")
     assert diff > 1e-4
     assert STRATEGIES["feddp"] is FedDP and WRAPPERS["feddp"] is DynamicGates
+
+
+def test_one_default_lambda_for_every_entry_point():
+    # 1e-4, not the paper's 5e-3 (see core.gates.DEFAULT_LASSO for the measurement)
+    assert DEFAULT_LASSO == 1e-4
+    assert FedDP().lasso == DynamicGates(FedAvg()).lasso == DynamicGating().lasso == DEFAULT_LASSO
+    task = DynamicGates(FedAvg(local_steps=1)).wrap_task(ClientTask(round=0, client_id=0, weights={}, local_epochs=1))
+    assert task.config[GATE_LASSO] == DEFAULT_LASSO
 
 
 def test_bad_options_are_refused():
