@@ -221,6 +221,9 @@ def test_build_run_composes_objects(tmp_path):
     assert engine.runtime.lr_schedule == "constant"
     cosine, _ = build_run(cfg.apply_overrides(["model.lr_schedule=cosine"]), listeners=[])
     assert cosine.runtime.lr_schedule == "cosine"
+    from lightning_fedprune.config import build_parts
+
+    assert build_parts(cfg.apply_overrides(["model.lr_schedule=cosine"]), role="client").runtime.lr_schedule == "cosine"
 
 
 def test_build_run_same_seed_same_initial_model(tmp_path):

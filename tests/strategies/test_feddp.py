@@ -214,6 +214,12 @@ def test_bad_options_are_refused():
     with pytest.raises(ConfigError, match="`lasso`.*got -0.1"):
         FedDP(lasso=-0.1)
 
+    class SubModels(FedAvg):
+        requires_planner = True  # sends sub-models, but cannot tell their kept channels
+
+    with pytest.raises(ConfigError, match="the 'feddp' wrapper cannot wrap SubModels: it sends sub-models without a `plan_of"):
+        DynamicGates(SubModels())
+
 
 def test_a_module_without_conv_layers_fails_the_client_naming_the_model(tiny_module, tiny_data):
     strategy = FedDP(local_steps=1, seed=0)
