@@ -10,6 +10,7 @@ SCAFFOLD wrapped by :class:`DynamicGates`::
     FedDP(keep_ratio=0.5, lasso=1e-4)                           # SCAFFOLD + gates (Algorithm 1)
     DynamicGates(FedNova(momentum=0.0), keep_ratio=0.5)         # FedNova + gates
     DynamicGates(FedProx(mu=0.01), keep_ratio=0.5)              # FedProx + gates
+    DynamicGates(FedMP(theta=0.05), keep_ratio=0.5)             # gated FedMP sub-models (beyond the paper)
 
 In a recipe: ``strategy: {name: fedavg, wrappers: [{name: feddp, options: {keep_ratio: 0.5}}]}``.
 
