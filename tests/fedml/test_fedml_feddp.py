@@ -4,6 +4,8 @@ gate-related goes on the wire, and the end state is the simulator's.
 * in one process over the loopback transport (real envelopes and codec): 2 rounds, then every
   client and the server restart (new objects on the same run folder; the server resumes) for a
   3rd round; every envelope is inspected;
+* in one process, FedMP's sub-models under the ``feddp`` wrapper: full-width gates on every client
+  and the simulator's end state;
 * as real processes over GRPC: 1 server + 3 client processes, 3 rounds;
 * as real processes over GRPC with client rank 3 killed (SIGKILL) while it trains round 1 and
   started again: the server drops its round-1 task, the new process joins, takes its gates (and
@@ -115,6 +117,21 @@ def test_feddp_in_process_gates_survive_restarts_and_never_travel(tmp_path, loop
             assert name in backbone or name.split("/", 1)[1] in backbone, key
             assert not any(t.shape == g.shape and torch.equal(t, g) for g in gate_values), key
     assert n_tensors > 0
+
+
+def test_gated_fedmp_sub_models_in_process_end_like_the_simulator(tmp_path, loopback):
+    # FedMP's sub-models (ratios 0.5 / 0.25 / 0) under the feddp wrapper, through the FedML adapters
+    cfg = _cfg(
+        tmp_path / "run", "strategy.name=fedmp", "strategy.options={fixed_ratios: {0: 0.5, 1: 0.25}}",
+        "strategy.wrappers=[{name: feddp, options: {keep_ratio: 0.5, lasso: 0.001}}]",
+    )
+    server, clients, _ = _session(loopback, cfg, resume=False)
+    assert [c.rounds_trained for c in clients] == [ROUNDS] * 3
+    assert [server.history[-1][f"agg/ratio/{c}"] for c in range(3)] == [0.5, 0.25, 0.0]
+    for c in range(3):  # every client keeps its gates at the full width of cnn_digits
+        gates = _client_gates(cfg, 1 + c % 3, c)
+        assert gates["model.features.0/linear.weight"].shape == (16, 1) and gates["model.features.3/linear.weight"].shape == (32, 16)
+    _assert_like_the_simulator(cfg, server.strategy.global_state, lambda c: _client_gates(cfg, 1 + c % 3, c))
 
 
 def test_feddp_over_grpc_with_three_client_processes_ends_like_the_simulator(tmp_path):
