@@ -26,7 +26,7 @@ Departures from the paper (Algorithm 1) and readings of it:
 * The control variates cover the backbone only (the gates are never on the server).
 * The paper's hyper-parameter "alpha = 5e-3" is read as the lasso's lambda, but the default here is
   1e-4 (:data:`lightning_fedprune.core.gates.DEFAULT_LASSO`): the lasso sums over every gated
-  channel, and at 5e-3 it is about half of VGG-11's initial loss and collapses even a small gated
+  channel, and at 5e-3 it is about half of VGG-11's loss in its first steps and collapses even a small gated
   CNN's training (measured; see there).
 * Gated FLOPs: see :mod:`lightning_fedprune.core.gates` (training masks a dense computation; the
   saving is realized at inference).
