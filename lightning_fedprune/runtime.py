@@ -14,7 +14,10 @@ controller callback switches clients at epoch boundaries: it loads the next clie
 the module in place, rebuilds the optimizers from ``configure_optimizers`` (fresh state per
 client), reseeds torch and points the data loader at that client's data; after the client's last
 epoch it reads the trained weights. The user's ``training_step``, ``configure_optimizers`` and
-callbacks run unchanged; ordinary callbacks see one Lightning epoch per local epoch.
+callbacks run unchanged; ordinary callbacks see one Lightning epoch per local epoch. A local
+learning-rate schedule (``lr_schedule``, :mod:`lightning_fedprune.core.schedules`) is applied by the
+same controller: at the start of every local epoch it sets each param group's learning rate to the
+rate ``configure_optimizers`` gave times the schedule's factor, restarting with every client.
 :class:`~lightning_fedprune.callbacks.FederatedCallback` s also get ``on_client_start`` /
 ``on_client_end``. A client whose code raises is reported as a
 :class:`~lightning_fedprune.core.ClientFailure` and the remaining clients run in a new ``fit``.
@@ -39,6 +42,7 @@ from lightning_fedprune.callbacks import ClientContext, FederatedCallback, make_
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.contract import KEPT, PROBE_LOSS, decode_kept_groups, weights_format_of
 from lightning_fedprune.core.messages import ClientFailure, ClientMetrics, ClientResult, ClientTask
+from lightning_fedprune.core.schedules import check_lr_schedule, lr_factor
 from lightning_fedprune.core.seeding import derive_seed
 from lightning_fedprune.errors import ConfigError, FedPruneError, PayloadError
 from lightning_fedprune.evaluation import evaluate
@@ -157,6 +161,7 @@ class _Running:
     examples: int = 0
     probe: Any = None  # the client's first batch, evaluated with the received and the trained weights
     probe_before: float = math.nan
+    base_lrs: list[list[float]] = field(default_factory=list)  # per optimizer, per param group
 
 
 class _ScheduledBatches:
@@ -205,10 +210,20 @@ class _RoundController(pl.Callback):
         task = self.tasks[seg.task_index]
         if seg.first:
             self._begin_client(trainer, pl_module, task)
+        if self.runtime.lr_schedule != "constant":
+            self._schedule_lr(trainer, seg, task)
         if self._epoch > 0:
             # Lightning calls iter() on the loader after this hook, except for the very first
             # epoch, whose iterator is made (and one batch prefetched) before fit's loop starts
             self._point_loader(self._epoch)
+
+    def _schedule_lr(self, trainer: pl.Trainer, seg: _Segment, task: ClientTask) -> None:
+        run = self.running
+        assert run is not None
+        factor = lr_factor(self.runtime.lr_schedule, seg.epoch, task.local_epochs if task.local_epochs is not None else 1)
+        for opt, base in zip(trainer.optimizers, run.base_lrs):
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
 
     def _point_loader(self, epoch: int) -> None:
         seg = self.schedule[epoch]
@@ -269,8 +284,14 @@ class _RoundController(pl.Callback):
             # before the optimizer is built: modules inserted here (e.g. gates) are trained
             cb.transform_module(trainer, pl_module, ctx)
         trainer.strategy.setup_optimizers(trainer)
+        if rt.lr_schedule != "constant" and trainer.lr_scheduler_configs:
+            raise ConfigError(
+                f"`lr_schedule` {rt.lr_schedule!r} sets the local learning rate, but {type(pl_module).__name__}."
+                "configure_optimizers returns a learning-rate scheduler too: use one of them"
+            )
         self._need_flops = rt._shape_key(pl_module) not in rt._flops_cache
-        self.running = _Running(task=task, ctx=ctx, cpu_start=time.process_time())
+        base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        self.running = _Running(task=task, ctx=ctx, cpu_start=time.process_time(), base_lrs=base_lrs)
         for cb in callbacks:
             cb.on_client_start(trainer, pl_module, ctx)
 
@@ -373,6 +394,15 @@ class ClientRuntime:
             weights (``metrics.extra["probe_loss_before"/"probe_loss_after"]``): a paired loss
             decrease, far less noisy than the running training losses. Also done for tasks
             whose config sets ``probe_loss`` (FedMP's reward asks for it).
+        lr_schedule: the learning-rate schedule of each client's local epochs
+            (:data:`~lightning_fedprune.core.schedules.LR_SCHEDULES`): ``"constant"`` (default) or
+            ``"cosine"`` (the rate of ``configure_optimizers`` times ``(1 + cos(pi * e / E))/2``
+            in local epoch ``e`` of ``E``, restarting every round; a task of ``local_steps`` is
+            one local epoch). The module's ``configure_optimizers`` must then return no scheduler.
+
+    Raises:
+        ConfigError: a module without :class:`FederatedModuleMixin`, reserved ``trainer_kwargs``
+            or an unknown ``lr_schedule``.
     """
 
     def __init__(
@@ -386,6 +416,7 @@ class ClientRuntime:
         trainer_kwargs: dict[str, Any] | None = None,
         evaluate_local: bool = True,
         probe_loss: bool = False,
+        lr_schedule: str = "constant",
     ) -> None:
         if not isinstance(module, FederatedModuleMixin):
             raise ConfigError(
@@ -403,6 +434,7 @@ class ClientRuntime:
         self.trainer_kwargs = trainer_kwargs
         self.evaluate_local = bool(evaluate_local)
         self.probe_loss = bool(probe_loss)
+        self.lr_schedule = check_lr_schedule(lr_schedule)
         self._initial_local = module.local_state()
         self._full_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         self._layout: Any = None

@@ -111,6 +111,8 @@ def test_wrong_types(data, match):
         ({"target_accuracy": 95}, r"`target_accuracy` must be null or a number in \(0, 1\]"),
         ({"devices": {"compute_gflops": [10, 1]}}, r"`devices\.compute_gflops` must be a number > 0 or \[lo, hi\]"),
         ({"model": {"momentum": 0.9}, "strategy": {"name": "fednova", "options": {"momentum": 0.5}}}, r"`strategy\.options\.momentum`.*`model\.momentum`"),
+        ({"model": {"lr_schedule": "cosin"}}, r"`model\.lr_schedule` can be constant, cosine; got 'cosin'\. Did you mean `cosine`"),
+        ({"model": {"lr_schedule": "cosine"}, "strategy": {"local_steps": 10}}, r"`model\.lr_schedule: cosine`.* `strategy\.local_steps` \(10\)"),
     ],
 )
 def test_invalid_choices(data, match):
@@ -216,6 +218,12 @@ def test_build_run_composes_objects(tmp_path):
     assert module.model.classifier.out_features == 10
     assert module.lr == 0.05
     assert torch.get_num_threads() == 1
+    assert engine.runtime.lr_schedule == "constant"
+    cosine, _ = build_run(cfg.apply_overrides(["model.lr_schedule=cosine"]), listeners=[])
+    assert cosine.runtime.lr_schedule == "cosine"
+    from lightning_fedprune.config import build_parts
+
+    assert build_parts(cfg.apply_overrides(["model.lr_schedule=cosine"]), role="client").runtime.lr_schedule == "cosine"
 
 
 def test_build_run_same_seed_same_initial_model(tmp_path):

@@ -318,3 +318,67 @@ def test_duplicate_clients_in_one_call_are_refused(tiny_module, tiny_data):
 
 def test_run_many_of_nothing_is_nothing(tiny_module, tiny_data):
     assert ClientRuntime(tiny_module(), data=tiny_data).run_many([], ClientStore()) == []
+
+
+# ----------------------------------------------------------------------------- local learning-rate schedule
+class _LrRecorder(FederatedCallback):
+    def __init__(self) -> None:
+        self.lrs: list[tuple[int, float]] = []
+        self.client = -1
+
+    def on_client_start(self, trainer, pl_module, ctx) -> None:
+        self.client = ctx.task.client_id
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append((self.client, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_cosine_lr_schedule_decays_per_local_epoch_and_restarts_for_each_client(tiny_module, tiny_data):
+    # Prepare: lr 0.1, 4 local epochs; clients 0 and 1 hold 20 and 30 samples (2 and 3 batches of 10)
+    module = tiny_module(lr=0.1)
+    strategy = _strategy("fedavg", module, local_epochs=4)
+    rec = _LrRecorder()
+    runtime = ClientRuntime(module, data=tiny_data, seed=0, callbacks=[rec], lr_schedule="cosine")
+    # Execute: both clients in one fit
+    runtime.run_many(strategy.configure_round(0, [0, 1]), ClientStore())
+    # Assert: by hand, 0.1 * (1 + cos(pi * e / 4)) / 2 = 0.1, 0.0853553..., 0.05, 0.0146446... per epoch
+    per_epoch = [0.1, 0.08535533905932738, 0.05, 0.014644660940672627]
+    expected = [(0, lr) for lr in per_epoch for _ in range(2)] + [(1, lr) for lr in per_epoch for _ in range(3)]
+    assert [c for c, _ in rec.lrs] == [c for c, _ in expected]
+    assert [lr for _, lr in rec.lrs] == pytest.approx([lr for _, lr in expected], rel=1e-12)
+    # the constant schedule leaves the rate alone
+    rec2 = _LrRecorder()
+    ClientRuntime(tiny_module(lr=0.1), data=tiny_data, seed=0, callbacks=[rec2]).run(strategy.configure_round(0, [0])[0])
+    assert {lr for _, lr in rec2.lrs} == {0.1}
+
+
+def test_scaffold_with_a_cosine_schedule_divides_by_the_sum_of_the_step_sizes(tiny_module, tiny_data):
+    # Prepare: round 0 (c = c_i = 0): option II gives c_i+ = (x - y) / sum_k lr_k
+    module = tiny_module(lr=0.1)
+    strategy = _strategy("scaffold", module, local_epochs=3)
+    x = {k: v.clone() for k, v in strategy.global_state.items()}
+    rec = _LrRecorder()
+    runtime = ClientRuntime(module, data=tiny_data, seed=0, client_callbacks=strategy.client_callbacks, callbacks=[rec], lr_schedule="cosine")
+    # Execute
+    res = runtime.run(strategy.configure_round(0, [0])[0])
+    # Assert: 2 steps per epoch at 0.1, 0.075, 0.025: the sum is 0.4 (not 6 x the last rate, 0.15)
+    lrs = [lr for _, lr in rec.lrs]
+    assert lrs == pytest.approx([0.1, 0.1, 0.075, 0.075, 0.025, 0.025], rel=1e-12)
+    for name in ("body.weight", "classifier.bias"):
+        expected = (x[name] - res.weights[name]) / sum(lrs)
+        assert torch.allclose(res.extras[f"scaffold.dc/{name}"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_an_lr_schedule_with_the_modules_own_scheduler_or_an_unknown_name_is_refused(tiny_module, tiny_data):
+    class WithScheduler(type(tiny_module())):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+
+    module = WithScheduler()
+    strategy = _strategy("fedavg", module, local_epochs=2)
+    runtime = ClientRuntime(module, data=tiny_data, seed=0, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="`lr_schedule` 'cosine' sets the local learning rate, but WithScheduler.configure_optimizers"):
+        runtime.run(strategy.configure_round(0, [0])[0])
+    with pytest.raises(ConfigError, match="`lr_schedule` can be constant, cosine; got 'linear'"):
+        ClientRuntime(tiny_module(), data=tiny_data, lr_schedule="linear")

@@ -18,6 +18,12 @@ add the lasso to the loss and keep the gates' tensors where they belong.
   ``gated_flops`` against ``dense_flops`` (scalars in the result's metrics; no gate tensor). The
   server's global evaluation sees the backbone without gates: for a gated run it measures the
   dense backbone, which was never trained to run without its gates.
+  A structured sub-model task (FedMP under the ``feddp`` wrapper, which adds the task's kept
+  channels, ``config["kept"]``) gets gates on the received sub-model's convolutions; the client's
+  stored gate state stays at the full model's width and is sliced by the kept channels before
+  training and scattered back after it (see :mod:`lightning_fedprune.core.gates`), so it survives
+  any change of the sub-model's width between rounds. ``dense_flops`` is then the received
+  sub-model's.
 * :class:`DynamicGating`: the same gates in an ordinary (centralized) ``Trainer``: inserted at
   ``setup`` (before ``configure_optimizers``), the lasso added to ``training_step``'s loss while
   fitting, gates checkpointed with the Trainer's checkpoint (``state_dict``), removed by
@@ -37,6 +43,8 @@ from lightning_fedprune.callbacks.base import ClientContext, FederatedCallback
 from lightning_fedprune.callbacks.registry import register_client_callback
 from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO
 from lightning_fedprune.core.gates import (
+    DEFAULT_LASSO,
+    GateIndex,
     GateSet,
     GateSite,
     check_keep_ratio,
@@ -44,6 +52,9 @@ from lightning_fedprune.core.gates import (
     dense_flops_per_sample,
     find_gate_sites,
     gated_flops_per_sample,
+    scatter_gate_state,
+    slice_gate_state,
+    widen_sites,
 )
 from lightning_fedprune.errors import ConfigError
 from lightning_fedprune.evaluation import evaluate
@@ -84,6 +95,8 @@ class GateCallback(FederatedCallback):
         self.lam = 0.0
         self._sites: dict[tuple, list[GateSite]] = {}
         self._dense: dict[tuple, float] = {}
+        self._full_state: dict[str, torch.Tensor] | None = None  # a sub-model task's full-width gates
+        self._index: dict[str, GateIndex] | None = None
 
     def transform_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         self._remove()  # a previous client that failed mid-training left its gates in
@@ -101,10 +114,24 @@ class GateCallback(FederatedCallback):
             self._sites[sig] = find_gate_sites(pl_module, example)[0]
             self._dense[sig] = float(dense_flops_per_sample(pl_module, example)[0])
         self._sig = sig
-        gates = GateSet(self._sites[sig], keep)
+        sites = self._sites[sig]
+        plan = ctx.plan
+        index = None
+        if plan is not None:  # a sub-model: the client's gates are kept at the full model's width
+            index = {s.conv: plan.indices(f"{s.conv}.weight")[:2] for s in sites}
+            full_channels = {s.conv: plan.full_shapes[f"{s.conv}.weight"][:2] for s in sites}
+            full = GateSet(widen_sites(sites, full_channels), keep)
+        else:
+            full = GateSet(sites, keep)
         stored = ctx.state.get(GATE_STATE_KEY)
         if stored:
-            gates.load_gate_state(stored)
+            full.load_gate_state(stored)
+        if index is None:
+            gates = full
+        else:
+            self._full_state, self._index = full.gate_state(), index
+            gates = GateSet(sites, keep)
+            gates.load_gate_state(slice_gate_state(self._full_state, index))
         gates.attach(pl_module)
         self.gates = gates
 
@@ -115,7 +142,10 @@ class GateCallback(FederatedCallback):
 
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         if self.gates is not None:
-            ctx.state[GATE_STATE_KEY] = self.gates.gate_state()
+            state = self.gates.gate_state()
+            if self._index is not None and self._full_state is not None:
+                state = scatter_gate_state(self._full_state, state, self._index)
+            ctx.state[GATE_STATE_KEY] = state
             if ctx.local_test_loader is not None:
                 ctx.metrics_extra.update(self._evaluate(pl_module, ctx.local_test_loader))
         self._remove()
@@ -141,6 +171,7 @@ class GateCallback(FederatedCallback):
         if self.gates is not None:
             self.gates.detach()
         self.gates = None
+        self._full_state, self._index = None, None
 
 
 class DynamicGating(pl.Callback):
@@ -148,7 +179,8 @@ class DynamicGating(pl.Callback):
 
     Args:
         keep_ratio: fraction of output channels each gate keeps, in (0, 1].
-        lasso: lambda of the lasso on the gates' linear outputs (>= 0).
+        lasso: lambda of the lasso on the gates' linear outputs (>= 0; default
+            :data:`~lightning_fedprune.core.gates.DEFAULT_LASSO`, 1e-4).
         layers: names of the convolutions to gate (default: every gateable one).
         example: an example input batch to find the gateable layers (default: the module's
             ``example_input_array`` or ``federated_example_input()``).
@@ -161,7 +193,7 @@ class DynamicGating(pl.Callback):
         ConfigError: ``keep_ratio`` outside (0, 1] or ``lasso`` < 0.
     """
 
-    def __init__(self, *, keep_ratio: float = 0.5, lasso: float = 5e-3, layers: Sequence[str] | None = None, example: Any = None) -> None:
+    def __init__(self, *, keep_ratio: float = 0.5, lasso: float = DEFAULT_LASSO, layers: Sequence[str] | None = None, example: Any = None) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.lasso = check_lasso(lasso)
         self.layers = tuple(layers) if layers is not None else None

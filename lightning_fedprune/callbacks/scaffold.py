@@ -27,8 +27,10 @@ class ScaffoldCallback(FederatedCallback):
 
       and ``c_i+ - c_i`` goes back in the result's extras (``scaffold.dc/<name>``).
 
-    ``eta`` is read from the first optimizer's first param group at the end of local work. With
-    momentum or adaptive optimizers option II is an approximation (as in the paper's experiments).
+    ``eta`` is the learning rate of the optimizer's first param group at the optimizer steps: with
+    a local schedule (e.g. the runtime's ``lr_schedule="cosine"``) the mean over the ``K`` steps,
+    so that ``K * eta`` is the sum of the step sizes (option II for varying rates). With momentum
+    or adaptive optimizers option II is an approximation (as in the paper's experiments).
     """
 
     def __init__(self) -> None:
@@ -37,6 +39,7 @@ class ScaffoldCallback(FederatedCallback):
         self._x: dict[str, torch.Tensor] = {}
         self._c: dict[str, torch.Tensor] = {}
         self._ci: dict[str, torch.Tensor] = {}
+        self._lrs: list[float] = []
 
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         extras = ctx.task.extras
@@ -46,8 +49,11 @@ class ScaffoldCallback(FederatedCallback):
         self._ci = {n: stored[n] if n in stored else torch.zeros_like(p) for n, p in self._params}
         self._correction = {n: self._c[n] - self._ci[n] for n, _ in self._params}
         self._x = {n: p.detach().clone() for n, p in self._params}
+        self._lrs = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is not None:
+            self._lrs.append(float(optimizer.param_groups[0]["lr"]))
         with torch.no_grad():
             for n, p in self._params:
                 if p.grad is not None:
@@ -56,9 +62,11 @@ class ScaffoldCallback(FederatedCallback):
     def on_client_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         k = ctx.num_steps
         eta = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0
+        if self._lrs and any(lr != self._lrs[0] for lr in self._lrs):
+            eta = sum(self._lrs) / len(self._lrs)  # K * eta = the sum of the step sizes
         new_ci: dict[str, torch.Tensor] = {}
         for n, p in self._params:
             new_ci[n] = scaffold_client_update(self._ci[n], self._c[n], self._x[n], p.detach(), num_steps=k, lr=eta)
             ctx.result_extras[SCAFFOLD_DELTA + n] = new_ci[n] - self._ci[n]
         ctx.state[_STATE_KEY] = new_ci
-        self._params, self._correction, self._x, self._c, self._ci = [], {}, {}, {}, {}
+        self._params, self._correction, self._x, self._c, self._ci, self._lrs = [], {}, {}, {}, {}, []

@@ -360,7 +360,8 @@ def build_parts(cfg: RecipeConfig, *, role: str = "simulation", client_data: Any
     )
     if role == "client":
         parts.runtime = ClientRuntime(
-            module, data=data, seed=cfg.seed, client_callbacks=client_callbacks_of(cfg), trainer_kwargs=dict(cfg.trainer)
+            module, data=data, seed=cfg.seed, client_callbacks=client_callbacks_of(cfg), trainer_kwargs=dict(cfg.trainer),
+            lr_schedule=cfg.model.lr_schedule,
         )
         return parts
     if role == "simulation" or needs_devices(cfg):
@@ -373,7 +374,8 @@ def build_parts(cfg: RecipeConfig, *, role: str = "simulation", client_data: Any
         run_server_pruning(strategy, module, splits=splits, partition=partition, batch_size=cfg.data.batch_size, seed=cfg.seed)
     if role == "simulation":
         parts.runtime = ClientRuntime(
-            module, data=data, seed=cfg.seed, client_callbacks=strategy.client_callbacks, trainer_kwargs=dict(cfg.trainer)
+            module, data=data, seed=cfg.seed, client_callbacks=strategy.client_callbacks, trainer_kwargs=dict(cfg.trainer),
+            lr_schedule=cfg.model.lr_schedule,
         )
     from lightning_fedprune.evaluation import GlobalEvaluator
 

@@ -120,6 +120,11 @@ class ModelConfig:
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         optimizer: ``sgd`` or ``adam``.
+        lr_schedule: the learning rate over each round's local epochs, for any strategy:
+            ``constant`` (default) or ``cosine`` (``lr * (1 + cos(pi * e / E)) / 2`` in local
+            epoch ``e`` of ``E``, restarting every round: FedDP's per-epoch cosine decay; see
+            :mod:`lightning_fedprune.core.schedules`). Needs ``strategy.local_epochs`` (a round
+            of ``local_steps`` is one local epoch).
     """
 
     name: str = "mlp"
@@ -128,6 +133,7 @@ class ModelConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -312,6 +318,7 @@ def _check_span(value: float | list[float], key: str) -> None:
 
 def validate(cfg: RecipeConfig) -> None:
     """Check every value of a parsed recipe (:class:`ConfigError` naming the dotted key)."""
+    from lightning_fedprune.core.schedules import LR_SCHEDULES
     from lightning_fedprune.data import PARTITION_SCHEMES, available_datasets
     from lightning_fedprune.models import list_models
     from lightning_fedprune.models.modules import OPTIMIZERS
@@ -341,6 +348,13 @@ def validate(cfg: RecipeConfig) -> None:
     check(m.lr > 0 and math.isfinite(m.lr), "model.lr", "a number > 0", m.lr)
     check(0.0 <= m.momentum < 1.0, "model.momentum", "a number in [0, 1)", m.momentum)
     check(m.weight_decay >= 0, "model.weight_decay", "a number >= 0", m.weight_decay)
+    check_choice(m.lr_schedule, "model.lr_schedule", list(LR_SCHEDULES))
+    if m.lr_schedule != "constant" and cfg.strategy.local_steps is not None:
+        raise ConfigError(
+            f"`model.lr_schedule: {m.lr_schedule}` changes the learning rate per local epoch, but `strategy.local_steps` "
+            f"({cfg.strategy.local_steps}) makes each round one local epoch. HINT: set `strategy.local_epochs` and "
+            "`strategy.local_steps: null`"
+        )
 
     validate_strategy(cfg)
 

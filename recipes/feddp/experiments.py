@@ -24,7 +24,8 @@ What is measured (and how it departs from the paper's set-up):
   (the paper's formula, parameters as float32 bytes) and the real payload bytes exchanged until
   the target (tasks + results, ``cum_bytes``; SCAFFOLD's control variates double them).
 * Local work is ``local_steps`` SGD steps per round (the paper: 10 local epochs with cosine
-  decay), on a 10,000-image class-balanced subset of CIFAR-10 (the paper: the full set).
+  decay, i.e. ``strategy.local_epochs=10`` and ``model.lr_schedule=cosine`` as overrides), on a
+  10,000-image class-balanced subset of CIFAR-10 (the paper: the full set).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ from lightning_fedprune.core.gates import (
     gated_inference,
     keep_count,
     lasso_value,
+    scatter_gate_state,
+    slice_gate_state,
+    widen_sites,
 )
 from lightning_fedprune.errors import ConfigError, ModelError
 
@@ -202,3 +205,45 @@ def test_gated_inference_indexes_the_weights_and_matches_the_masked_forward(name
         # (a kept channel that ReLU zeroes everywhere is skipped too)
         assert all(c[1] <= math.ceil(s.in_channels / 2) for c, s in zip(calls[1:], gates.sites[1:]))
         assert calls[1] == (64, 32, 3, 3)  # measured: all 32 kept channels of the first conv are non-zero
+
+
+def test_gate_state_is_sliced_to_a_sub_model_and_scattered_back_by_exact_index_maps():
+    # Prepare: full-width gates of conv "a" (1 -> 6) and "b" (6 -> 4); the sub-model keeps
+    # a's output channels [1, 2, 5] (so b's inputs [1, 2, 5]) and b's outputs [0, 3]
+    full = {
+        "a/linear.weight": torch.arange(6.0).view(6, 1),
+        "a/linear.bias": torch.arange(6.0) + 100,
+        "b/linear.weight": torch.arange(24.0).view(4, 6),
+        "b/linear.bias": torch.arange(4.0) + 200,
+    }
+    index = {"a": (torch.tensor([1, 2, 5]), None), "b": (torch.tensor([0, 3]), torch.tensor([1, 2, 5]))}
+    # Execute
+    sub = slice_gate_state(full, index)
+    # Assert: by hand
+    assert torch.equal(sub["a/linear.weight"], torch.tensor([[1.0], [2.0], [5.0]]))
+    assert torch.equal(sub["a/linear.bias"], torch.tensor([101.0, 102.0, 105.0]))
+    assert torch.equal(sub["b/linear.weight"], torch.tensor([[1.0, 2.0, 5.0], [19.0, 20.0, 23.0]]))
+    assert torch.equal(sub["b/linear.bias"], torch.tensor([200.0, 203.0]))
+    # Execute: the client trained its sub-model's gates (here: negated), then scatters them back
+    back = scatter_gate_state(full, {k: -v for k, v in sub.items()}, index)
+    # Assert: kept positions carry the new values, every other position the old one; full is untouched
+    w = torch.arange(24.0).view(4, 6)
+    w[0, [1, 2, 5]] = torch.tensor([-1.0, -2.0, -5.0])
+    w[3, [1, 2, 5]] = torch.tensor([-19.0, -20.0, -23.0])
+    assert torch.equal(back["b/linear.weight"], w)
+    assert torch.equal(back["b/linear.bias"], torch.tensor([-200.0, 201.0, 202.0, -203.0]))
+    assert torch.equal(back["a/linear.weight"].flatten(), torch.tensor([0.0, -1.0, -2.0, 3.0, 4.0, -5.0]))
+    assert torch.equal(full["b/linear.weight"], torch.arange(24.0).view(4, 6))
+    # a full index (None both sides) is the identity
+    ident = {"a": (None, None), "b": (None, None)}
+    assert all(torch.equal(slice_gate_state(full, ident)[k], v) for k, v in full.items())
+    # bad input names the key
+    with pytest.raises(ModelError, match="gate state key 'b/linear.weight' has shape \\(2, 2\\), its kept channels give \\(2, 3\\)"):
+        scatter_gate_state(full, {**sub, "b/linear.weight": torch.zeros(2, 2)}, index)
+    with pytest.raises(ModelError, match="layer 'b' has no kept-channel index"):
+        slice_gate_state(full, {"a": index["a"]})
+    sites, _ = find_gate_sites(nn.Sequential(nn.Conv2d(1, 3, 1), nn.Conv2d(3, 2, 1)), torch.ones(1, 1, 2, 2))
+    wide = widen_sites(sites, {"0": (6, 1), "1": (4, 6)})
+    assert [(s.conv, s.out_channels, s.in_channels) for s in wide] == [("0", 6, 1), ("1", 4, 6)]
+    with pytest.raises(ModelError, match="gate layer '1' has no full-model width"):
+        widen_sites(sites, {"0": (6, 1)})

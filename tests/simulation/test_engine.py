@@ -30,9 +30,11 @@ class SpyRuntime(ClientRuntime):
         return out
 
 
-def _build(tiny_module, data, *, strategy, run_dir=None, devices=None, callbacks=(), module=None, **engine_kwargs):
+def _build(tiny_module, data, *, strategy, run_dir=None, devices=None, callbacks=(), module=None, lr_schedule="constant", **engine_kwargs):
     module = module if module is not None else tiny_module(lr=0.1, seed=0)
-    runtime = SpyRuntime(module, data=data, seed=11, client_callbacks=strategy.client_callbacks, callbacks=list(callbacks))
+    runtime = SpyRuntime(
+        module, data=data, seed=11, client_callbacks=strategy.client_callbacks, callbacks=list(callbacks), lr_schedule=lr_schedule
+    )
     return SimulationEngine(strategy=strategy, runtime=runtime, data=data, devices=devices, seed=5, run_dir=run_dir, **engine_kwargs)
 
 
@@ -52,24 +54,25 @@ def _same_record(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize(
-    "make_strategy",
+    "make_strategy, lr_schedule",
     [
-        pytest.param(lambda: FedAvg(fraction_fit=0.5, seed=2, local_epochs_range=(1, 2)), id="fedavg"),
-        pytest.param(lambda: Scaffold(fraction_fit=0.75, seed=2), id="scaffold"),
+        pytest.param(lambda: FedAvg(fraction_fit=0.5, seed=2, local_epochs_range=(1, 2)), "constant", id="fedavg"),
+        pytest.param(lambda: Scaffold(fraction_fit=0.75, seed=2), "constant", id="scaffold"),
+        pytest.param(lambda: Scaffold(fraction_fit=0.75, seed=2, local_epochs=3), "cosine", id="scaffold-cosine-lr"),
     ],
 )
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_strategy, tiny_module, tiny_data_factory, tmp_path):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_strategy, lr_schedule, tiny_module, tiny_data_factory, tmp_path):
     # Prepare: 4 clients, partial participation and random dropouts exercise every seeded draw
     data = tiny_data_factory(sizes=(20, 30, 40, 25))
     devices = make_devices(4, seed=1, failure_prob=0.2)
     # Execute: uninterrupted
-    a = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "A", devices=devices)
+    a = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "A", devices=devices, lr_schedule=lr_schedule)
     summary_a = a.run(4)
     # interrupted after 2 rounds, then a FRESH engine (module, strategy, runtime) resumes
-    b1 = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "B", devices=devices)
+    b1 = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "B", devices=devices, lr_schedule=lr_schedule)
     b1.run(2)
     assert (tmp_path / "B" / CHECKPOINT_NAME).exists()
-    b2 = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "B", devices=devices)
+    b2 = _build(tiny_module, data, strategy=make_strategy(), run_dir=tmp_path / "B", devices=devices, lr_schedule=lr_schedule)
     summary_b = b2.run(4, resume=True)
     # Assert
     assert b2.runtime.calls and len(b2.runtime.calls) == 2  # it really ran only rounds 2 and 3

@@ -12,11 +12,14 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from lightning_fedprune.callbacks import DynamicGating, GateCallback
+from lightning_fedprune.callbacks.base import ClientContext
 from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
 from lightning_fedprune.core.client_store import ClientStore
-from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO
+from lightning_fedprune.core.contract import GATE_KEEP_RATIO, GATE_LASSO, KEPT, SUBMODEL, WEIGHTS_FORMAT, decode_kept_groups, encode_kept_groups
 from lightning_fedprune.core.control_variates import SCAFFOLD_CONTROL
-from lightning_fedprune.core.gates import GATE_ATTR
+from lightning_fedprune.core.gates import DEFAULT_LASSO, GATE_ATTR
+from lightning_fedprune.core.messages import ClientFailure, ClientTask
+from lightning_fedprune.core.plans import Plan
 from lightning_fedprune.errors import ConfigError, ModelError
 from lightning_fedprune.module import FederatedModuleMixin
 from lightning_fedprune.runtime import ClientRuntime, initialize_strategy
@@ -195,15 +198,27 @@ def test_the_gated_run_differs_from_the_plain_base(tiny_data):
     assert STRATEGIES["feddp"] is FedDP and WRAPPERS["feddp"] is DynamicGates
 
 
-def test_bad_options_and_sub_model_bases_are_refused():
+def test_one_default_lambda_for_every_entry_point():
+    # 1e-4, not the paper's 5e-3 (see core.gates.DEFAULT_LASSO for the measurement)
+    assert DEFAULT_LASSO == 1e-4
+    assert FedDP().lasso == DynamicGates(FedAvg()).lasso == DynamicGating().lasso == DEFAULT_LASSO
+    task = DynamicGates(FedAvg(local_steps=1)).wrap_task(ClientTask(round=0, client_id=0, weights={}, local_epochs=1))
+    assert task.config[GATE_LASSO] == DEFAULT_LASSO
+
+
+def test_bad_options_are_refused():
     with pytest.raises(ConfigError, match="`keep_ratio` must be a number in \\(0, 1\\].*got 0"):
         FedDP(keep_ratio=0)
     with pytest.raises(ConfigError, match="`keep_ratio`.*got 1.2"):
         DynamicGates(FedAvg(), keep_ratio=1.2)
     with pytest.raises(ConfigError, match="`lasso`.*got -0.1"):
         FedDP(lasso=-0.1)
-    with pytest.raises(ConfigError, match="cannot wrap FedMP"):
-        DynamicGates(FedMP(seed=0))
+
+    class SubModels(FedAvg):
+        requires_planner = True  # sends sub-models, but cannot tell their kept channels
+
+    with pytest.raises(ConfigError, match="the 'feddp' wrapper cannot wrap SubModels: it sends sub-models without a `plan_of"):
+        DynamicGates(SubModels())
 
 
 def test_a_module_without_conv_layers_fails_the_client_naming_the_model(tiny_module, tiny_data):
@@ -254,6 +269,125 @@ def test_the_gates_callback_needs_the_wrappers_task_fields(tiny_data):
     with pytest.raises(Exception, match="needs `gate_keep_ratio` in the task config"):
         runtime.run(strategy.configure_round(0, [0])[0])
     assert isinstance(runtime.callbacks[0], GateCallback)
+
+
+# ----------------------------------------------------------------------------- FedMP's sub-models + gates
+def _gated_fedmp(ratios):
+    return DynamicGates(FedMP(fixed_ratios=ratios, local_steps=2, seed=0), keep_ratio=0.5, lasso=0.01)
+
+
+def test_gates_on_fedmp_sub_models_keep_full_width_state_across_width_changes(tiny_data, monkeypatch):
+    import lightning_fedprune.simulation.engine as engine_mod
+
+    blobs: list[bytes] = []
+    for name in ("encode_task", "encode_result"):
+        real = getattr(engine_mod, name)
+        monkeypatch.setattr(engine_mod, name, lambda m, _real=real: blobs.append(_real(m)) or blobs[-1])
+    strategy = _gated_fedmp({0: 0.5, 1: 0.25})
+    eng = _engine(strategy, tiny_data)
+    # Execute: round 0 at ratios 0.5 / 0.25 / 0; round 1 with client 0 widened to 0.25 and client 2 at 0.5
+    eng.run(1)
+    g0 = {c: eng.store.get(c)[GATE_STATE_KEY] for c in range(3)}
+    strategy.fixed_ratios.update({0: 0.25, 2: 0.5})
+    tasks = {t.client_id: t for t in strategy.configure_round(1, [0, 1, 2])}
+    plans = {c: strategy.plan_of(1, c) for c in range(3)}
+    strategy.drop_failed([ClientFailure(1, c, "dropout", "") for c in range(3)])  # the engine re-plans round 1 itself
+    eng.run(2, resume=False)
+    g1 = {c: eng.store.get(c)[GATE_STATE_KEY] for c in range(3)}
+    # Assert: the tasks are sub-models of the expected widths and carry their kept channels
+    assert tasks[0].weights["conv1.weight"].shape[0] == 4 and tasks[2].weights["conv1.weight"].shape[0] == 3
+    assert all(KEPT in t.config and t.config[GATE_KEEP_RATIO] == 0.5 for t in tasks.values())
+    # every client's gate state stays at the full width (conv1: 1 -> 6, conv2: 6 -> 4)
+    full_shapes = {"conv1/linear.weight": (6, 1), "conv1/linear.bias": (6,), "conv2/linear.weight": (4, 6), "conv2/linear.bias": (4,)}
+    for c in range(3):
+        assert {k: tuple(v.shape) for k, v in g1[c].items()} == full_shapes
+    # round 1 changed exactly the positions its sub-model kept; the others are bit-identical
+    for c in range(3):
+        plan = plans[c]
+        for conv in ("conv1", "conv2"):
+            out_idx, in_idx = plan.indices(f"{conv}.weight")[:2]
+            rows = torch.zeros(g0[c][f"{conv}/linear.bias"].shape[0], dtype=torch.bool)
+            rows[out_idx if out_idx is not None else slice(None)] = True
+            cols = torch.zeros(g0[c][f"{conv}/linear.weight"].shape[1], dtype=torch.bool)
+            cols[in_idx if in_idx is not None else slice(None)] = True
+            kept = rows[:, None] & cols[None, :]
+            w0, w1 = g0[c][f"{conv}/linear.weight"], g1[c][f"{conv}/linear.weight"]
+            assert torch.equal(w0[~kept], w1[~kept]), (c, conv)
+            assert not torch.equal(w0[kept], w1[kept]), (c, conv)
+            b0, b1 = g0[c][f"{conv}/linear.bias"], g1[c][f"{conv}/linear.bias"]
+            assert torch.equal(b0[~rows], b1[~rows]) and not torch.equal(b0[rows], b1[rows])
+    # nothing gate-related on the wire: 3 tasks + 3 results per round, backbone tensors only
+    backbone = set(TinyCNN().state_dict())
+    assert len(blobs) == 12
+    for blob in blobs:
+        for key in st_load(blob):
+            assert "gate" not in key and key.split("/", 1)[1] in backbone
+    assert set(strategy.global_state) == backbone
+
+
+def test_a_sub_models_gates_are_the_hand_sliced_full_width_state(tiny_data):
+    # Prepare: a hand-made plan keeping conv1's channels [1, 2, 5] (and conv2's inputs) and conv2's [0, 3]
+    strategy = _gated_fedmp({0: 0.5})
+    module = TinyCNN()
+    initialize_strategy(strategy, module, num_clients=3)
+    runtime = ClientRuntime(module, data=tiny_data, seed=0, client_callbacks=strategy.client_callbacks)
+    layout = runtime.layout()
+    assert layout.group_names == ("conv2", "conv1")
+    plan = Plan(layout, [torch.tensor([0, 3]), torch.tensor([1, 2, 5])])
+    config = {WEIGHTS_FORMAT: SUBMODEL, KEPT: encode_kept_groups(plan), GATE_KEEP_RATIO: 0.5, GATE_LASSO: 0.01}
+    task = ClientTask(round=0, client_id=0, weights=plan.extract(strategy.global_state), config=config, local_epochs=None, local_steps=2)
+    full = {
+        "conv1/linear.weight": torch.arange(6.0).view(6, 1),
+        "conv1/linear.bias": torch.arange(6.0) + 100,
+        "conv2/linear.weight": torch.arange(24.0).view(4, 6),
+        "conv2/linear.bias": torch.arange(4.0) + 200,
+    }
+    state = {GATE_STATE_KEY: {k: v.clone() for k, v in full.items()}}
+    cb = GateCallback()
+    runtime.load_task(module, task, state)
+    ctx = ClientContext(task=task, state=state, plan=decode_kept_groups(task.config[KEPT], layout))
+    # Execute: insert the gates into the received sub-model
+    cb.transform_module(None, module, ctx)
+    # Assert: the attached gates are the full state at the kept channels, by hand
+    sub = cb.gates.gate_state()
+    assert torch.equal(sub["conv1/linear.weight"], torch.tensor([[1.0], [2.0], [5.0]]))
+    assert torch.equal(sub["conv2/linear.weight"], torch.tensor([[1.0, 2.0, 5.0], [19.0, 20.0, 23.0]]))
+    assert torch.equal(sub["conv2/linear.bias"], torch.tensor([200.0, 203.0]))
+    assert cb.gates.gate("conv2").k == 1 and cb.gates.gate("conv1").k == 2  # ceil(0.5 * the sub-model's channels)
+    with torch.no_grad():
+        for g in cb.gates.gates.values():
+            g.linear.weight.mul_(-1)
+    cb.on_client_end(None, module, ctx)
+    back = state[GATE_STATE_KEY]
+    w = torch.arange(24.0).view(4, 6)
+    w[0, [1, 2, 5]], w[3, [1, 2, 5]] = torch.tensor([-1.0, -2.0, -5.0]), torch.tensor([-19.0, -20.0, -23.0])
+    assert torch.equal(back["conv2/linear.weight"], w)
+    assert torch.equal(back["conv1/linear.weight"].flatten(), torch.tensor([0.0, -1.0, -2.0, 3.0, 4.0, -5.0]))
+    assert torch.equal(back["conv1/linear.bias"], full["conv1/linear.bias"])
+    assert not any(GATE_ATTR in n for n, _ in module.named_parameters())
+    # the whole client run on that task trains the gates at the kept positions only
+    store = ClientStore()
+    store.put(0, {GATE_STATE_KEY: {k: v.clone() for k, v in full.items()}})
+    res = runtime.run(task, store)
+    trained = store.get(0)[GATE_STATE_KEY]
+    assert res.weights["conv1.weight"].shape == (3, 1, 3, 3)
+    assert torch.equal(trained["conv2/linear.weight"][[1, 2]], full["conv2/linear.weight"][[1, 2]])
+    assert torch.equal(trained["conv2/linear.weight"][:, [0, 3, 4]], full["conv2/linear.weight"][:, [0, 3, 4]])
+    assert not torch.equal(trained["conv2/linear.weight"][[0, 3]][:, [1, 2, 5]], full["conv2/linear.weight"][[0, 3]][:, [1, 2, 5]])
+
+
+def test_a_resumed_gated_fedmp_run_is_bit_identical(tiny_data, tmp_path):
+    full = _engine(_gated_fedmp({0: 0.5, 1: 0.25}), tiny_data)
+    full.run(3)
+    a = _engine(_gated_fedmp({0: 0.5, 1: 0.25}), tiny_data, run_dir=tmp_path / "r")
+    a.run(2)
+    b = _engine(_gated_fedmp({0: 0.5, 1: 0.25}), tiny_data, run_dir=tmp_path / "r")
+    b.run(3, resume=True)
+    for k, v in full.strategy.global_state.items():
+        assert torch.equal(b.strategy.global_state[k], v), k
+    for c in range(3):
+        ga, gb = full.store.get(c)[GATE_STATE_KEY], b.store.get(c)[GATE_STATE_KEY]
+        assert set(ga) == set(gb) and all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
 # ----------------------------------------------------------------------------- centralized training
