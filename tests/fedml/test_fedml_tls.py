@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import threading
+import time
 
 import pytest
 from fedml_testing import RECIPES, grpc_deployment, need_fedml, secure_overrides
@@ -181,3 +182,66 @@ def test_the_credentials_command_writes_them_and_says_where_they_go(tmp_path, ca
     assert sorted(json.loads((tmp_path / "c" / "keys" / "rank_1.json").read_text())) == ["key", "rank"]
     assert main(["credentials", str(config), "--out", str(tmp_path / "d"), "--days", "0", "--set", "run_dir=null"]) == 2
     assert "error: --days must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def _mqtt(broker, creds=None, rank=None):
+    """A connected paho client (TLS with ``rank``'s certificate when given), or the connect error."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(client_id=f"probe-{rank}")
+    got: list[tuple[str, bytes]] = []
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    if creds is not None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(creds["ca"]))
+        if rank is not None:
+            ctx.load_cert_chain(str(creds[f"cert_{rank}"]), str(creds[f"key_{rank}"]))
+        client.tls_set_context(ctx)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc: connected.set() if rc == 0 else None
+    try:
+        client.connect(broker.host, broker.port, keepalive=10)
+        deadline = time.monotonic() + 5
+        while not connected.is_set() and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                break
+    except (OSError, ssl.SSLError) as err:
+        return None, str(err)
+    if not connected.is_set():
+        client.disconnect()
+        return None, "not accepted"
+    client.loop_start()
+    return (client, got), None
+
+
+def test_the_launchers_broker_speaks_tls_knows_ranks_by_certificate_and_keeps_topics_apart(creds, tmp_path):
+    need_fedml()
+    from lightning_fedprune.fedml_adapters.services import LocalBroker, find_broker
+
+    found = find_broker()
+    if found is None or found[0] != "mosquitto":
+        pytest.skip("per-client broker credentials need mosquitto (apt-get install -y mosquitto)")
+    tls = (creds["ca"], creds["broker_cert"], creds["broker_key"])
+    foreign = write_credentials(tmp_path / "foreign", 1)
+    with LocalBroker(workdir=tmp_path / "b", tls=tls, acl=mosquitto_acl("run", 2)) as broker:
+        assert _mqtt(broker)[0] is None  # plaintext, anonymous
+        assert _mqtt(broker, creds)[0] is None  # TLS without a client certificate
+        assert _mqtt(broker, foreign, 1)[0] is None  # a certificate of another CA
+        (server, got), _ = _mqtt(broker, creds, 0)
+        (client, _), _ = _mqtt(broker, creds, 1)
+        try:
+            for topic in ("fedml_run_1", "fedml_run_2", "fedml_run_0_2"):
+                server.subscribe(topic, qos=1)
+            time.sleep(0.5)
+            client.publish("fedml_run_1", b"mine", qos=1).wait_for_publish(5)
+            client.publish("fedml_run_2", b"posing as rank 2", qos=1).wait_for_publish(5)
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+        finally:
+            for c in (server, client):
+                c.loop_stop()
+                c.disconnect()
+    assert got == [("fedml_run_1", b"mine")]
