@@ -226,7 +226,8 @@ def test_the_packaged_edge_client_trained_with_only_its_own_folder(deployment):
     creds = device / "config" / "credentials"
     assert sorted(p.name for p in creds.iterdir()) == ["ca.pem", "rank_3.json", "rank_3.key", "rank_3.pem"]
     assert json.loads((creds / "rank_3.json").read_text())["rank"] == 3 and "master" not in (creds / "rank_3.json").read_text()
-    assert (creds / "rank_3.key").stat().st_mode & 0o777 == 0o600
+    staged = deployment["base"] / "pkg" / "staging" / "config" / "credentials"  # (zip files keep no modes)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in staged.iterdir()) and staged.stat().st_mode & 0o777 == 0o700
     log = deployment["procs"]["client_3"].text()
     assert f"trained in {ROUNDS} round(s)" in log
     cfg = DeploymentConfig.from_yaml(device / "config" / "fedml_config.yaml")
