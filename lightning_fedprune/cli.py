@@ -143,6 +143,19 @@ def _add_deployment_commands(sub: Any) -> None:
     package.add_argument("--with-data", action="store_true", help="put the rank's own data into the package")
     package.set_defaults(func=_cmd_package)
 
+    creds = sub.add_parser(
+        "credentials", help="write a deployment's CA, certificates and message keys",
+        description="Write a deployment's TLS CA, one certificate per rank (for the hosts in its GRPC ipconfig), "
+        "the broker's and store's certificate and the message keys to a folder, readable by their owner only; "
+        "prints the comm_args keys that use them.",
+    )
+    _add_deployment_args(creds)
+    creds.add_argument("--out", required=True, help="the folder to write")
+    creds.add_argument("--broker-host", action="append", default=[], metavar="HOST",
+                       help="a host name or address of the MQTT broker and S3 store (repeatable)")
+    creds.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    creds.set_defaults(func=_cmd_credentials)
+
     serve = sub.add_parser(
         "serve", help="serve a client's trained model over HTTP",
         description="Serve a client's trained (pruned, personalized) model with FedML's inference runner (/ready, /predict).",
@@ -233,6 +246,13 @@ def _cmd_package(args: argparse.Namespace) -> int:
     with plain_logging():
         out = run_package(_deployment(args), args.rank, args.out, with_data=args.with_data)
     print(f"client package of rank {args.rank}: {out}")
+    return 0
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from lightning_fedprune.fedml_adapters.commands import run_credentials
+
+    print(run_credentials(_deployment(args), args.out, broker_hosts=args.broker_host, days=args.days), end="")
     return 0
 
 

@@ -105,6 +105,27 @@ def run_package(cfg: DeploymentConfig, rank: int, out: str, *, with_data: bool) 
     return build_client_package(cfg, rank, out, with_data=with_data)
 
 
+def run_credentials(cfg: DeploymentConfig, out: str, *, broker_hosts: list[str], days: int) -> str:
+    """Write the deployment's credentials to ``out`` (see :mod:`.credentials`); returns what to
+    put into ``comm_args`` and which file goes to which host."""
+    from lightning_fedprune.errors import ConfigError
+    from lightning_fedprune.fedml_adapters.credentials import write_credentials
+
+    if days < 1:
+        raise ConfigError(f"--days must be >= 1, got {days}")
+    hosts = {r: [a.host, a.bind_host] for r, a in cfg.grpc_addresses().items()} if cfg.comm_args.backend == "GRPC" else {}
+    files = write_credentials(out, cfg.worker_num, rank_hosts=hosts, broker_hosts=broker_hosts, days=days)
+    folder = files["ca"].parent.resolve()
+    return (
+        f"wrote the credentials of {cfg.worker_num + 1} ranks to {folder} (owner-only files)\n"
+        "comm_args of the server (and of a one-machine run):\n"
+        f"  tls: {{ca_file: {folder}/ca.pem, cert_file: {folder}/rank_{{rank}}.pem, key_file: {folder}/rank_{{rank}}.key}}\n"
+        f"  auth_key_file: {folder}/keys/master.json\n"
+        "copy to the host of client rank r only: ca.pem, rank_r.pem, rank_r.key and keys/rank_r.json "
+        "(`package --rank r` does it); the broker and store use broker.pem and broker.key\n"
+    )
+
+
 def run_serve(cfg: DeploymentConfig, client_id: int, *, host: str, port: int) -> None:
     """Serve the trained model of ``client_id`` with FedML's inference runner (see :mod:`.serving`)."""
     from lightning_fedprune.fedml_adapters.serving import serve_client_model

@@ -17,6 +17,7 @@ On the device: ``pip install -r requirements.txt`` once, then ``python main_clie
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -120,6 +121,7 @@ def build_client_package(cfg: DeploymentConfig, rank: int, out_dir: str | os.Pat
                 "comm_args.grpc_ipconfig_path is null: the package reaches the server at 127.0.0.1; for a device on "
                 "another host write FedML's ipconfig CSV and set comm_args.grpc_ipconfig_path"
             )
+    data["comm_args"].update(_rank_credentials(cfg, rank, config_dir / "credentials"))
     data["recipe"]["run_dir"] = f"runs/{cfg.run_id}"  # relative to the package folder on the device
     (config_dir / CONFIG_FILE).write_text(
         f"# client package of rank {rank} (clients {clients}) of run {cfg.run_id!r}\n"
@@ -132,6 +134,33 @@ def build_client_package(cfg: DeploymentConfig, rank: int, out_dir: str | os.Pat
         raise ConfigError(f"fedml build did not write {zip_path}")
     log.info("client package of rank %d: %s", rank, zip_path)
     return zip_path
+
+
+def _rank_credentials(cfg: DeploymentConfig, rank: int, folder: Path) -> dict[str, Any]:
+    """Copy what the client of ``rank`` needs of the deployment's credentials into ``folder``
+    (its certificate and key, the CA certificate, its own message key: never the master key or
+    another rank's), owner-only; returns the ``comm_args`` keys that point at them (relative to
+    the package's config file)."""
+    from lightning_fedprune.fedml_adapters.credentials import write_private
+
+    auth, tls = cfg.authenticator(rank), cfg.tls_files(rank)
+    out: dict[str, Any] = {}
+    if auth is None and tls is None:
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    if tls is not None:
+        write_private(folder / "ca.pem", tls.ca)
+        write_private(folder / f"rank_{rank}.pem", tls.cert)
+        write_private(folder / f"rank_{rank}.key", tls.key)
+        out["tls"] = {
+            "ca_file": f"{folder.name}/ca.pem", "cert_file": f"{folder.name}/rank_{rank}.pem",
+            "key_file": f"{folder.name}/rank_{rank}.key", "mutual": tls.mutual,
+        }
+    if auth is not None:
+        write_private(folder / f"rank_{rank}.json", json.dumps(auth.client_key_file()).encode("utf-8"))
+        out["auth_key_file"] = f"{folder.name}/rank_{rank}.json"
+    return out
 
 
 def _fedml_build(source: Path, config_dir: Path, out: Path) -> None:

@@ -270,6 +270,18 @@ class Authenticator:
         self._last_seen: dict[int, int] = {}
         self._lock = threading.Lock()
 
+    def client_key_file(self) -> dict[str, Any]:
+        """The key file of this client, holding only its own key (``{"rank": r, "key": hex}``).
+
+        Raises:
+            ConfigError: this is the server (rank 0), which has no channel key of its own.
+        """
+        from lightning_fedprune.errors import ConfigError
+
+        if self._key is None:
+            raise ConfigError("rank 0 holds the master key, not a client key")
+        return {"rank": self.rank, "key": self._key.hex()}
+
     def _key_with(self, peer: int) -> bytes | None:
         if self.rank == 0:
             return rank_key(self._master, peer) if self._master is not None and peer != 0 else None

@@ -43,13 +43,21 @@ _CLIENT_GRACE_S = 30.0
 
 
 def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: contextlib.ExitStack) -> DeploymentConfig:
-    """``cfg`` completed for this machine: worker count, GRPC ports, broker and store (started on
-    ``stack``), and throwaway message keys (``<run_dir>/launch/keys``, mode 0600) unless
-    ``comm_args.auth_key_file`` is set.
+    """``cfg`` completed for this machine: worker count, GRPC ports, credentials, broker and store
+    (started on ``stack``).
+
+    Unless ``comm_args.insecure`` is true or the config names its own, throwaway credentials are
+    written to ``<run_dir>/launch/credentials`` (owner-only files,
+    :func:`~lightning_fedprune.fedml_adapters.credentials.write_credentials`): a CA, one
+    certificate per rank, the broker's and store's certificate and the message keys. The local
+    broker then speaks TLS only, knows each rank by its certificate and lets it use only its own
+    topics; the local store serves https.
 
     Raises:
-        ConfigError: ``clients`` is not in 1..data.num_clients.
+        ConfigError: ``clients`` is not in 1..data.num_clients, or the config names its own TLS
+            files but leaves the broker or store to ``launch`` (their certificates need its CA key).
     """
+    from lightning_fedprune.fedml_adapters.credentials import mosquitto_acl, write_credentials
     from lightning_fedprune.fedml_adapters.services import LocalBroker, LocalObjectStore, free_port
 
     if clients is not None:
@@ -63,20 +71,37 @@ def prepare_launch(cfg: DeploymentConfig, *, clients: int | None, stack: context
         addresses = {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(cfg.worker_num + 1)}
         path = write_grpc_ipconfig(out / "grpc_ipconfig.csv", addresses)
         comm = dataclasses.replace(comm, grpc_ipconfig_path=str(path.resolve()))
+    cfg = cfg.replace(comm_args=comm)
+    generated: dict[str, Path] = {}
+    if not comm.insecure and (comm.tls.cert_file is None or comm.auth_key_file is None):
+        hosts = {r: [a.host, a.bind_host] for r, a in cfg.grpc_addresses().items()} if comm.backend == "GRPC" else {}
+        generated = write_credentials(out / "credentials", cfg.worker_num, rank_hosts=hosts)
+        if comm.tls.cert_file is None:
+            tls = dataclasses.replace(
+                comm.tls, ca_file=str(generated["ca"].resolve()),
+                cert_file=str((generated["ca"].parent / "rank_{rank}.pem").resolve()),
+                key_file=str((generated["ca"].parent / "rank_{rank}.key").resolve()),
+            )
+            comm = dataclasses.replace(comm, tls=tls)
+        if comm.auth_key_file is None:
+            comm = dataclasses.replace(comm, auth_key_file=str(generated["master"].resolve()))
     if comm.backend == "MQTT_S3":
+        secure = not comm.insecure
+        if secure and "broker_cert" not in generated and not (comm.customized_training_mqtt_config and comm.customized_training_s3_config):
+            raise ConfigError(
+                "`comm_args.tls` names your own certificates, so `launch` cannot give its local broker and store "
+                "certificates from your CA: configure customized_training_mqtt_config and customized_training_s3_config, "
+                "or leave comm_args.tls unset for throwaway credentials"
+            )
+        service_tls = (generated["ca"], generated["broker_cert"], generated["broker_key"]) if "broker_cert" in generated else None
         if not comm.customized_training_mqtt_config:
-            broker = stack.enter_context(LocalBroker(workdir=out / "mqtt-broker"))
+            acl = mosquitto_acl(cfg.run_id, cfg.worker_num) if secure else None
+            broker = stack.enter_context(LocalBroker(workdir=out / "mqtt-broker", tls=service_tls, acl=acl))
             comm = dataclasses.replace(comm, customized_training_mqtt_config=broker.fedml_config())
         if not comm.customized_training_s3_config:
-            store = stack.enter_context(LocalObjectStore(workdir=out / "moto"))
+            store = stack.enter_context(LocalObjectStore(workdir=out / "moto", tls=service_tls))
             stack.callback(_count_objects, store, out)  # runs before the store stops
             comm = dataclasses.replace(comm, customized_training_s3_config=store.fedml_config())
-    if comm.auth_key_file is None:
-        # a one-machine run: throwaway message keys, every process derives its own from them
-        from lightning_fedprune.fedml_adapters.settings import write_auth_keys
-
-        keys = write_auth_keys(out / "keys", cfg.worker_num)
-        comm = dataclasses.replace(comm, auth_key_file=str(keys["master"].resolve()))
     return cfg.replace(comm_args=comm)
 
 

@@ -137,19 +137,35 @@ class _Service:
 
 
 class LocalBroker(_Service):
-    """An MQTT broker on ``127.0.0.1:port`` (anonymous, no persistence): mosquitto or amqtt (:func:`find_broker`).
+    """An MQTT broker on ``127.0.0.1:port`` (no persistence): mosquitto or amqtt (:func:`find_broker`).
 
     Args:
         port: the port (default: a free one).
         workdir: where its config (and log) go (default: a temporary folder).
+        tls: ``(ca, certificate, key)`` files: the broker listens with TLS only. With mosquitto it
+            also requires a client certificate signed by ``ca``, takes its common name as the user
+            name and allows no anonymous access; amqtt cannot map certificates to users, so it
+            accepts any TLS client (messages are still authenticated end to end).
+        acl: mosquitto ACL text (:func:`~lightning_fedprune.fedml_adapters.credentials.mosquitto_acl`):
+            which user may use which topic.
+        None of them: plaintext and anonymous, for tests and closed networks.
     """
 
-    def __init__(self, *, port: int | None = None, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        tls: tuple[str | os.PathLike[str], str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        acl: str | None = None,
+    ) -> None:
         super().__init__()
         self.host = "127.0.0.1"
         self.port = int(port) if port is not None else free_port()
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lfp-mqtt-"))
         self.kind = ""
+        self.tls = tuple(str(Path(p).resolve()) for p in tls) if tls is not None else None
+        self.acl = acl
 
     def start(self) -> LocalBroker:
         found = find_broker()
@@ -159,12 +175,32 @@ class LocalBroker(_Service):
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n", encoding="utf-8")
+            lines = [f"listener {self.port} {self.host}", "persistence false"]
+            if os.geteuid() == 0:
+                lines.append("user root")  # mosquitto drops root for `mosquitto`, who cannot read our 0600 files
+            if self.tls is None:
+                lines.append("allow_anonymous true")
+            else:
+                ca, cert, key = self.tls
+                lines += [
+                    f"cafile {ca}", f"certfile {cert}", f"keyfile {key}", "require_certificate true",
+                    "use_identity_as_username true", "allow_anonymous false",
+                ]
+            if self.acl is not None:
+                acl = self.workdir / "mosquitto.acl"
+                acl.write_text(self.acl, encoding="utf-8")
+                lines.append(f"acl_file {acl}")
+            conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
             argv = [exe, "-c", str(conf)]
         else:
             conf = self.workdir / "amqtt.yaml"
+            ssl = ""
+            if self.tls is not None:
+                ca, cert, key = self.tls
+                ssl = f"    ssl: true\n    cafile: {ca}\n    certfile: {cert}\n    keyfile: {key}\n"
+                log.warning("amqtt accepts any TLS client: use mosquitto for per-client broker credentials")
             conf.write_text(
-                f"listeners:\n  default:\n    type: tcp\n    bind: {self.host}:{self.port}\n"
+                f"listeners:\n  default:\n    type: tcp\n    bind: {self.host}:{self.port}\n{ssl}"
                 "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n",
                 encoding="utf-8",
             )
@@ -196,16 +232,25 @@ class LocalObjectStore(_Service):
     SECRET_KEY = "lightning-fedprune-local"
     REGION = "us-east-1"
 
-    def __init__(self, *, port: int | None = None, bucket: str = "fedprune", workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        bucket: str = "fedprune",
+        workdir: str | os.PathLike[str] | None = None,
+        tls: tuple[str | os.PathLike[str], str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    ) -> None:
         super().__init__()
         self.host = "127.0.0.1"
         self.port = int(port) if port is not None else free_port()
         self.bucket = bucket
         self.workdir = Path(workdir) if workdir is not None else None
+        #: ``(ca, certificate, key)``: serve https with this certificate (clients verify it against ``ca``)
+        self.tls = tuple(str(Path(p).resolve()) for p in tls) if tls is not None else None
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> LocalObjectStore:
         if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
@@ -217,7 +262,10 @@ class LocalObjectStore(_Service):
         log_path = self.workdir / "moto.log" if self.workdir is not None else None
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
-        self._spawn([sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)], log_path, env)
+        argv = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        if self.tls is not None:
+            argv += ["-c", self.tls[1], "-k", self.tls[2]]
+        self._spawn(argv, log_path, env)
         try:
             wait_for_port(self.host, self.port, timeout_s=60.0, proc=self.proc)
             self.client().create_bucket(Bucket=self.bucket)
@@ -235,6 +283,7 @@ class LocalObjectStore(_Service):
         return boto3.client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
             region_name=self.REGION, config=Config(signature_version="s3v4", retries={"max_attempts": 2}),
+            verify=self.tls[0] if self.tls is not None else None,
         )
 
     def object_keys(self) -> list[str]:

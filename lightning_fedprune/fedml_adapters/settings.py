@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,8 @@ __all__ = [
     "TrainArgs",
     "DeviceArgs",
     "CommArgs",
+    "TlsArgs",
+    "TlsFiles",
     "TrackingArgs",
     "BACKENDS",
     "SECTIONS",
@@ -132,6 +135,42 @@ class DeviceArgs:
 
 
 @dataclass
+class TlsArgs:
+    """``comm_args.tls``: TLS for GRPC and MQTT, and the certificates' identities.
+
+    Paths are relative to the config file; ``{rank}`` in a path is replaced by the process's
+    rank, so one config can serve every process of a one-machine run
+    (:func:`~lightning_fedprune.fedml_adapters.credentials.write_credentials` writes the files).
+
+    Attributes:
+        ca_file: the deployment's CA certificate (PEM): every peer's, the broker's and the
+            store's certificate must be signed by it.
+        cert_file: this process's certificate (PEM), common name ``lfp-rank-<rank>``.
+        key_file: its private key (PEM).
+        mutual: GRPC servers require a client certificate from the CA and check that its rank is
+            the rank a request claims.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    mutual: bool = True
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The TLS material of one process, read from ``comm_args.tls`` (PEM bytes and their paths)."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+    mutual: bool
+
+
+@dataclass
 class CommArgs:
     """FedML's ``comm_args``.
 
@@ -157,8 +196,10 @@ class CommArgs:
             replay; :class:`~lightning_fedprune.fedml_adapters.envelope.Authenticator`): a JSON
             file ``{"master": "<64 hex>"}`` (the server, or every process of a one-machine run)
             or ``{"rank": r, "key": "<64 hex>"}`` (a client holding only its own key); relative to
-            the config file; written by :func:`write_auth_keys`. ``null``: messages are not
-            authenticated (a warning says so).
+            the config file; written by :func:`write_auth_keys`. Required unless ``insecure``.
+        tls: :class:`TlsArgs`; required unless ``insecure``.
+        insecure: ``true`` runs without TLS and without message authentication (a warning says
+            so): only for a closed network you trust.
     """
 
     backend: str = "GRPC"
@@ -172,6 +213,8 @@ class CommArgs:
     connect_timeout_s: float = 300.0
     hello_interval_s: float = 2.0
     auth_key_file: str | None = None
+    tls: TlsArgs = field(default_factory=TlsArgs)
+    insecure: bool = False
 
 
 @dataclass
@@ -269,7 +312,12 @@ class DeploymentConfig:
         if "recipe" not in data:
             raise ConfigError("a deployment config needs `recipe`: a recipe file (relative to the config) or a mapping")
         recipe_overrides = coerce(data.get("recipe_overrides") or [], list[str], "recipe_overrides")
-        sections_data = {k: dict(data.get(k) or {}) for k in SECTIONS}
+        sections_data: dict[str, dict[str, Any]] = {}
+        for k in SECTIONS:
+            value = data.get(k)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"`{k}` must be a mapping of keys to values, got {value!r} ({type(value).__name__})")
+            sections_data[k] = dict(value or {})
         for item in overrides:
             key, sep, raw = str(item).partition("=")
             head = key.strip().split(".")[0]
@@ -321,6 +369,11 @@ class DeploymentConfig:
         path = out["comm_args"]["grpc_ipconfig_path"]
         if path is not None:
             out["comm_args"]["grpc_ipconfig_path"] = str(self.resolve_path(path))
+        for key in ("ca_file", "cert_file", "key_file"):
+            if out["comm_args"]["tls"][key] is not None:
+                out["comm_args"]["tls"][key] = str(self.resolve_path(out["comm_args"]["tls"][key]))
+        if out["comm_args"]["auth_key_file"] is not None:
+            out["comm_args"]["auth_key_file"] = str(self.resolve_path(out["comm_args"]["auth_key_file"]))
         if out["data_args"]["data_cache_dir"] is not None:
             out["data_args"]["data_cache_dir"] = str(self.resolve_path(out["data_args"]["data_cache_dir"]))
         return out
@@ -376,6 +429,8 @@ class DeploymentConfig:
         if self.comm_args.auth_key_file is None:
             return None
         path = self.resolve_path(self.comm_args.auth_key_file)
+        if not path.is_file():
+            raise ConfigError(f"`comm_args.auth_key_file`: no such file {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -393,6 +448,60 @@ class DeploymentConfig:
             holder = data.get("rank") if isinstance(data, dict) else None
             raise ConfigError(f"`comm_args.auth_key_file` {path} holds the key of rank {holder!r}, not of rank {rank}")
         return Authenticator(rank, key=key("key"))
+
+    def tls_files(self, rank: int) -> TlsFiles | None:
+        """The TLS material of ``rank`` from ``comm_args.tls`` (``None`` when no file is set).
+
+        Raises:
+            ConfigError: only some of the files are set, or one cannot be read or is not PEM.
+        """
+        t = self.comm_args.tls
+        named = {"ca_file": t.ca_file, "cert_file": t.cert_file, "key_file": t.key_file}
+        if all(v is None for v in named.values()):
+            return None
+        missing = [k for k, v in named.items() if v is None]
+        if missing:
+            raise ConfigError(f"`comm_args.tls` needs ca_file, cert_file and key_file; {', '.join(missing)} not set")
+        paths: dict[str, Path] = {}
+        data: dict[str, bytes] = {}
+        for key, value in named.items():
+            path = self.resolve_path(str(value).replace("{rank}", str(int(rank))))
+            try:
+                raw = path.read_bytes()
+            except OSError as err:
+                raise ConfigError(f"`comm_args.tls.{key}`: cannot read {path}: {err.strerror or err}") from None
+            if b"-----BEGIN " not in raw:
+                raise ConfigError(f"`comm_args.tls.{key}`: {path} is not a PEM file")
+            paths[key], data[key] = path, raw
+        return TlsFiles(
+            ca=data["ca_file"], cert=data["cert_file"], key=data["key_file"], ca_path=paths["ca_file"],
+            cert_path=paths["cert_file"], key_path=paths["key_file"], mutual=bool(t.mutual),
+        )
+
+    def require_security(self, rank: int) -> tuple[Any, TlsFiles | None]:
+        """``(authenticator, TLS files)`` of ``rank``'s process; both are required unless
+        ``comm_args.insecure`` is true (then a warning is logged and whatever is set is used).
+
+        Raises:
+            ConfigError: security is required and a part is missing, naming how to provide it.
+        """
+        auth, tls = self.authenticator(rank), self.tls_files(rank)
+        if self.comm_args.insecure:
+            if auth is None or tls is None:
+                logging.getLogger(__name__).warning(
+                    "rank %d runs INSECURE (comm_args.insecure: true):%s%s anyone who reaches this process can read "
+                    "its messages or impersonate a peer; use it only on a closed network you trust",
+                    rank, "" if tls is not None else " no TLS,", "" if auth is not None else " no message authentication,",
+                )
+            return auth, tls
+        missing = [name for name, part in (("comm_args.tls", tls), ("comm_args.auth_key_file", auth)) if part is None]
+        if missing:
+            raise ConfigError(
+                f"rank {rank}: {' and '.join(f'`{m}`' for m in missing)} not set: deployments use TLS and authenticated "
+                "messages. Generate the files with `python -m lightning_fedprune credentials CONFIG --out DIR` (`launch` "
+                "does it by itself), or set `comm_args.insecure: true` to run without them on a closed network"
+            )
+        return auth, tls
 
     def resolve_path(self, path: str | os.PathLike[str]) -> Path:
         p = Path(os.path.expanduser(str(path)))

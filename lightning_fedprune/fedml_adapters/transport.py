@@ -39,8 +39,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from lightning_fedprune.errors import FedPruneError, PayloadError
+from lightning_fedprune.fedml_adapters.credentials import rank_of_common_name
 from lightning_fedprune.fedml_adapters.envelope import MESSAGE_TYPES, Envelope, decode_envelope, encode_envelope, fedml_msg_type
-from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress
+from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _make_grpc_comm_manager_class() -> type:
             self.owner = owner
 
         def sendMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 (FedML's service name)
-            self.owner._received(bytes(request.message), int(request.client_id), context.peer())
+            self.owner._received(bytes(request.message), int(request.client_id), context.peer(), context.auth_context())
             return grpc_comm_manager_pb2.CommResponse()
 
         def handleReceiveMessage(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -127,12 +128,22 @@ def _make_grpc_comm_manager_class() -> type:
                 where it listens).
             max_message_bytes: larger messages are refused and logged.
             on_reject: called with the reason of every refused message.
+            tls: this process's TLS files: its server and its channels use TLS with the
+                deployment's CA; with ``tls.mutual`` its server requires a client certificate and
+                refuses requests whose claimed rank is not the certificate's. ``None``: plaintext.
         """
 
         def __init__(
-            self, *, rank: int, addresses: dict[int, GrpcAddress], max_message_bytes: int, on_reject: OnReject
+            self,
+            *,
+            rank: int,
+            addresses: dict[int, GrpcAddress],
+            max_message_bytes: int,
+            on_reject: OnReject,
+            tls: TlsFiles | None = None,
         ) -> None:
             self.rank = int(rank)
+            self.tls = tls
             self.addresses = dict(addresses)
             self.max_message_bytes = int(max_message_bytes)
             self.on_reject = on_reject
@@ -157,17 +168,27 @@ def _make_grpc_comm_manager_class() -> type:
             grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(_Servicer(self), self.server)
             target = f"{me.bind_host}:{me.port}"
             try:
-                bound = self.server.add_insecure_port(target)
+                if tls is None:
+                    bound = self.server.add_insecure_port(target)
+                else:
+                    creds = grpc.ssl_server_credentials(
+                        [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=tls.mutual
+                    )
+                    bound = self.server.add_secure_port(target, creds)
             except RuntimeError as err:  # grpcio raises when the port is taken
                 raise TransportError(f"rank {self.rank} cannot listen on {target}: {err} (port in use?)") from None
             if not bound:
                 raise TransportError(f"rank {self.rank} cannot listen on {target} (port in use?)")
             self.server.start()
-            log.info("rank %d listening on %s (GRPC)", self.rank, target)
+            log.info("rank %d listening on %s (GRPC%s)", self.rank, target, "" if tls is None else ", TLS")
 
         # ---------------------------------------------------------- receiving
-        def _received(self, data: bytes, claimed: int, peer: str) -> None:
+        def _received(self, data: bytes, claimed: int, peer: str, auth_context: Any = None) -> None:
             try:
+                if self.tls is not None and self.tls.mutual:
+                    names = [bytes(n).decode("ascii", "replace") for n in (auth_context or {}).get("x509_common_name") or []]
+                    if {rank_of_common_name(n) for n in names} != {claimed}:
+                        raise PayloadError(f"the request claims rank {claimed} but the peer's certificate names {names}")
                 env = decode_envelope(data, max_bytes=self.max_message_bytes)
                 if env.sender != claimed:
                     raise PayloadError(f"GRPC request says client_id={claimed} but the envelope says sender={env.sender}")
@@ -214,7 +235,14 @@ def _make_grpc_comm_manager_class() -> type:
                     addr = self.addresses.get(receiver)
                     if addr is None:
                         raise TransportError(f"no GRPC address for rank {receiver}")
-                    channel = grpc.insecure_channel(f"{addr.host}:{addr.port}", options=self.opts)
+                    target = f"{addr.host}:{addr.port}"
+                    if self.tls is None:
+                        channel = grpc.insecure_channel(target, options=self.opts)
+                    else:
+                        creds = grpc.ssl_channel_credentials(
+                            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+                        )
+                        channel = grpc.secure_channel(target, creds, options=self.opts)
                     self._channels[receiver] = (channel, grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel))
                 return self._channels[receiver][1]
 
@@ -256,9 +284,32 @@ def _make_grpc_comm_manager_class() -> type:
 # ============================================================================ MQTT_S3
 
 
+#: FedML's MQTT_S3 manager builds its ``MqttManager`` by the module-global name; while one of ours
+#: is constructed that name is a TLS-configured subclass (one construction at a time)
+_MQTT_BUILD_LOCK = threading.Lock()
+
+
+def _tls_mqtt_manager_class(tls: TlsFiles) -> type:
+    """FedML's ``MqttManager`` whose paho client connects over TLS with this process's certificate
+    (also after FedML's ``reconnect``, which rebuilds the paho client)."""
+    import ssl
+
+    from fedml.core.distributed.communication.mqtt.mqtt_manager import MqttManager
+
+    class TlsMqttManager(MqttManager):
+        def init_connect(self) -> None:
+            super().init_connect()
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_path))
+            context.load_cert_chain(str(tls.cert_path), str(tls.key_path))
+            self._client.tls_set_context(context)
+
+    return TlsMqttManager
+
+
 def _make_mqtt_s3_comm_manager_class() -> type:
     from fedml.core.distributed.communication.constants import CommunicationConstants
     from fedml.core.distributed.communication.message import Message
+    from fedml.core.distributed.communication.mqtt_s3 import mqtt_s3_multi_clients_comm_manager as fedml_mqtt_s3
     from fedml.core.distributed.communication.mqtt_s3.mqtt_s3_multi_clients_comm_manager import (
         MqttS3MultiClientsCommManager,
     )
@@ -275,6 +326,9 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             rank: this process's rank; ``worker_num``: client ranks 1..worker_num.
             max_message_bytes / inline_bytes / send_timeout_s: see :class:`CommArgs`.
             on_reject: called with the reason of every refused message.
+            tls: this process's TLS files: the broker connection uses TLS with this process's
+                certificate (the broker takes its common name as the user name), and an
+                ``https`` store is verified against the deployment's CA. ``None``: plaintext.
         """
 
         def __init__(
@@ -288,6 +342,7 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             max_message_bytes: int,
             inline_bytes: int,
             on_reject: OnReject,
+            tls: TlsFiles | None = None,
         ) -> None:
             ids = list(range(1, worker_num + 1)) if rank == 0 else [rank]
             args = SimpleNamespace(client_id_list=json.dumps(ids), rank=rank, run_id=run_id, server_id=0)
@@ -304,9 +359,19 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             self.objects_consumed = 0  # objects it read and deleted
             self.cleanup_deletes = 0  # deletes of its own uploads at shutdown (no-ops when consumed)
             mqtt = {"MQTT_USER": None, "MQTT_PWD": None, "MQTT_KEEPALIVE": 30, **mqtt_config}
-            super().__init__(mqtt, dict(s3_config), topic=run_id, client_rank=rank, client_num=worker_num, args=args)
+            with _MQTT_BUILD_LOCK:
+                plain = fedml_mqtt_s3.MqttManager
+                if tls is not None:
+                    fedml_mqtt_s3.MqttManager = _tls_mqtt_manager_class(tls)
+                try:
+                    super().__init__(mqtt, dict(s3_config), topic=run_id, client_rank=rank, client_num=worker_num, args=args)
+                finally:
+                    fedml_mqtt_s3.MqttManager = plain
             self.bucket = self.s3_storage.bucket_name
             self.s3 = self.s3_storage.aws_s3_client
+            endpoint = str(s3_config.get("CN_S3_ENDPOINT") or "")
+            if tls is not None and endpoint.startswith("https://"):
+                self.s3 = _s3_client(s3_config, verify=str(tls.ca_path))
             if self.s3 is None:
                 raise TransportError("the S3 client could not be created from comm_args.customized_training_s3_config")
             self._fetcher = threading.Thread(target=self._fetch_loop, name="lfp-s3-fetch", daemon=True)
@@ -449,6 +514,19 @@ def _make_mqtt_s3_comm_manager_class() -> type:
     return SafeMqttS3CommManager
 
 
+def _s3_client(s3_config: dict[str, Any], *, verify: str) -> Any:
+    """A boto3 S3 client for FedML's ``customized_training_s3_config`` that verifies the store's
+    certificate against ``verify`` (a CA file)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=s3_config["CN_S3_ENDPOINT"], aws_access_key_id=s3_config["CN_S3_AKI"],
+        aws_secret_access_key=s3_config["CN_S3_SAK"], region_name=s3_config.get("CN_REGION_NAME"),
+        config=Config(signature_version="s3v4"), verify=verify,
+    )
+
+
 # ============================================================================ the FedMLCommManager
 
 
@@ -471,7 +549,8 @@ def _make_manager_class() -> type:
             if self.backend == "GRPC":
                 cls = _make_grpc_comm_manager_class()
                 self.com_manager = cls(
-                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.max_message_bytes, on_reject=ep._rejected
+                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.max_message_bytes,
+                    on_reject=ep._rejected, tls=ep.tls,
                 )
             elif self.backend == "MQTT_S3":
                 cls = _make_mqtt_s3_comm_manager_class()
@@ -485,6 +564,7 @@ def _make_manager_class() -> type:
                         max_message_bytes=c.max_message_bytes,
                         inline_bytes=c.mqtt_inline_bytes,
                         on_reject=ep._rejected,
+                        tls=ep.tls,
                     ),
                     what=f"the MQTT broker at {c.customized_training_mqtt_config.get('BROKER_HOST')}:"
                     f"{c.customized_training_mqtt_config.get('BROKER_PORT')}",
@@ -563,12 +643,7 @@ class FedMLEndpoint:
         self._closed = False
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"sent": 0, "received": 0, "wire_bytes_sent": 0, "wire_bytes_received": 0, "refused": 0}
-        self._auth = cfg.authenticator(self.rank)
-        if self._auth is None:
-            log.warning(
-                "rank %d: messages are not authenticated (comm_args.auth_key_file is not set): a peer that reaches this "
-                "process can impersonate another; see docs/deployment.md", self.rank,
-            )
+        self._auth, self.tls = cfg.require_security(self.rank)
         self._manager = _make_manager_class()(self)
 
     def start(self, on_message: OnMessage, on_reject: OnReject | None = None) -> None:

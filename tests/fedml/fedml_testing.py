@@ -280,21 +280,35 @@ def simulate(cfg: Any) -> Any:
     return engine
 
 
-def grpc_deployment(base: Path, *overrides: str) -> tuple[Any, Path, dict[int, Any]]:
-    """A GRPC deployment of ``digits_grpc.yaml`` on free 127.0.0.1 ports, written to ``base/deployment.yaml``.
+def secure_overrides(folder: Path, worker_num: int = 3) -> list[str]:
+    """Deployment overrides for TLS and message keys written to ``folder`` (once; reused after)."""
+    from lightning_fedprune.fedml_adapters.credentials import write_credentials
+
+    if not (folder / "ca.pem").exists():
+        write_credentials(folder, worker_num)
+    return [
+        f"comm_args.tls.ca_file={folder / 'ca.pem'}", f"comm_args.tls.cert_file={folder / 'rank_{rank}.pem'}",
+        f"comm_args.tls.key_file={folder / 'rank_{rank}.key'}", f"comm_args.auth_key_file={folder / 'keys' / 'master.json'}",
+    ]
+
+
+def grpc_deployment(base: Path, *overrides: str, credentials: Path | None = None) -> tuple[Any, Path, dict[int, Any]]:
+    """A GRPC deployment of ``digits_grpc.yaml`` on free 127.0.0.1 ports with TLS and message keys
+    (from ``credentials``, default ``base/credentials``), written to ``base/deployment.yaml``.
 
     Returns ``(config, its YAML file, the address of every rank)``.
     """
     from lightning_fedprune.fedml_adapters.services import free_port
     from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
 
+    base.mkdir(parents=True, exist_ok=True)
     addresses = {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)}
     ipconfig = write_grpc_ipconfig(base / "grpc_ipconfig.csv", addresses)
     cfg = DeploymentConfig.from_yaml(
         RECIPES / "digits_grpc.yaml",
         overrides=[
             f"run_dir={base / 'run'}", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5",
-            "train_args.round_timeout_s=120", *overrides,
+            "train_args.round_timeout_s=120", *secure_overrides(credentials or base / "credentials"), *overrides,
         ],
     )
     config = base / "deployment.yaml"

@@ -93,10 +93,12 @@ def test_over_grpc_a_peer_without_the_key_is_refused_and_a_client_with_it_gets_t
     from lightning_fedprune.fedml_adapters.transport import make_endpoint
 
     files = write_auth_keys(tmp_path / "keys", 3)
-    cfg_server, _, _ = grpc_deployment(tmp_path / "s", f"comm_args.auth_key_file={files['master']}")
+    tls = tmp_path / "tls"  # every process holds its rank's certificate; the keys decide
+    cfg_server, _, _ = grpc_deployment(tmp_path / "s", f"comm_args.auth_key_file={files['master']}", credentials=tls)
     addresses = f"comm_args.grpc_ipconfig_path={cfg_server.resolve_path(cfg_server.comm_args.grpc_ipconfig_path)}"
-    cfg_client, _, _ = grpc_deployment(tmp_path / "c", addresses, f"comm_args.auth_key_file={files['rank_1']}")
-    cfg_evil, _, _ = grpc_deployment(tmp_path / "e", addresses)  # no key at all
+    cfg_client, _, _ = grpc_deployment(tmp_path / "c", addresses, f"comm_args.auth_key_file={files['rank_1']}", credentials=tls)
+    # no key at all (allowed only by an explicit insecure setting)
+    cfg_evil, _, _ = grpc_deployment(tmp_path / "e", addresses, "comm_args.auth_key_file=null", "comm_args.insecure=true", credentials=tls)
     got, refused, arrived = [], [], threading.Event()
     server = make_endpoint(cfg_server, 0)
     server.start(lambda env, wire: (got.append(env), arrived.set()), refused.append)

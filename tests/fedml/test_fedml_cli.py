@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedml_testing import RECIPES, need_fedml, start_cli
+from fedml_testing import RECIPES, need_fedml, secure_overrides, start_cli
 
 from lightning_fedprune.cli import main
 
@@ -60,18 +60,19 @@ def test_unreachable_broker_and_silent_server_exit_3(tmp_path):
     need_fedml()
     from lightning_fedprune.fedml_adapters.services import free_port
 
+    secure = [x for o in secure_overrides(tmp_path / "creds") for x in ("--set", o)]
     closed = free_port()
     mqtt = f"comm_args.customized_training_mqtt_config={{BROKER_HOST: 127.0.0.1, BROKER_PORT: {closed}}}"
     s3 = "comm_args.customized_training_s3_config={CN_S3_ENDPOINT: 'http://127.0.0.1:9', CN_S3_AKI: a, CN_S3_SAK: b, BUCKET_NAME: c}"
     broker = start_cli(
         "mqtt_client",
-        ["client", MQTT, "--rank", "1", "--set", f"run_dir={tmp_path}", "--set", mqtt, "--set", s3, "--set", "comm_args.connect_timeout_s=2"],
+        ["client", MQTT, "--rank", "1", "--set", f"run_dir={tmp_path}", "--set", mqtt, "--set", s3, "--set", "comm_args.connect_timeout_s=2", *secure],
         tmp_path,
     )
     silent = start_cli(
         "grpc_client",
         ["client", GRPC, "--rank", "1", "--set", f"run_dir={tmp_path}", "--set", f"comm_args.grpc_base_port={free_port() - 1}",
-         "--set", "device_args.max_idle_s=3", "--set", "comm_args.hello_interval_s=0.5"],
+         "--set", "device_args.max_idle_s=3", "--set", "comm_args.hello_interval_s=0.5", *secure],
         tmp_path,
     )
     assert broker.wait(120) == 3

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from fedml_testing import RECIPES, need_fedml, read_jsonl, start_cli
+from fedml_testing import RECIPES, need_fedml, read_jsonl, secure_overrides, start_cli
 
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.messages import ClientFailure
@@ -54,7 +54,7 @@ def crashed(tmp_path_factory):
         RECIPES / "digits_grpc.yaml",
         overrides=[
             f"rounds={ROUNDS}", f"run_dir={base / 'run'}", "strategy.local_epochs=15", f"train_args.round_timeout_s={TIMEOUT_S}",
-            f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5",
+            f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5", *secure_overrides(base / "credentials"),
         ],
     )
     config = base / "deployment.yaml"

@@ -19,7 +19,7 @@ import threading
 
 import pytest
 import torch
-from fedml_testing import RECIPES, SerialRuntime, need_fedml, read_jsonl, simulate, start_cli
+from fedml_testing import RECIPES, SerialRuntime, need_fedml, read_jsonl, secure_overrides, simulate, start_cli
 from safetensors.torch import load as st_load
 
 from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
@@ -139,7 +139,7 @@ def test_feddp_over_grpc_with_three_client_processes_ends_like_the_simulator(tmp
     from lightning_fedprune.fedml_adapters.services import free_port
 
     ipconfig = write_grpc_ipconfig(tmp_path / "ip.csv", {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)})
-    cfg = _cfg(tmp_path / "run", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5")
+    cfg = _cfg(tmp_path / "run", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5", *secure_overrides(tmp_path / "tls"))
     config = tmp_path / "deployment.yaml"
     config.write_text(cfg.to_yaml())
     logs = tmp_path / "logs"

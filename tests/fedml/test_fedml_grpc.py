@@ -3,8 +3,10 @@
 One deployment is shared by the checks of this file (process start-up dominates on two cores):
 
 * client 1 starts first and waits for the server (its idle CPU is measured), the server starts and
-  waits for the other clients (its idle CPU is measured), and while it waits a probe sends it a
-  crafted pickle, an oversized message and a hello from an unknown rank with FedML's own GRPC stub;
+  waits for the other clients (its idle CPU is measured), and while it waits a probe without a
+  certificate fails to connect, and a probe holding rank 1's certificate (not its message key)
+  sends it a crafted pickle, an oversized message, a hello claiming rank 2 and an unsigned hello
+  with FedML's own GRPC stub;
 * client 3 runs from a client package made with FedML's ``fedml build``, unzipped into a folder
   holding only its own data and config, with no access to the repository;
 * server, client 1 and client 2 run under a socket audit hook.
@@ -52,24 +54,31 @@ from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as p
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as pb2_grpc
 from lightning_fedprune.fedml_adapters.envelope import Envelope, encode_envelope
 
-host, port, marker, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+host, port, marker, run_id, creds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
 class Boom:
     def __reduce__(self):
         return (open, (marker, "w"))
 
-channel = grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 1 << 26)])
-stub = pb2_grpc.gRPCCommManagerStub(channel)   # FedML's own client stub
+opts = [("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 1 << 26)]
 out = {}
-def send(name, data, client_id):
+def send(stub, name, data, client_id):
     try:
         stub.sendMessage(pb2.CommRequest(client_id=client_id, message=data), timeout=20)
         out[name] = "delivered"
     except grpc.RpcError as err:
         out[name] = str(err.code())
-send("pickle", pickle.dumps(Boom()), 1)
-send("oversized", encode_envelope(Envelope("result", 1, 0, run_id, "x", 0, body={"client_id": 0}, payload=os.urandom(3 << 19))), 1)
-send("unknown_sender", encode_envelope(Envelope("hello", 7, 0, run_id, "none", body={"clients": [0], "session": "evil"})), 7)
+# an outsider (no certificate) cannot even connect
+outsider = pb2_grpc.gRPCCommManagerStub(grpc.insecure_channel(f"{host}:{port}", options=opts))
+send(outsider, "outsider", encode_envelope(Envelope("hello", 1, 0, run_id, "none", body={"clients": [0]})), 1)
+# an insider: a process holding rank 1's certificate (not its message key), with FedML's own stub
+read = lambda name: open(os.path.join(creds, name), "rb").read()
+tls = grpc.ssl_channel_credentials(read("ca.pem"), read("rank_1.key"), read("rank_1.pem"))
+stub = pb2_grpc.gRPCCommManagerStub(grpc.secure_channel(f"{host}:{port}", tls, options=opts))
+send(stub, "pickle", pickle.dumps(Boom()), 1)
+send(stub, "oversized", encode_envelope(Envelope("result", 1, 0, run_id, "x", 0, body={"client_id": 0}, payload=os.urandom(3 << 19))), 1)
+send(stub, "other_rank", encode_envelope(Envelope("hello", 2, 0, run_id, "none", body={"clients": [1], "session": "evil"})), 2)
+send(stub, "unsigned_hello", encode_envelope(Envelope("hello", 1, 0, run_id, "none", body={"clients": [0], "session": "evil"})), 1)
 # positive control of the audit hook: FedML's own config fetch (what fedml.init and an unset
 # MQTT/S3 config do) tries to reach its cloud
 from fedml.core.mlops.mlops_configs import MLOpsConfigs
@@ -105,13 +114,13 @@ def deployment(tmp_path_factory):
         out["idle_server"] = idle_cpu_fraction(server.pid, 3.0)  # waiting for ranks 2 and 3
         peers = tcp_peers(server.pid) | tcp_peers(c1.pid)
         probe = subprocess.run(
-            [sys.executable, "-c", PROBE, "127.0.0.1", str(addresses[0].port), str(out["marker"]), cfg.run_id],
+            [sys.executable, "-c", PROBE, "127.0.0.1", str(addresses[0].port), str(out["marker"]), cfg.run_id, str(base / "credentials")],
             capture_output=True, text=True, timeout=180, env={"PYTHONPATH": str(ROOT), "LFP_AUDIT_LOG": str(base / "probe_audit.jsonl"), "PATH": ""},
         )
         line = [x for x in probe.stdout.splitlines() if x.startswith("PROBE ")]
         assert line, probe.stdout[-2000:] + probe.stderr[-3000:]
         out["probe"] = json.loads(line[0][len("PROBE "):])
-        server.wait_for("not a client of this deployment")
+        server.wait_for("carries no authentication")
         procs["client_2"] = start_cli("client_2", ["client", str(config), "--rank", "2"], logs, audit_log=audit)
         assert pkg.wait(180) == 0, pkg.text()[-3000:]
         device = base / "device"  # unzipped away from the repository: only its own folder
@@ -168,7 +177,7 @@ def test_real_clocks_and_bytes_reach_the_reports(deployment):
     assert records[-1]["sim_time"] == pytest.approx(sum(r["round_sim_time"] for r in records))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_run"] == ROUNDS and summary["transport"]["backend"] == "GRPC"
-    assert summary["transport"]["refused"] >= 2  # the pickle and the oversized message
+    assert summary["transport"]["refused"] == 4  # the pickle, the oversized message, the other rank's, the unsigned hello
     for name in ("metrics.csv", "accuracy_vs_round.png", "accuracy_vs_sim_time.png", "accuracy_vs_bytes.png", "checkpoint.safetensors"):
         assert (run_dir / name).is_file(), name
 
@@ -179,7 +188,9 @@ def test_a_crafted_pickle_is_refused_without_running(deployment):
     assert not deployment["marker"].exists()  # ... and never unpickled them
     assert "refused a" in server_log and "a Python pickle" in server_log and "refused without unpickling" in server_log
     assert f"exceeds the limit of {MAX_MESSAGE} bytes" in server_log
-    assert "rank 7 is not a client of this deployment" in server_log
+    assert "the request claims rank 2 but the peer's certificate names ['lfp-rank-1']" in server_log
+    assert "refused a 'hello' message claiming rank 1: it carries no authentication" in server_log
+    assert probe["outsider"] == "StatusCode.UNAVAILABLE"  # no certificate: no connection
     assert deployment["server_rc"] == 0  # and the run went on
 
 
@@ -211,6 +222,12 @@ def test_the_packaged_edge_client_trained_with_only_its_own_folder(deployment):
     assert (device / "main_client.py").is_file() and (device / "config" / "fedml_config.yaml").is_file()
     assert (device.parent / "conf" / "fedml.yaml").read_text().count("entry_file: fedml/main_client.py") == 1
     assert sorted(p.name for p in (device / "data").iterdir()) == ["client_2.safetensors", "client_data.json"]
+    # its own credentials only: the CA certificate, its certificate and key, its own message key
+    creds = device / "config" / "credentials"
+    assert sorted(p.name for p in creds.iterdir()) == ["ca.pem", "rank_3.json", "rank_3.key", "rank_3.pem"]
+    assert json.loads((creds / "rank_3.json").read_text())["rank"] == 3 and "master" not in (creds / "rank_3.json").read_text()
+    staged = deployment["base"] / "pkg" / "staging" / "config" / "credentials"  # (zip files keep no modes)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in staged.iterdir()) and staged.stat().st_mode & 0o777 == 0o700
     log = deployment["procs"]["client_3"].text()
     assert f"trained in {ROUNDS} round(s)" in log
     cfg = DeploymentConfig.from_yaml(device / "config" / "fedml_config.yaml")

@@ -65,10 +65,15 @@ def test_launch_shows_one_progress_view_and_cleans_up(launched):
     logs = run_dir / "logs"
     assert {p.name for p in logs.iterdir()} >= {"server.log", "client_1.log", "client_2.log", "client_3.log"}
     assert any((run_dir / "launch" / "mqtt-broker" / f"{k}.log").is_file() for k in ("mosquitto", "amqtt"))
-    # launch made throwaway message keys (owner-only) and every process authenticated its messages
-    keys = run_dir / "launch" / "keys"
+    # launch made throwaway credentials (owner-only): a CA, certificates for every rank and the
+    # broker/store, message keys; the broker spoke TLS only and every process authenticated its messages
+    creds = run_dir / "launch" / "credentials"
+    keys = creds / "keys"
     assert sorted(p.name for p in keys.iterdir()) == ["master.json", "rank_1.json", "rank_2.json", "rank_3.json"]
-    assert all((p.stat().st_mode & 0o777) == 0o600 for p in keys.iterdir())
+    assert {p.name for p in creds.iterdir()} >= {"ca.pem", "broker.pem", "broker.key", "rank_0.pem", "rank_3.key"}
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in [*keys.iterdir(), *creds.glob("*.*")])
+    deployment = (run_dir / "launch" / "deployment.yaml").read_text()
+    assert "https://127.0.0.1" in deployment and "rank_{rank}.pem" in deployment
     texts = [(logs / n).read_text() for n in ("server.log", "client_1.log", "client_2.log", "client_3.log")]
     assert not any("not authenticated" in t or "session " in t for t in texts)  # no session id in any log
     for path in (*logs.iterdir(), run_dir / "checkpoint.safetensors", run_dir / "global_model.safetensors"):
