@@ -176,7 +176,7 @@ def test_feddp_over_grpc_a_killed_and_restarted_client_recovers_its_gates(tmp_pa
     # 6 local epochs: a client's round takes about a second, long enough to kill it mid-training
     cfg = _cfg(
         tmp_path / "run", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5",
-        "train_args.round_timeout_s=180", "strategy.local_epochs=6",
+        "train_args.round_timeout_s=180", "strategy.local_epochs=6", *secure_overrides(tmp_path / "tls"),
     )
     config = tmp_path / "deployment.yaml"
     config.write_text(cfg.to_yaml())
