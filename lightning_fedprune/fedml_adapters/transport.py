@@ -38,6 +38,7 @@ from concurrent import futures
 from types import SimpleNamespace
 from typing import Any
 
+from lightning_fedprune.core.serialization import parse_json
 from lightning_fedprune.errors import FedPruneError, PayloadError
 from lightning_fedprune.fedml_adapters.credentials import rank_of_common_name
 from lightning_fedprune.fedml_adapters.envelope import MESSAGE_TYPES, Envelope, decode_envelope, encode_envelope, fedml_msg_type
@@ -383,10 +384,10 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             try:
                 if len(msg.payload) > 4 * self.inline_bytes + 4096:
                     raise PayloadError(f"MQTT message of {len(msg.payload)} bytes is larger than any descriptor")
-                obj = json.loads(msg.payload.decode("utf-8"))
+                obj = parse_json(bytes(msg.payload), "MQTT message")
                 if not isinstance(obj, dict):
                     raise PayloadError("MQTT message is not a JSON object")
-            except (UnicodeDecodeError, ValueError, PayloadError) as err:
+            except PayloadError as err:
                 self._reject(f"refused an MQTT message on {msg.topic}: {err}")
                 return
             self._fetch_q.put((obj, str(msg.topic)))
