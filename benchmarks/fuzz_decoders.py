@@ -1,9 +1,12 @@
 """Fuzz the decoders of everything a peer can send: mutated tasks, results, states and envelopes.
 
-Every case starts from a valid message and mutates it (random bytes, truncation, insertions,
-numbers too large for a float, 5,000-deep JSON nesting, NaN / 1e999, a forged safetensors header
-length, forged dtypes and shapes). A decoder may accept a case or refuse it with the project's
-``PayloadError``; anything else is a crash. The last line is machine-readable::
+Every case starts from a valid message and mutates it: either its bytes (random bytes,
+truncation, insertions, numbers too large for a float, NaN / 1e999, a forged safetensors header
+length, forged dtypes and shapes), or one value of one of its JSON documents (the envelope
+header, the safetensors header, the message header or state skeleton inside it), re-framed with
+correct lengths so the decoder really parses it: 5,000-deep nesting, 10**400, 1e999, NaN, null,
+wrong types. A decoder may accept a case or refuse it with the project's ``PayloadError``;
+anything else is a crash. The last line is machine-readable::
 
     fuzz_decoders cases=<n> crashes=<k>
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import struct
 import traceback
@@ -23,7 +27,11 @@ import torch
 from lightning_fedprune.core.messages import ClientMetrics, ClientResult, ClientTask, decode_result, decode_task, encode_result, encode_task
 from lightning_fedprune.core.serialization import dumps_state, loads_state
 from lightning_fedprune.errors import PayloadError
-from lightning_fedprune.fedml_adapters.envelope import Envelope, decode_envelope, encode_envelope
+from lightning_fedprune.fedml_adapters.envelope import ENVELOPE_VERSION, MAGIC, Envelope, decode_envelope, encode_envelope
+
+#: values a JSON document's value is replaced with (tokens json.dumps cannot write are spliced in)
+HOSTILE = ["__DEEP__", "__HUGE_FLOAT__", "__NAN__", 10**400, -(10**400), None, -1, 0, 2**63, "x", [], {}, True, 1.5, [[[]]]]
+_SPLICE = {'"__DEEP__"': "[" * 5000 + "]" * 5000, '"__HUGE_FLOAT__"': "1e999", '"__NAN__"': "NaN"}
 
 
 def samples() -> dict[str, bytes]:
@@ -36,6 +44,67 @@ def samples() -> dict[str, bytes]:
 
 
 DECODERS = {"task": decode_task, "result": decode_result, "state": loads_state, "envelope": decode_envelope}
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+def mutate_json(text: str, rng: random.Random) -> str:
+    """``text`` (a JSON document) with one value, or the whole document, replaced by a hostile one."""
+    doc = json.loads(text)
+    path = rng.choice(list(_paths(doc)))
+    value = rng.choice(HOSTILE)
+    if not path:
+        doc = value
+    else:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    out = json.dumps(doc)
+    for placeholder, token in _SPLICE.items():
+        out = out.replace(placeholder, token)
+    return out
+
+
+def _safetensors_parts(data: bytes) -> tuple[dict, bytes]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _safetensors(header_text: str, body: bytes) -> bytes:
+    raw = header_text.encode("utf-8")
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+def reframe(name: str, data: bytes, rng: random.Random) -> bytes:
+    """A structural mutation: one JSON document of the message changed, all lengths still right."""
+    if name == "envelope":
+        prefix = len(MAGIC) + 1 + 4
+        n = int.from_bytes(data[len(MAGIC) + 1 : prefix], "big")
+        text, payload = data[prefix : prefix + n].decode("utf-8"), data[prefix + n :]
+        if rng.random() < 0.5:  # the envelope's own header
+            raw = mutate_json(text, rng).encode("utf-8")
+            return MAGIC + bytes([ENVELOPE_VERSION]) + len(raw).to_bytes(4, "big") + raw + payload
+        inner = reframe("result", payload, rng)  # the message it carries
+        header = json.loads(text)
+        header["payload_bytes"] = len(inner)
+        raw = json.dumps(header).encode("utf-8")
+        return MAGIC + bytes([ENVELOPE_VERSION]) + len(raw).to_bytes(4, "big") + raw + inner
+    header, body = _safetensors_parts(data)
+    if rng.random() < 0.3:  # the safetensors header itself
+        return _safetensors(mutate_json(json.dumps(header), rng), body)
+    meta = header.get("__metadata__") or {}
+    key = next(iter(meta))  # the message header / state skeleton
+    meta[key] = mutate_json(meta[key], rng)
+    return _safetensors(json.dumps(header), body)
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -76,7 +145,11 @@ def fuzz(cases: int, seed: int) -> collections.Counter:
     for _ in range(cases):
         name = rng.choice(list(DECODERS))
         try:
-            DECODERS[name](mutate(base[name], rng))
+            case = reframe(name, base[name], rng) if rng.random() < 0.5 else mutate(base[name], rng)
+        except Exception as err:  # the harness itself: not a decoder crash
+            raise RuntimeError(f"could not build a {name} case: {err}") from err
+        try:
+            DECODERS[name](case)
         except PayloadError:
             pass
         except Exception as err:  # a crash: anything but the project's refusal

@@ -140,7 +140,7 @@ class ClientMetrics:
             raise PayloadError(f"metrics.extra must be a JSON object, got {type(extra).__name__}")
         try:
             out = cls(
-                num_samples=_int(data["num_samples"], "num_samples", minimum=0),
+                num_samples=_int(data["num_samples"], "num_samples", minimum=1),  # the aggregation weight
                 num_steps=_int(data["num_steps"], "num_steps", minimum=0),
                 num_examples=_int(data.get("num_examples", 0), "num_examples", minimum=0),
                 loss_before=_float(data.get("loss_before"), "loss_before"),
@@ -315,15 +315,12 @@ def _decode(
     data = bytes(data)
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"{kind} payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
-    from lightning_fedprune.core.serialization import _read_metadata
+    from lightning_fedprune.core.serialization import _read_metadata, parse_json
 
     meta = _read_metadata(data)
     if _META_KEY not in meta:
         raise PayloadError(f"payload has no {_META_KEY!r} header: not a lightning_fedprune message")
-    try:
-        header = json.loads(meta[_META_KEY])
-    except (TypeError, ValueError) as err:  # TypeError: a crafted header whose value is not a string
-        raise PayloadError(f"message header is not JSON: {err}") from None
+    header = parse_json(meta[_META_KEY], "message header")
     if not isinstance(header, dict):
         raise PayloadError("message header is not a JSON object")
     if header.get("kind") != kind:
@@ -365,25 +362,36 @@ def _config(value: Any) -> dict[str, Any]:
     return value
 
 
+#: the largest integer a peer may send in a header (exact in a float64, so weights stay finite)
+MAX_WIRE_INT = 2**53
+
+
 def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise PayloadError(f"{name} must be an integer, got {value!r}")
+        raise PayloadError(f"{name} must be an integer, got {str(value)[:80]}")
     if minimum is not None and value < minimum:
-        raise PayloadError(f"{name} must be >= {minimum}, got {value}")
+        raise PayloadError(f"{name} must be >= {minimum}, got {str(value)[:80]}")
+    if abs(value) > MAX_WIRE_INT:
+        raise PayloadError(f"{name} must be at most 2**53 in size, got a {len(str(abs(value)))}-digit number")
     return value
 
 
 def _float(value: Any, name: str, *, minimum: float | None = None) -> float:
     if value is None:
+        if minimum is not None:
+            raise PayloadError(f"{name} must be a finite number >= {minimum}, got null")
         return float("nan")
     if isinstance(value, dict) and set(value) == {"__float__"}:
         try:
             value = float(value["__float__"])
-        except (TypeError, ValueError):
-            raise PayloadError(f"{name} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise PayloadError(f"{name} must be a number, got {str(value)[:80]}") from None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PayloadError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise PayloadError(f"{name} is too large for a float ({len(str(abs(value)))} digits)") from None
     if minimum is not None and not (math.isfinite(value) and value >= minimum):
         raise PayloadError(f"{name} must be a finite number >= {minimum}, got {value}")
     return value

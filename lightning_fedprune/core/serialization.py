@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,37 @@ from safetensors.torch import save as st_save
 
 from lightning_fedprune.errors import PayloadError
 
-__all__ = ["flatten_state", "unflatten_state", "dumps_state", "loads_state", "save_state", "load_state"]
+__all__ = ["flatten_state", "unflatten_state", "dumps_state", "loads_state", "save_state", "load_state", "parse_json", "MAX_JSON_DEPTH"]
+
+#: deepest nesting of arrays/objects accepted in JSON a peer sent (ours never exceed about 10)
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def parse_json(text: str | bytes | bytearray, what: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for text a peer sent: nesting deeper than ``max_depth`` and everything else
+    that is not JSON raise :class:`PayloadError` naming ``what`` (never RecursionError or
+    UnicodeDecodeError).
+    """
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PayloadError(f"{what} is not UTF-8: {err}") from None
+    if not isinstance(text, str):
+        raise PayloadError(f"{what} is not text, got {type(text).__name__}")
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > max_depth:
+                raise PayloadError(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise PayloadError(f"{what} is not JSON: {err}") from None
 
 _META_KEY = "lfp_state"
 _TENSOR_TAG = "__tensor__"
@@ -67,13 +98,19 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if isinstance(value, dict):
             if _TENSOR_TAG in value and len(value) == 1:
                 key = value[_TENSOR_TAG]
-                if key not in tensors:
+                if not isinstance(key, str) or key not in tensors:
                     raise PayloadError(f"state refers to tensor {key!r} that the payload does not hold")
                 return tensors[key]
             if _TUPLE_TAG in value and len(value) == 1:
-                return tuple(walk(v) for v in value[_TUPLE_TAG])
+                items = value[_TUPLE_TAG]
+                if not isinstance(items, list):
+                    raise PayloadError(f"a tuple in the state must hold a list, got {items!r}")
+                return tuple(walk(v) for v in items)
             if _FLOAT_TAG in value and len(value) == 1:
-                return float(value[_FLOAT_TAG])
+                text = value[_FLOAT_TAG]
+                if text not in ("nan", "inf", "-inf"):
+                    raise PayloadError(f"a tagged float in the state must be nan, inf or -inf, got {text!r}")
+                return float(text)
             return {k: walk(v) for k, v in value.items()}
         if isinstance(value, list):
             return [walk(v) for v in value]
@@ -99,10 +136,7 @@ def loads_state(data: bytes) -> Any:
         raise PayloadError(f"not a valid safetensors payload: {err}") from err
     if _META_KEY not in meta:
         raise PayloadError(f"payload has no {_META_KEY!r} metadata: not written by lightning_fedprune")
-    try:
-        skeleton = json.loads(meta[_META_KEY])
-    except (TypeError, ValueError) as err:
-        raise PayloadError(f"state skeleton is not JSON: {err}") from None
+    skeleton = parse_json(meta[_META_KEY], "state skeleton")
     return unflatten_state(skeleton, tensors)
 
 
@@ -113,10 +147,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data):
         raise PayloadError(f"safetensors header length {n} does not fit a {len(data)}-byte payload")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError as err:
-        raise PayloadError(f"safetensors header is not JSON: {err}") from err
+    header = parse_json(data[8 : 8 + n], "safetensors header")
     if not isinstance(header, dict):
         raise PayloadError(f"safetensors header is not a JSON object, got {type(header).__name__}")
     meta = header.get("__metadata__") or {}

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lightning_fedprune.core.serialization import parse_json
 from lightning_fedprune.errors import PayloadError
 
 __all__ = [
@@ -164,10 +165,7 @@ def decode_envelope(data: Any, *, max_bytes: int | None = None) -> Envelope:
     n = int.from_bytes(data[len(MAGIC) + 1 : _PREFIX], "big")
     if n <= 0 or n > MAX_HEADER_BYTES or _PREFIX + n > len(data):
         raise PayloadError(f"envelope header length {n} does not fit a {len(data)}-byte message")
-    try:
-        header = json.loads(data[_PREFIX : _PREFIX + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise PayloadError(f"envelope header is not JSON: {err}") from None
+    header = parse_json(data[_PREFIX : _PREFIX + n], "envelope header")
     if not isinstance(header, dict):
         raise PayloadError("envelope header is not a JSON object")
     _check_header_fields(header)

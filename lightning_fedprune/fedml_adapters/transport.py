@@ -38,6 +38,7 @@ from concurrent import futures
 from types import SimpleNamespace
 from typing import Any
 
+from lightning_fedprune.core.serialization import parse_json
 from lightning_fedprune.errors import FedPruneError, PayloadError
 from lightning_fedprune.fedml_adapters.credentials import rank_of_common_name
 from lightning_fedprune.fedml_adapters.envelope import MESSAGE_TYPES, Envelope, decode_envelope, encode_envelope, fedml_msg_type
@@ -285,25 +286,34 @@ def _make_grpc_comm_manager_class() -> type:
 
 
 #: FedML's MQTT_S3 manager builds its ``MqttManager`` by the module-global name; while one of ours
-#: is constructed that name is a TLS-configured subclass (one construction at a time)
+#: is constructed that name is our subclass (:func:`_mqtt_manager_class`; one construction at a time)
 _MQTT_BUILD_LOCK = threading.Lock()
 
 
-def _tls_mqtt_manager_class(tls: TlsFiles) -> type:
-    """FedML's ``MqttManager`` whose paho client connects over TLS with this process's certificate
-    (also after FedML's ``reconnect``, which rebuilds the paho client)."""
+def _mqtt_manager_class(tls: TlsFiles | None) -> type:
+    """FedML's ``MqttManager`` whose paho client does all its socket I/O on its network thread and,
+    with ``tls``, connects over TLS with this process's certificate (also after FedML's
+    ``reconnect``, which rebuilds the paho client).
+
+    FedML runs paho's ``loop_forever`` on a thread paho does not know about, so a publish from
+    another thread would write to the socket directly while the loop reads it: harmless-looking
+    on plaintext, corrupted records under TLS. A (no-op) socket-write hook makes paho queue every
+    outgoing packet for its network thread instead.
+    """
     import ssl
 
     from fedml.core.distributed.communication.mqtt.mqtt_manager import MqttManager
 
-    class TlsMqttManager(MqttManager):
+    class SafeMqttManager(MqttManager):
         def init_connect(self) -> None:
             super().init_connect()
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_path))
-            context.load_cert_chain(str(tls.cert_path), str(tls.key_path))
-            self._client.tls_set_context(context)
+            self._client.on_socket_register_write = lambda client, userdata, sock: None
+            if tls is not None:
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_path))
+                context.load_cert_chain(str(tls.cert_path), str(tls.key_path))
+                self._client.tls_set_context(context)
 
-    return TlsMqttManager
+    return SafeMqttManager
 
 
 def _make_mqtt_s3_comm_manager_class() -> type:
@@ -361,8 +371,7 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             mqtt = {"MQTT_USER": None, "MQTT_PWD": None, "MQTT_KEEPALIVE": 30, **mqtt_config}
             with _MQTT_BUILD_LOCK:
                 plain = fedml_mqtt_s3.MqttManager
-                if tls is not None:
-                    fedml_mqtt_s3.MqttManager = _tls_mqtt_manager_class(tls)
+                fedml_mqtt_s3.MqttManager = _mqtt_manager_class(tls)
                 try:
                     super().__init__(mqtt, dict(s3_config), topic=run_id, client_rank=rank, client_num=worker_num, args=args)
                 finally:
@@ -383,10 +392,10 @@ def _make_mqtt_s3_comm_manager_class() -> type:
             try:
                 if len(msg.payload) > 4 * self.inline_bytes + 4096:
                     raise PayloadError(f"MQTT message of {len(msg.payload)} bytes is larger than any descriptor")
-                obj = json.loads(msg.payload.decode("utf-8"))
+                obj = parse_json(bytes(msg.payload), "MQTT message")
                 if not isinstance(obj, dict):
                     raise PayloadError("MQTT message is not a JSON object")
-            except (UnicodeDecodeError, ValueError, PayloadError) as err:
+            except PayloadError as err:
                 self._reject(f"refused an MQTT message on {msg.topic}: {err}")
                 return
             self._fetch_q.put((obj, str(msg.topic)))

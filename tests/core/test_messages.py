@@ -321,6 +321,23 @@ def test_negative_metric_is_rejected():
         decode_result(_craft(header))
 
 
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"flops": None}, "flops must be a finite number >= 0.0, got null"),
+        ({"compute_seconds": None}, "compute_seconds must be a finite number >= 0.0, got null"),
+        ({"extra": {"probe": 10**400}}, "extra.probe is too large for a float \\(401 digits\\)"),
+        ({"extra": {"probe": {"__float__": 10**400}}}, "extra.probe must be a number"),
+        ({"num_samples": 10**400}, "num_samples must be at most 2\\*\\*53 in size, got a 401-digit number"),
+        ({"num_samples": 0}, "num_samples must be >= 1, got 0"),
+    ],
+)
+def test_hostile_metric_values_are_refused(metrics, message):
+    header = _result_header(metrics={"num_samples": 1, "num_steps": 1, **metrics})
+    with pytest.raises(PayloadError, match=message):
+        decode_result(_craft(header))
+
+
 def test_missing_metric_field_is_rejected():
     header = _result_header(metrics={"num_steps": 1})
     with pytest.raises(PayloadError, match="metrics lack the field 'num_samples'"):
@@ -380,7 +397,7 @@ def _raw_safetensors(header: object) -> bytes:
 
 def test_message_header_value_that_is_not_a_string_is_rejected():
     blob = _raw_safetensors({"__metadata__": {"lfp_message": 5}})
-    with pytest.raises(PayloadError, match="message header is not JSON"):
+    with pytest.raises(PayloadError, match="message header is not text, got int"):
         decode_result(blob)
 
 
@@ -430,3 +447,17 @@ def test_unsupported_dtype_is_rejected():
 def test_tensor_with_empty_name_is_rejected():
     with pytest.raises(PayloadError, match="a tensor with an empty name"):
         decode_result(_craft(_result_header(), {"weights/": torch.zeros(1)}))
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        ("[" * 5000 + "]" * 5000, "message header nests deeper than 64 levels"),
+        ('{"kind": "result", "x": ' + "[" * 65 + "]" * 65 + "}", "message header nests deeper than 64 levels"),
+        ('{"a": "' + "[" * 5000 + '"}', "expected a result message"),  # brackets inside a string are text
+    ],
+)
+def test_deeply_nested_headers_are_refused_before_parsing(header, match):
+    blob = _raw_safetensors({"__metadata__": {"lfp_message": header}})
+    with pytest.raises(PayloadError, match=match):
+        decode_result(blob)

@@ -6,7 +6,8 @@ One deployment is shared by the checks of this file (process start-up dominates 
   waits for the other clients (its idle CPU is measured), and while it waits a probe without a
   certificate fails to connect, and a probe holding rank 1's certificate (not its message key)
   sends it a crafted pickle, an oversized message, a hello claiming rank 2 and an unsigned hello
-  with FedML's own GRPC stub;
+  with FedML's own GRPC stub, and client 1 a FINISH posing as the server and a TASK nested 5,000
+  deep;
 * client 3 runs from a client package made with FedML's ``fedml build``, unzipped into a folder
   holding only its own data and config, with no access to the repository;
 * server, client 1 and client 2 run under a socket audit hook.
@@ -54,7 +55,7 @@ from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as p
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as pb2_grpc
 from lightning_fedprune.fedml_adapters.envelope import Envelope, encode_envelope
 
-host, port, marker, run_id, creds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+host, port, marker, run_id, creds, client_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
 
 class Boom:
     def __reduce__(self):
@@ -79,6 +80,12 @@ send(stub, "pickle", pickle.dumps(Boom()), 1)
 send(stub, "oversized", encode_envelope(Envelope("result", 1, 0, run_id, "x", 0, body={"client_id": 0}, payload=os.urandom(3 << 19))), 1)
 send(stub, "other_rank", encode_envelope(Envelope("hello", 2, 0, run_id, "none", body={"clients": [1], "session": "evil"})), 2)
 send(stub, "unsigned_hello", encode_envelope(Envelope("hello", 1, 0, run_id, "none", body={"clients": [0], "session": "evil"})), 1)
+# and at client 1's port: a FINISH posing as the server, a TASK whose header nests 5,000 deep
+from lightning_fedprune.fedml_adapters.envelope import ENVELOPE_VERSION, MAGIC
+cstub = pb2_grpc.gRPCCommManagerStub(grpc.secure_channel(f"{host}:{client_port}", tls, options=opts))
+send(cstub, "finish_to_client", encode_envelope(Envelope("finish", 0, 1, run_id, "x")), 0)
+deep = ('{"type":"task","sender":0,"receiver":1,"run":"%s","session":"x","round":0,"body":' % run_id + "[" * 5000 + "]" * 5000 + ',"payload_bytes":0}').encode()
+send(cstub, "deep_task", MAGIC + bytes([ENVELOPE_VERSION]) + len(deep).to_bytes(4, "big") + deep, 1)
 # positive control of the audit hook: FedML's own config fetch (what fedml.init and an unset
 # MQTT/S3 config do) tries to reach its cloud
 from fedml.core.mlops.mlops_configs import MLOpsConfigs
@@ -114,7 +121,8 @@ def deployment(tmp_path_factory):
         out["idle_server"] = idle_cpu_fraction(server.pid, 3.0)  # waiting for ranks 2 and 3
         peers = tcp_peers(server.pid) | tcp_peers(c1.pid)
         probe = subprocess.run(
-            [sys.executable, "-c", PROBE, "127.0.0.1", str(addresses[0].port), str(out["marker"]), cfg.run_id, str(base / "credentials")],
+            [sys.executable, "-c", PROBE, "127.0.0.1", str(addresses[0].port), str(out["marker"]), cfg.run_id,
+             str(base / "credentials"), str(addresses[1].port)],
             capture_output=True, text=True, timeout=180, env={"PYTHONPATH": str(ROOT), "LFP_AUDIT_LOG": str(base / "probe_audit.jsonl"), "PATH": ""},
         )
         line = [x for x in probe.stdout.splitlines() if x.startswith("PROBE ")]
@@ -191,6 +199,10 @@ def test_a_crafted_pickle_is_refused_without_running(deployment):
     assert "the request claims rank 2 but the peer's certificate names ['lfp-rank-1']" in server_log
     assert "refused a 'hello' message claiming rank 1: it carries no authentication" in server_log
     assert probe["outsider"] == "StatusCode.UNAVAILABLE"  # no certificate: no connection
+    client_log = deployment["procs"]["client_1"].text()  # client 1 refused both and trained every round
+    assert "the request claims rank 0 but the peer's certificate names ['lfp-rank-1']" in client_log
+    assert "envelope header nests deeper than 64 levels" in client_log
+    assert f"trained in {ROUNDS} round(s)" in client_log
     assert deployment["server_rc"] == 0  # and the run went on
 
 
