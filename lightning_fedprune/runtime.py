@@ -446,6 +446,19 @@ class ClientRuntime:
             pending = [t for t in pending if t.client_id not in outcomes]
         return [outcomes[t.client_id] for t in tasks]
 
+    def use_device(self, device: str) -> None:
+        """Train on ``device`` from now on: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"`` (the ``Trainer``'s
+        ``accelerator`` and ``devices``; Lightning moves the module and batches there for each ``fit``).
+
+        Raises:
+            ConfigError: another device string.
+        """
+        kind, _, index = str(device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise ConfigError(f"`device` can be cpu, cuda or cuda:<index>, got {device!r}")
+        self.trainer_kwargs["accelerator"] = kind
+        self.trainer_kwargs["devices"] = [int(index)] if index else 1
+
     # -------------------------------------------------------------- internals
     def _make_trainer(self, ctrl: _RoundController) -> pl.Trainer:
         kwargs = trainer_defaults(
