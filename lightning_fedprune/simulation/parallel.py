@@ -300,12 +300,16 @@ class ParallelClients:
         shares = balanced_shares([self.task_cost(t) for t in tasks], min(self.workers, len(tasks)))
         self._ensure(len(shares))
         encoded_shared: dict[int, bytes] = {}  # id(weights dict) -> its bytes, encoded once per round
-        for w, share in enumerate(shares):
-            share_tasks = [tasks[i] for i in share]
-            self._pending.append((w, share_tasks, self._send(w, share_tasks, store, encoded_shared)))
+        # every message is encoded before any is sent: a task that cannot be encoded stops the
+        # round before a worker holds half a message
+        messages = [(w, [tasks[i] for i in share]) for w, share in enumerate(shares)]
+        encoded = [self._frames(share_tasks, store, encoded_shared) for _, share_tasks in messages]
+        for (w, share_tasks), frames in zip(messages, encoded):
+            self._pending.append((w, share_tasks, self._send(w, frames)))
 
-    def _send(self, w: int, tasks: list[ClientTask], store: ClientStore, encoded_shared: dict[int, bytes]) -> BaseException | None:
-        uses = {}
+    def _frames(self, tasks: list[ClientTask], store: ClientStore, encoded_shared: dict[int, bytes]) -> list[bytes]:
+        """A worker's message: the header, each shared weight set once, then per task its bytes and its client's state."""
+        uses: dict[int, int] = {}
         for t in tasks:
             uses[id(t.weights)] = uses.get(id(t.weights), 0) + 1
         groups: list[int] = []  # ids of the weight dicts this worker gets once
@@ -322,13 +326,13 @@ class ParallelClients:
             specs.append({"round": t.round, "client": t.client_id, "shared": g})
             frames.append(encode_task(dataclasses.replace(t, weights={})) if g >= 0 else encode_task(t))
             frames.append(store.get_encoded(t.client_id))
-        worker = self._pool[w]
+        return [dumps_state({"shared": len(groups), "tasks": specs}), *(encoded_shared[k] for k in groups), *frames]
+
+    def _send(self, w: int, frames: list[bytes]) -> BaseException | None:
+        conn = self._pool[w].conn
         try:
-            worker.conn.send_bytes(dumps_state({"shared": len(groups), "tasks": specs}))
-            for key in groups:
-                worker.conn.send_bytes(encoded_shared[key])
             for frame in frames:
-                worker.conn.send_bytes(frame)
+                conn.send_bytes(frame)
         except (OSError, ValueError) as err:  # a dead worker: its clients fail in collect()
             return err
         return None
