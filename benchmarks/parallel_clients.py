@@ -12,7 +12,9 @@ with 2, ... up to the usable cores; CPU seconds per round of this process and it
 together (what a shared, loaded machine charges; wall times there are noisy); the speed-up of N
 workers over 1 and over the plain loop; whether the final global models of all engine runs are
 identical (they must be); the peak RSS of this process and of its workers; the load average
-before and after, since other processes share the cores.
+before and after, since other processes share the cores. Where they do, wall times say little;
+the *critical path* does: per round, this process's CPU seconds plus its busiest worker's (the
+round's wall time on idle cores), against the plain loop's CPU seconds per round.
 
 With a CUDA device (``engine.accelerator: cuda``) the same workloads are also run on the GPU:
 the engine with ``workers_per_gpu`` = 1, 2, 4 worker processes sharing each GPU, then the engine
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -64,29 +67,50 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _worker_cpu() -> dict[int, float]:
+    """CPU seconds of each live child process (the engine's workers), from /proc (Linux; empty elsewhere)."""
+    out = {}
+    for child in mp.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[child.pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return out
+
+
 def _load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def engine_rounds(make_module, fd: FederatedDataset, *, rounds: int, seed: int, workers: int, accelerator: str = "cpu",
-                  workers_per_gpu: int = 1) -> tuple[list[float], float, dict]:
-    """Per-round wall seconds, CPU seconds per round (this process + workers, all rounds) and the final global state."""
+                  workers_per_gpu: int = 1) -> tuple[list[float], float, float, dict]:
+    """Per-round wall seconds, CPU seconds per round (this process + workers, all rounds), the CPU
+    critical path per round and the final global state.
+
+    The critical path of a round is this process's CPU seconds plus those of its busiest worker
+    (median over rounds after the first): the round's wall time on otherwise idle cores, which a
+    shared, loaded machine cannot show directly.
+    """
     module = make_module()
     cpu0 = _cpu_seconds()
     engine = SimulationEngine(
         strategy=FedAvg(seed=seed), runtime=ClientRuntime(module, data=fd, seed=seed, evaluate_local=False),
         data=fd, seed=seed, workers=workers, accelerator=accelerator, workers_per_gpu=workers_per_gpu,  # evaluates every round, as the plain loop does
     )
-    times = []
+    times, paths = [], []
     try:
         for rnd in range(rounds):
-            t0 = time.perf_counter()
+            t0, p0, w0 = time.perf_counter(), time.process_time(), _worker_cpu()
             engine.run_round(rnd, last=rnd == rounds - 1)
             times.append(time.perf_counter() - t0)
+            w1 = _worker_cpu()
+            busiest = max((w1[pid] - w0.get(pid, 0.0) for pid in w1), default=0.0)
+            paths.append(time.process_time() - p0 + busiest)
     finally:
         engine.close()  # joins the workers: their CPU time is counted from here
     cpu = (_cpu_seconds() - cpu0) / rounds
-    return times, cpu, {k: v.detach().cpu().clone() for k, v in engine.strategy.global_state.items()}
+    return times, cpu, _median(paths), {k: v.detach().cpu().clone() for k, v in engine.strategy.global_state.items()}
 
 
 def plain_rounds(make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, device: str = "cpu") -> tuple[float, float]:
@@ -104,19 +128,20 @@ def _median(times: list[float]) -> float:
 def measure(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, max_workers: int) -> dict:
     print(f"[{name}] {_load()}")
     plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed)
-    per_round, cpu, finals = {}, {}, {}
+    per_round, cpu, path, finals = {}, {}, {}, {}
     for w in range(1, max_workers + 1):
-        times, cpu[w], finals[w] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
+        times, cpu[w], path[w], finals[w] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
         per_round[w] = _median(times)
     identical = all(all(torch.equal(finals[w][k], v) for k, v in finals[1].items()) for w in finals)
     print(f"[{name}] plain sequential loop: {plain:.3f} s/round  (cpu {plain_cpu:.3f} s/round)")
     for w, t in per_round.items():
         print(f"[{name}] engine, {w} worker(s): {t:.3f} s/round  speed-up vs 1 worker {per_round[1] / t:.2f}x  "
-              f"vs plain {t / plain:.2f}x of its time  (cpu, this process + workers: {cpu[w]:.3f} s/round)")
+              f"vs plain {t / plain:.2f}x of its time  (cpu, this process + workers: {cpu[w]:.3f} s/round; "
+              f"critical path {path[w]:.3f} s/round = {path[w] / plain_cpu:.2f}x the plain loop's cpu)")
     print(f"[{name}] final models identical across worker counts: {identical}")
     print(f"[{name}] peak RSS: this process {_peak_mb(resource.RUSAGE_SELF):.0f} MB, largest worker {_peak_mb(resource.RUSAGE_CHILDREN):.0f} MB")
     print(f"[{name}] {_load()}")
-    return {"plain": plain, "per_round": per_round, "identical": identical, "final": finals[1]}
+    return {"plain": plain, "plain_cpu": plain_cpu, "per_round": per_round, "path": path, "identical": identical, "final": finals[1]}
 
 
 def _gap(final: dict, cpu_final: dict) -> float:
@@ -132,14 +157,14 @@ def measure_gpu_workers(name: str, make_module, fd: FederatedDataset, *, rounds:
         workers = gpus * per_gpu
         if workers < 2:
             continue  # one worker trains in this process: measured last
-        times, cpu, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=workers, accelerator="cuda", workers_per_gpu=per_gpu)
+        times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=workers, accelerator="cuda", workers_per_gpu=per_gpu)
         print(f"[{name} / cuda] engine, {workers} worker(s), {per_gpu} per GPU: {_median(times):.3f} s/round  "
               f"(cpu {cpu:.3f} s/round)  largest difference from the CPU run {_gap(final, cpu_final):.2e}")
 
 
 def measure_gpu_here(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, cpu_final: dict) -> None:
     """The engine with 1 worker in this process and the plain loop, both on the GPU (CUDA gets initialized here)."""
-    times, cpu, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=1, accelerator="cuda")
+    times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=1, accelerator="cuda")
     print(f"[{name} / cuda] engine, 1 worker in this process: {_median(times):.3f} s/round  (cpu {cpu:.3f} s/round)  "
           f"largest difference from the CPU run {_gap(final, cpu_final):.2e}")
     plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed, device="cuda")
@@ -205,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cnn = results["cnn/random"]
     t1, t2 = cnn["per_round"][1], cnn["per_round"].get(2, cnn["per_round"][1])
+    p2 = cnn["path"].get(2, cnn["path"][1])
+    print(f"[cnn/random] critical path of 2 workers vs the plain loop's cpu: {p2 / cnn['plain_cpu']:.3f}x")
     print(f"parallel_clients speedup_2={t1 / t2:.3f} vs_plain_2={t2 / cnn['plain']:.3f} identical={cnn['identical']}")
 
 
