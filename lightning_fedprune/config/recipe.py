@@ -234,9 +234,11 @@ class EngineConfig:
         join_rounds: client id -> first round it takes part in (clients joining mid-training).
         workers: simulation: worker processes that train a round's clients side by side (results
             bit-identical to 1 worker), or ``auto`` (the usable cores). On the 2-core machines
-            measured, 2 workers make the CNN workload of ``benchmarks/parallel_clients.py`` 1.35-1.5x
-            faster but the default digits MLP 1.6-2x slower (passing tasks and states between
-            processes costs more than its local training), so the default is 1.
+            measured, 2 workers bring the CNN workload of ``benchmarks/parallel_clients.py`` to a
+            critical path (CPU seconds per round of the engine's process plus its busiest worker)
+            of 0.65-0.67x the plain sequential loop's CPU seconds, but the default digits MLP ran
+            1.6-2x slower (passing tasks and states between processes costs more than its local
+            training), so the default is 1.
         accelerator: simulation: where clients train: ``cpu`` (the default), ``cuda`` (every
             worker on a GPU; an error without one) or ``auto`` (CUDA when a GPU is visible, else
             the CPU). The CUDA path is written but not yet measured on a GPU machine.
