@@ -156,8 +156,12 @@ def balanced_shares(costs: Sequence[float], workers: int) -> list[list[int]]:
 def _worker_main(conn: Any, runtime: Any, device: str) -> None:
     """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer."""
     torch.set_num_threads(1)
+    unusable = None  # why this worker cannot train: every client it is given fails with it
     if device != "cpu":
-        runtime.use_device(device)
+        try:
+            runtime.use_device(device)
+        except Exception as err:
+            unusable = f"worker device {device!r}: {_describe(err)}"
     while True:
         try:
             head = conn.recv_bytes()
@@ -173,6 +177,8 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
             return
         out_frames: list[bytes] = []
         try:
+            if unusable is not None:
+                raise RuntimeError(unusable)
             shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
             rest = frames[len(shared):]
             tasks, store = [], ClientStore()

@@ -224,3 +224,16 @@ def test_workers_train_on_the_gpu_with_results_close_to_the_cpus(tiny_module, ti
     assert [r["num_results"] for r in gpu.history] == [3, 3]
     for k, v in cpu.strategy.global_state.items():
         torch.testing.assert_close(gpu.strategy.global_state[k], v, rtol=1e-4, atol=1e-5)  # floating-point order only
+
+
+def test_a_worker_that_cannot_use_its_device_fails_its_clients_and_the_others_train(tiny_module, tiny_data):
+    strategy = FedAvg(seed=0)
+    initialize_strategy(strategy, tiny_module(), num_clients=3)
+    pool = ParallelClients(ClientRuntime(tiny_module(), data=tiny_data, seed=0), devices=["cuda:x", "cpu"])
+    try:
+        out = pool.run_many(strategy.configure_round(0, [0, 1, 2]), ClientStore())
+    finally:
+        pool.close()
+    # by work (samples 20 / 30 / 40), longest first: client 2 -> worker 0, client 1 -> worker 1, client 0 -> worker 1
+    assert out[2].kind == "error" and "worker device 'cuda:x'" in out[2].reason and "`device` can be cpu, cuda" in out[2].reason
+    assert [o.client_id for o in out[:2]] == [0, 1] and all(o.metrics.num_samples > 0 for o in out[:2])
