@@ -10,7 +10,7 @@ import torch
 
 from lightning_fedprune.config import RecipeConfig
 from lightning_fedprune.core.client_store import ClientStore
-from lightning_fedprune.errors import ConfigError
+from lightning_fedprune.errors import AllClientsFailedError, ConfigError
 from lightning_fedprune.runtime import ClientRuntime, initialize_strategy
 from lightning_fedprune.simulation import ParallelClients, SimulationEngine, cuda_device_count, make_devices, parallel, resolve_devices, resolve_workers
 from lightning_fedprune.simulation.parallel import balanced_shares
@@ -237,3 +237,28 @@ def test_a_worker_that_cannot_use_its_device_fails_its_clients_and_the_others_tr
     # by work (samples 20 / 30 / 40), longest first: client 2 -> worker 0, client 1 -> worker 1, client 0 -> worker 1
     assert out[2].kind == "error" and "worker device 'cuda:x'" in out[2].reason and "`device` can be cpu, cuda" in out[2].reason
     assert [o.client_id for o in out[:2]] == [0, 1] and all(o.metrics.num_samples > 0 for o in out[:2])
+
+
+def test_a_raising_client_and_an_oversized_result_fail_alike_in_workers(tiny_module, tiny_data_factory, client_probe):
+    # client 3 raises in its training_step (inside a worker's fit, among other clients); results
+    # above the size limit are rejected by the engine, which decodes what the workers send
+    data = tiny_data_factory(sizes=(20, 30, 40, 25))
+
+    def run(workers, max_bytes=None):
+        module = tiny_module()
+        module.fail_clients = frozenset({3})
+        runtime = ClientRuntime(module, data=data, seed=4, callbacks=[client_probe])
+        engine = SimulationEngine(strategy=FedAvg(seed=1), runtime=runtime, data=data, devices=make_devices(4, seed=2), seed=6,
+                                  workers=workers, max_message_bytes=max_bytes)
+        try:
+            engine.run(2)
+        finally:
+            engine.close()
+        return engine
+
+    seq, par = run(1), run(2)
+    _same(seq, par)
+    failures = par.history[-1]["failures"]
+    assert [(f["client_id"], f["kind"]) for f in failures] == [(3, "error")] and "injected failure for client 3" in failures[0]["reason"]
+    with pytest.raises(AllClientsFailedError, match="all 4 selected clients failed.*rejected.*exceeds the limit of 100 bytes"):
+        run(2, max_bytes=100)
