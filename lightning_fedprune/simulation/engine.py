@@ -184,16 +184,19 @@ class SimulationTransport:
             # the workers receive and decode the tasks themselves (a round's shared global model
             # once per worker); while they train, the tasks are encoded here to charge their bytes
             self.executor.submit(to_run, self.store)
-        blobs = {task.client_id: encode_task(task) for task in tasks}
-        bytes_down = {cid: len(blob) for cid, blob in blobs.items()}
+        bytes_down: dict[int, int] = {}
+        received = []  # in this process: the tasks as a client decodes them
+        for task in tasks:
+            blob = encode_task(task)
+            bytes_down[task.client_id] = len(blob)
+            if not parallel and task.client_id in sent:
+                received.append(decode_task(blob, expect_round=rnd, expect_client=task.client_id))
         replies: dict[int, bytes | ClientFailure] = {}
         if parallel and to_run:
             replies = self.executor.collect(self.store)
-        elif to_run:
-            received = [decode_task(blobs[t.client_id], expect_round=rnd, expect_client=t.client_id) for t in to_run]
+        elif received:
             for task, out in zip(received, self.executor.run_many(received, self.store)):
                 replies[task.client_id] = out if isinstance(out, ClientFailure) else encode_result(out)
-        del blobs
 
         arrivals: list[tuple[ClientResult, int, float]] = []
         rejected_up: dict[int, int] = {}
