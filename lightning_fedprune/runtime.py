@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_fedprune.callbacks import ClientContext, FederatedCallback, make_client_callbacks
 from lightning_fedprune.core.client_store import ClientStore
@@ -556,7 +557,7 @@ class ClientRuntime:
         if self._layout is None:
             from lightning_fedprune.core.plans import resize_module
 
-            full = copy.deepcopy(self.module)
+            full = copy.deepcopy(self.module).cpu()  # traced on the CPU, also while a GPU fit runs
             resize_module(full, self._full_shapes)
             self._layout = build_planner(full).layout
         return self._layout
@@ -589,5 +590,8 @@ class ClientRuntime:
         key = self._shape_key(module)
         if key not in self._flops_cache:
             example = module.federated_example_input()
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            if device.type != "cpu":  # a module training on a GPU
+                example = move_data_to_device(example, device)
             self._flops_cache[key] = count_flops_per_example(module, example)
         return self._flops_cache[key]
