@@ -46,8 +46,13 @@ class _Federated(FederatedModuleMixin, ClassifierModule):
     pass
 
 
-def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int) -> list[float]:
-    """The reference: a hand-written FedAvg loop. Returns test accuracy after every round."""
+def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, device: str = "cpu") -> list[float]:
+    """The reference: a hand-written FedAvg loop. Returns test accuracy after every round.
+
+    ``device``: where it trains and evaluates (``"cuda"``: the model and every batch go there).
+    """
+    if device != "cpu":
+        model.to(device)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     accs = []
     for rnd in range(rounds):
@@ -57,6 +62,8 @@ def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, l
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=lr)
             for x, y in fd.train_batches(cid, run_seed=seed, rnd=rnd, epoch=0):
+                if device != "cpu":
+                    x, y = x.to(device), y.to(device)
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
@@ -68,6 +75,8 @@ def plain_fedavg(model: torch.nn.Module, fd: FederatedDataset, *, rounds: int, l
         correct = total = 0
         with torch.no_grad():
             for x, y in fd.test_loader():
+                if device != "cpu":
+                    x, y = x.to(device), y.to(device)
                 correct += int((model(x).argmax(-1) == y).sum())
                 total += len(y)
         accs.append(correct / total)

@@ -3,17 +3,31 @@
 Workloads (the same data, seeds and initial weights on every side):
     (a) the 2-conv MNIST CNN of ``engine_overhead.py`` on 10 clients x 200 random 28x28 samples;
     (b) VGG-11-BN on the CIFAR-10 subset in ``../shared/data`` (10 clients x ``--vgg-samples``
-        images; skipped when the data is absent).
+        images, default 200: local training dominates a round, as in a real run, rather than the
+        transfer of its 37 MB model; skipped when the data is absent).
 
 For each workload: wall seconds per round (median over rounds after the first, which starts the
 workers) of the plain sequential FedAvg loop, of the engine with 1 worker (this process) and
-with 2, ... up to the usable cores; the speed-up of N workers over 1 and over the plain loop;
-whether the final global models of all engine runs are identical (they must be); the peak RSS of
-this process and of its workers. The last line is machine-readable::
+with 2, ... up to the usable cores; CPU seconds per round of this process and its workers
+together (what a shared, loaded machine charges; wall times there are noisy); the speed-up of N
+workers over 1 and over the plain loop; whether the final global models of all engine runs are
+identical (they must be); the peak RSS of this process and of its workers; the load average
+before and after, since other processes share the cores. Where they do, wall times say little;
+the *critical path* does: per round, this process's CPU seconds plus its busiest worker's (the
+round's wall time on idle cores), against the plain loop's CPU seconds per round.
+
+With a CUDA device (``engine.accelerator: cuda``) the same workloads are also run on the GPU:
+the engine with ``workers_per_gpu`` = 1, 2, 4 worker processes sharing each GPU, then the engine
+with 1 worker in this process and the plain loop on the GPU (last, because CUDA initialized in
+this process cannot be used by workers forked after it), with the largest difference of the
+final model from the CPU run (floating-point order). The GPU path has not been measured here
+(the machines at hand have no GPU): these figures print only where one is present.
+
+The last line is machine-readable (from workload (a) on the CPU)::
 
     parallel_clients speedup_2=<x> vs_plain_2=<y> identical=<True|False>
 
-(from workload (a)). Run: ``python benchmarks/parallel_clients.py [--rounds 4] [--max-workers N]``
+Run: ``python benchmarks/parallel_clients.py [--rounds 4] [--max-workers N] [--vgg-samples 200]``
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -38,7 +53,7 @@ from engine_overhead import _Federated, plain_fedavg  # noqa: E402
 
 from lightning_fedprune.data.federated import FederatedDataset  # noqa: E402
 from lightning_fedprune.runtime import ClientRuntime  # noqa: E402
-from lightning_fedprune.simulation import SimulationEngine, resolve_workers  # noqa: E402
+from lightning_fedprune.simulation import SimulationEngine, cuda_device_count, resolve_workers  # noqa: E402
 from lightning_fedprune.strategies import FedAvg  # noqa: E402
 
 
@@ -46,58 +61,130 @@ def _peak_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def engine_rounds(make_module, fd: FederatedDataset, *, rounds: int, seed: int, workers: int) -> tuple[list[float], dict]:
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished (joined) children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _worker_cpu() -> dict[int, float]:
+    """CPU seconds of each live child process (the engine's workers), from /proc (Linux; empty elsewhere)."""
+    out = {}
+    for child in mp.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[child.pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return out
+
+
+def _load() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def engine_rounds(make_module, fd: FederatedDataset, *, rounds: int, seed: int, workers: int, accelerator: str = "cpu",
+                  workers_per_gpu: int = 1) -> tuple[list[float], float, float, dict]:
+    """Per-round wall seconds, CPU seconds per round (this process + workers, all rounds), the CPU
+    critical path per round and the final global state.
+
+    The critical path of a round is this process's CPU seconds plus those of its busiest worker
+    (median over rounds after the first): the round's wall time on otherwise idle cores, which a
+    shared, loaded machine cannot show directly.
+    """
     module = make_module()
+    cpu0 = _cpu_seconds()
     engine = SimulationEngine(
         strategy=FedAvg(seed=seed), runtime=ClientRuntime(module, data=fd, seed=seed, evaluate_local=False),
-        data=fd, seed=seed, workers=workers,  # evaluates every round, as the plain loop does
+        data=fd, seed=seed, workers=workers, accelerator=accelerator, workers_per_gpu=workers_per_gpu,  # evaluates every round, as the plain loop does
     )
-    times = []
+    times, paths = [], []
     try:
         for rnd in range(rounds):
-            t0 = time.perf_counter()
+            t0, p0, w0 = time.perf_counter(), time.process_time(), _worker_cpu()
             engine.run_round(rnd, last=rnd == rounds - 1)
             times.append(time.perf_counter() - t0)
+            w1 = _worker_cpu()
+            busiest = max((w1[pid] - w0.get(pid, 0.0) for pid in w1), default=0.0)
+            paths.append(time.process_time() - p0 + busiest)
     finally:
-        engine.close()
-    return times, {k: v.clone() for k, v in engine.strategy.global_state.items()}
+        engine.close()  # joins the workers: their CPU time is counted from here
+    cpu = (_cpu_seconds() - cpu0) / rounds
+    return times, cpu, _median(paths), {k: v.detach().cpu().clone() for k, v in engine.strategy.global_state.items()}
 
 
-def plain_rounds(make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int) -> float:
+def plain_rounds(make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, device: str = "cpu") -> tuple[float, float]:
+    """Wall and CPU seconds per round of the plain loop."""
     model = copy.deepcopy(make_module().model)
-    t0 = time.perf_counter()
-    plain_fedavg(model, fd, rounds=rounds, lr=lr, seed=seed)
-    return (time.perf_counter() - t0) / rounds
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    plain_fedavg(model, fd, rounds=rounds, lr=lr, seed=seed, device=device)
+    return (time.perf_counter() - t0) / rounds, (_cpu_seconds() - c0) / rounds
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def measure(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, max_workers: int) -> dict:
-    plain = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed)
-    per_round, finals = {}, {}
+    print(f"[{name}] {_load()}")
+    plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed)
+    per_round, cpu, path, finals = {}, {}, {}, {}
     for w in range(1, max_workers + 1):
-        times, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
-        per_round[w] = statistics.median(times[1:] if len(times) > 1 else times)
-        finals[w] = final
+        times, cpu[w], path[w], finals[w] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
+        per_round[w] = _median(times)
     identical = all(all(torch.equal(finals[w][k], v) for k, v in finals[1].items()) for w in finals)
-    print(f"[{name}] plain sequential loop: {plain:.3f} s/round")
+    print(f"[{name}] plain sequential loop: {plain:.3f} s/round  (cpu {plain_cpu:.3f} s/round)")
     for w, t in per_round.items():
-        print(f"[{name}] engine, {w} worker(s): {t:.3f} s/round  speed-up vs 1 worker {per_round[1] / t:.2f}x  vs plain {t / plain:.2f}x of its time")
+        print(f"[{name}] engine, {w} worker(s): {t:.3f} s/round  speed-up vs 1 worker {per_round[1] / t:.2f}x  "
+              f"vs plain {t / plain:.2f}x of its time  (cpu, this process + workers: {cpu[w]:.3f} s/round; "
+              f"critical path {path[w]:.3f} s/round = {path[w] / plain_cpu:.2f}x the plain loop's cpu)")
     print(f"[{name}] final models identical across worker counts: {identical}")
     print(f"[{name}] peak RSS: this process {_peak_mb(resource.RUSAGE_SELF):.0f} MB, largest worker {_peak_mb(resource.RUSAGE_CHILDREN):.0f} MB")
-    return {"plain": plain, "per_round": per_round, "identical": identical}
+    print(f"[{name}] {_load()}")
+    return {"plain": plain, "plain_cpu": plain_cpu, "per_round": per_round, "path": path, "identical": identical, "final": finals[1]}
+
+
+def _gap(final: dict, cpu_final: dict) -> float:
+    """The largest difference of a final model from the CPU run's (floating-point order on the GPU)."""
+    return max(float((final[k] - v).abs().max()) for k, v in cpu_final.items() if v.is_floating_point())
+
+
+def measure_gpu_workers(name: str, make_module, fd: FederatedDataset, *, rounds: int, seed: int, cpu_final: dict) -> None:
+    """The engine's worker processes on CUDA, ``workers_per_gpu`` = 1, 2, 4 sharing each GPU."""
+    gpus = cuda_device_count()
+    print(f"[{name} / cuda] {gpus} GPU(s); {_load()}")
+    for per_gpu in (1, 2, 4):
+        workers = gpus * per_gpu
+        if workers < 2:
+            continue  # one worker trains in this process: measured last
+        times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=workers, accelerator="cuda", workers_per_gpu=per_gpu)
+        print(f"[{name} / cuda] engine, {workers} worker(s), {per_gpu} per GPU: {_median(times):.3f} s/round  "
+              f"(cpu {cpu:.3f} s/round)  largest difference from the CPU run {_gap(final, cpu_final):.2e}")
+
+
+def measure_gpu_here(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, cpu_final: dict) -> None:
+    """The engine with 1 worker in this process and the plain loop, both on the GPU (CUDA gets initialized here)."""
+    times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=1, accelerator="cuda")
+    print(f"[{name} / cuda] engine, 1 worker in this process: {_median(times):.3f} s/round  (cpu {cpu:.3f} s/round)  "
+          f"largest difference from the CPU run {_gap(final, cpu_final):.2e}")
+    plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed, device="cuda")
+    print(f"[{name} / cuda] plain sequential loop on the GPU: {plain:.3f} s/round  (cpu {plain_cpu:.3f} s/round); {_load()}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-workers", type=int, default=None, help="default: the usable cores")
-    parser.add_argument("--vgg-samples", type=int, default=50, help="CIFAR images per client for VGG-11 (0 skips it)")
+    parser.add_argument("--vgg-samples", type=int, default=200, help="CIFAR images per client for VGG-11 (0 skips it)")
+    parser.add_argument("--vgg-rounds", type=int, default=None, help="default: half of --rounds, at least 2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec).*")
     max_workers = args.max_workers or max(2, resolve_workers("auto"))
-    print(f"usable cores: {resolve_workers('auto')}; workers 1..{max_workers}; rounds {args.rounds}")
+    gpus = cuda_device_count()
+    print(f"usable cores: {resolve_workers('auto')}; workers 1..{max_workers}; rounds {args.rounds}; CUDA devices: {gpus}")
 
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(2500, 1, 28, 28, generator=g)
@@ -110,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         m.federated_example_input_shape = (1, 28, 28)
         return m
 
-    cnn = measure("cnn/random", make_cnn, fd_cnn, rounds=args.rounds, lr=0.01, seed=args.seed, max_workers=max_workers)
-
+    workloads = [("cnn/random", make_cnn, fd_cnn, args.rounds)]
     if args.vgg_samples > 0:
         try:
             from lightning_fedprune.data import load_dataset
@@ -121,8 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[vgg11/cifar10_subset] skipped: {err}")
         else:
             n = 10 * args.vgg_samples
-            idx = np.arange(n)
-            fd_vgg = FederatedDataset(splits.train, np.array_split(idx, 10), test=torch.utils.data.Subset(splits.test, range(200)), batch_size=20)
+            fd_vgg = FederatedDataset(splits.train, np.array_split(np.arange(n), 10), test=torch.utils.data.Subset(splits.test, range(200)), batch_size=20)
 
             def make_vgg() -> _Federated:
                 torch.manual_seed(args.seed)
@@ -130,9 +215,23 @@ def main(argv: list[str] | None = None) -> None:
                 m.federated_example_input_shape = (3, 32, 32)
                 return m
 
-            measure("vgg11/cifar10_subset", make_vgg, fd_vgg, rounds=max(2, args.rounds // 2), lr=0.01, seed=args.seed, max_workers=max_workers)
+            workloads.append((f"vgg11/cifar10_subset x{args.vgg_samples}", make_vgg, fd_vgg, args.vgg_rounds or max(2, args.rounds // 2)))
 
+    results = {}
+    for name, make, fd, rounds in workloads:
+        results[name] = measure(name, make, fd, rounds=rounds, lr=0.01, seed=args.seed, max_workers=max_workers)
+    if gpus > 0:  # workers first: once this process has initialized CUDA, forked workers cannot use it
+        for name, make, fd, rounds in workloads:
+            measure_gpu_workers(name, make, fd, rounds=rounds, seed=args.seed, cpu_final=results[name]["final"])
+        for name, make, fd, rounds in workloads:
+            measure_gpu_here(name, make, fd, rounds=rounds, lr=0.01, seed=args.seed, cpu_final=results[name]["final"])
+    else:
+        print("no CUDA device: GPU figures skipped")
+
+    cnn = results["cnn/random"]
     t1, t2 = cnn["per_round"][1], cnn["per_round"].get(2, cnn["per_round"][1])
+    p2 = cnn["path"].get(2, cnn["path"][1])
+    print(f"[cnn/random] critical path of 2 workers vs the plain loop's cpu: {p2 / cnn['plain_cpu']:.3f}x")
     print(f"parallel_clients speedup_2={t1 / t2:.3f} vs_plain_2={t2 / cnn['plain']:.3f} identical={cnn['identical']}")
 
 

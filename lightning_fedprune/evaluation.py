@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchmetrics import MeanMetric
 
 __all__ = ["evaluate", "GlobalEvaluator"]
@@ -30,9 +31,14 @@ def evaluate(module: torch.nn.Module, loader: Iterable[Any], *, perplexity: bool
     correct = 0  # exact integer counts: a float32 mean would put 342/360 just below 0.95
     scored = 0
     count = 0
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     try:
         for batch in loader:
+            if device.type != "cpu":  # a module trained on a GPU: its batches go there too
+                batch = move_data_to_device(batch, device)
             loss_sum, preds, target = module.federated_evaluate_batch(batch)
+            if device.type != "cpu":
+                loss_sum = loss_sum.cpu()
             n = int(target.numel()) if target is not None else int(batch[0].shape[0])
             if n == 0:
                 continue

@@ -37,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_fedprune.callbacks import ClientContext, FederatedCallback, make_client_callbacks
 from lightning_fedprune.core.client_store import ClientStore
@@ -478,6 +479,19 @@ class ClientRuntime:
             pending = [t for t in pending if t.client_id not in outcomes]
         return [outcomes[t.client_id] for t in tasks]
 
+    def use_device(self, device: str) -> None:
+        """Train on ``device`` from now on: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"`` (the ``Trainer``'s
+        ``accelerator`` and ``devices``; Lightning moves the module and batches there for each ``fit``).
+
+        Raises:
+            ConfigError: another device string.
+        """
+        kind, _, index = str(device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise ConfigError(f"`device` can be cpu, cuda or cuda:<index>, got {device!r}")
+        self.trainer_kwargs["accelerator"] = kind
+        self.trainer_kwargs["devices"] = [int(index)] if index else 1
+
     # -------------------------------------------------------------- internals
     def _make_trainer(self, ctrl: _RoundController) -> pl.Trainer:
         kwargs = trainer_defaults(
@@ -575,7 +589,7 @@ class ClientRuntime:
         if self._layout is None:
             from lightning_fedprune.core.plans import resize_module
 
-            full = copy.deepcopy(self.module)
+            full = copy.deepcopy(self.module).cpu()  # traced on the CPU, also while a GPU fit runs
             resize_module(full, self._full_shapes)
             self._layout = build_planner(full).layout
         return self._layout
@@ -608,5 +622,8 @@ class ClientRuntime:
         key = self._shape_key(module)
         if key not in self._flops_cache:
             example = module.federated_example_input()
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            if device.type != "cpu":  # a module training on a GPU
+                example = move_data_to_device(example, device)
             self._flops_cache[key] = count_flops_per_example(module, example)
         return self._flops_cache[key]

@@ -15,7 +15,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["trainer_defaults", "quiet_lightning", "check_trainer_settings"]
+__all__ = ["trainer_defaults", "quiet_lightning", "check_trainer_settings", "ACCELERATORS"]
+
+#: where clients train (``engine.accelerator``): the CPU, CUDA GPUs, or CUDA when a GPU is visible
+ACCELERATORS = ("cpu", "cuda", "auto")
 
 _DEFAULTS: dict[str, Any] = {
     "accelerator": "cpu",

@@ -44,9 +44,10 @@ class ScaffoldCallback(FederatedCallback):
     def on_client_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: ClientContext) -> None:
         extras = ctx.task.extras
         self._params = [(n, p) for n, p in pl_module.named_parameters() if (SCAFFOLD_CONTROL + n) in extras]
-        self._c = {n: extras[SCAFFOLD_CONTROL + n] for n, _ in self._params}
+        # on the parameters' device (a client training on a GPU); a no-op on the CPU
+        self._c = {n: extras[SCAFFOLD_CONTROL + n].to(p.device) for n, p in self._params}
         stored = ctx.state.get(_STATE_KEY, {})
-        self._ci = {n: stored[n] if n in stored else torch.zeros_like(p) for n, p in self._params}
+        self._ci = {n: stored[n].to(p.device) if n in stored else torch.zeros_like(p) for n, p in self._params}
         self._correction = {n: self._c[n] - self._ci[n] for n, _ in self._params}
         self._x = {n: p.detach().clone() for n, p in self._params}
         self._lrs = []

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from lightning_fedprune.core.serialization import dumps_state, load_state, loads_state, save_state
+from lightning_fedprune.core.serialization import dumps_state, loads_state, save_encoded
 from lightning_fedprune.errors import ConfigError
 
 __all__ = ["ClientStore"]
@@ -68,17 +68,27 @@ class ClientStore:
 
     def get(self, client_id: int) -> dict[str, Any]:
         """A fresh copy of the client's state (empty dict for a client never seen)."""
+        blob = self.get_encoded(client_id)
+        return loads_state(blob) if blob else {}
+
+    def get_encoded(self, client_id: int) -> bytes:
+        """The client's state as stored (:func:`~lightning_fedprune.core.serialization.dumps_state`
+        bytes; empty for a client never seen): what a process boundary carries, never re-encoded."""
         cid = int(client_id)
         blob = self._mem.get(cid)
         if blob is not None:
             self._mem.move_to_end(cid)
-            return loads_state(blob)
+            return blob
         if cid in self._on_disk:
-            return load_state(self._path(cid))
-        return {}
+            return self._path(cid).read_bytes()
+        return b""
 
     def put(self, client_id: int, state: dict[str, Any]) -> None:
         """Store (a copy of) the client's state; an empty state removes it."""
+        self.put_encoded(client_id, dumps_state(state) if state else b"")
+
+    def put_encoded(self, client_id: int, blob: bytes) -> None:
+        """Store a state given as :meth:`get_encoded` bytes (validated when it is read); empty bytes remove it."""
         cid = int(client_id)
         old = self._mem.pop(cid, None)
         if old is not None:
@@ -86,20 +96,20 @@ class ClientStore:
         if cid in self._on_disk:
             self._path(cid).unlink(missing_ok=True)
             self._on_disk.discard(cid)
-        if not state:
+        if not blob:
             return
+        blob = bytes(blob)
         if self._all_on_disk():
-            save_state(state, self._path(cid))
+            save_encoded(blob, self._path(cid))
             self._on_disk.add(cid)
             return
-        blob = dumps_state(state)
         self._mem[cid] = blob
         self._mem_bytes += len(blob)
         if self.memory_budget is not None:
             while self._mem_bytes > self.memory_budget and self._mem:
                 old_cid, old_blob = self._mem.popitem(last=False)  # the least recently used
                 self._mem_bytes -= len(old_blob)
-                self._path(old_cid).write_bytes(old_blob)
+                save_encoded(old_blob, self._path(old_cid))
                 self._on_disk.add(old_cid)
 
     def client_ids(self) -> list[int]:

@@ -42,6 +42,8 @@ __all__ = [
     "decode_task",
     "encode_result",
     "decode_result",
+    "encode_weights",
+    "decode_weights",
     "MESSAGE_VERSION",
 ]
 
@@ -277,6 +279,30 @@ def decode_result(
     )
 
 
+def encode_weights(weights: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialize model tensors alone, with no task around them (no pickle).
+
+    For one round's global model that several tasks share: a transport that carries them once
+    sends each task with empty ``weights`` beside these bytes, and the receiver puts the decoded
+    tensors into every such task.
+    """
+    return _encode({"kind": "weights", "version": MESSAGE_VERSION}, weights, {})
+
+
+def decode_weights(data: bytes, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Parse and validate bytes written by :func:`encode_weights` (the same checks as a task's tensors).
+
+    Raises:
+        PayloadError: the bytes are not model tensors, are too large, or hold tensors that are not
+            finite or of an unsupported dtype.
+    """
+    _header(data, "weights", max_bytes)
+    weights, extras = _tensors(data, "weights")
+    if extras:
+        raise PayloadError(f"weights payload holds extras: {sorted(extras)[:5]}")
+    return weights
+
+
 def check_tensors(tensors: Mapping[str, torch.Tensor], spec: TensorSpec, *, what: str) -> None:
     """Raise PayloadError unless ``tensors`` has exactly the names, shapes and dtypes of ``spec``."""
     missing = sorted(set(spec) - set(tensors))
@@ -310,14 +336,27 @@ def _encode(header: dict[str, Any], weights: Mapping[str, torch.Tensor], extras:
 def _decode(
     data: bytes, kind: str, expect_round: int | None, expect_client: int | None, max_bytes: int | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    data = bytes(data) if isinstance(data, (bytearray, memoryview)) else data
+    header = _header(data, kind, max_bytes)
+    rnd = _int(header.get("round"), "round", minimum=0)
+    cid = _int(header.get("client_id"), "client_id", minimum=0)
+    if expect_round is not None and rnd != expect_round:
+        raise PayloadError(f"{kind} is for round {rnd}, expected round {expect_round}")
+    if expect_client is not None and cid != expect_client:
+        raise PayloadError(f"{kind} is from/for client {cid}, expected client {expect_client}")
+    weights, extras = _tensors(data, kind)
+    return header, weights, extras
+
+
+def _header(data: Any, kind: str, max_bytes: int | None) -> dict[str, Any]:
+    """The message's JSON header, checked for kind and version."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"a {kind} payload must be bytes, got {type(data).__name__}")
-    data = bytes(data)
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"{kind} payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     from lightning_fedprune.core.serialization import _read_metadata, parse_json
 
-    meta = _read_metadata(data)
+    meta = _read_metadata(bytes(data))
     if _META_KEY not in meta:
         raise PayloadError(f"payload has no {_META_KEY!r} header: not a lightning_fedprune message")
     header = parse_json(meta[_META_KEY], "message header")
@@ -327,14 +366,13 @@ def _decode(
         raise PayloadError(f"expected a {kind} message, got kind={header.get('kind')!r}")
     if header.get("version") != MESSAGE_VERSION:
         raise PayloadError(f"message version {header.get('version')!r} is not supported (this side speaks {MESSAGE_VERSION})")
-    rnd = _int(header.get("round"), "round", minimum=0)
-    cid = _int(header.get("client_id"), "client_id", minimum=0)
-    if expect_round is not None and rnd != expect_round:
-        raise PayloadError(f"{kind} is for round {rnd}, expected round {expect_round}")
-    if expect_client is not None and cid != expect_client:
-        raise PayloadError(f"{kind} is from/for client {cid}, expected client {expect_client}")
+    return header
+
+
+def _tensors(data: bytes, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The message's ``weights/`` and ``extras/`` tensors, each of an allowed dtype and finite."""
     try:
-        tensors = st_load(data)
+        tensors = st_load(bytes(data))
     except Exception as err:
         raise PayloadError(f"{kind} tensors cannot be read: {err}") from None
     weights: dict[str, torch.Tensor] = {}
@@ -353,7 +391,7 @@ def _decode(
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PayloadError(f"{kind} tensor {key!r} holds NaN or infinite values")
         target[name] = t
-    return header, weights, extras
+    return weights, extras
 
 
 def _config(value: Any) -> dict[str, Any]:

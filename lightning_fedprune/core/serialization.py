@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 
 from lightning_fedprune.errors import PayloadError
 
-__all__ = ["flatten_state", "unflatten_state", "dumps_state", "loads_state", "save_state", "load_state", "parse_json", "MAX_JSON_DEPTH"]
+__all__ = ["flatten_state", "unflatten_state", "dumps_state", "loads_state", "save_state", "save_encoded", "load_state", "parse_json", "MAX_JSON_DEPTH"]
 
 #: deepest nesting of arrays/objects accepted in JSON a peer sent (ours never exceed about 10)
 MAX_JSON_DEPTH = 64
@@ -157,7 +157,12 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 
 def save_state(obj: Any, path: str | os.PathLike) -> None:
-    """Write a nested state to ``path`` atomically (write to a temporary file, then rename).
+    """Write a nested state to ``path`` atomically (:func:`save_encoded` of :func:`dumps_state`)."""
+    save_encoded(dumps_state(obj), path)
+
+
+def save_encoded(data: bytes, path: str | os.PathLike) -> None:
+    """Write encoded bytes (:func:`dumps_state`'s) to ``path`` atomically: to a temporary file, then rename.
 
     The file is readable and writable by its owner only (0600): checkpoints and client states hold
     models, control variates and personalized weights.
@@ -167,7 +172,7 @@ def save_state(obj: Any, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(dumps_state(obj))
+        fh.write(data)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 

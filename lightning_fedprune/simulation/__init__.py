@@ -17,13 +17,15 @@ from lightning_fedprune.core.devices import (
     round_time,
 )
 from lightning_fedprune.simulation.engine import CHECKPOINT_NAME, MODES, SimulationEngine, SimulationTransport, build_engine, build_run
-from lightning_fedprune.simulation.parallel import ParallelClients, resolve_workers
+from lightning_fedprune.simulation.parallel import ParallelClients, cuda_device_count, resolve_devices, resolve_workers
 
 __all__ = [
     "SimulationEngine",
     "SimulationTransport",
     "ParallelClients",
     "resolve_workers",
+    "resolve_devices",
+    "cuda_device_count",
     "build_engine",
     "build_run",
     "MODES",

@@ -52,7 +52,7 @@ from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
 from lightning_fedprune.errors import ConfigError, PayloadError
 from lightning_fedprune.evaluation import GlobalEvaluator
 from lightning_fedprune.runtime import initialize_strategy
-from lightning_fedprune.simulation.parallel import ParallelClients, resolve_workers
+from lightning_fedprune.simulation.parallel import ParallelClients, resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ class SimulationTransport:
             :class:`~lightning_fedprune.core.client_store.ClientStore`).
         workers: train a round's clients in this many worker processes
             (:class:`~lightning_fedprune.simulation.parallel.ParallelClients`; bit-identical
-            results), or ``"auto"`` (the usable cores); 1 trains them here, one after another.
+            results), or ``"auto"`` (the usable cores; on CUDA ``workers_per_gpu`` x the GPUs);
+            1 trains them here, one after another.
+        accelerator: where clients train: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when a GPU
+            is visible); see :func:`~lightning_fedprune.simulation.parallel.resolve_devices`.
+        workers_per_gpu: on CUDA, worker processes that share each GPU.
 
     Attributes:
         store: the clients' persistent states (checkpointed with the run).
@@ -102,10 +106,18 @@ class SimulationTransport:
         max_message_bytes: int | None = None,
         workers: int | str = 1,
         client_memory_budget: int | None = None,
+        accelerator: str = "cpu",
+        workers_per_gpu: int = 1,
     ) -> None:
         self.runtime = runtime
-        self.workers = resolve_workers(workers)
-        self.executor: Any = runtime if self.workers == 1 else ParallelClients(runtime, self.workers, max_message_bytes=max_message_bytes)
+        #: the device each worker trains on ("cpu", "cuda:<i>")
+        self.worker_devices = resolve_devices(accelerator, workers, workers_per_gpu=workers_per_gpu)
+        self.workers = len(self.worker_devices)
+        self.executor: Any = runtime
+        if self.workers > 1:
+            self.executor = ParallelClients(runtime, devices=self.worker_devices, max_message_bytes=max_message_bytes)
+        elif self.worker_devices[0] != "cpu":
+            runtime.use_device(self.worker_devices[0])
         self.devices = list(devices)
         self.expected = expected
         self.seed = int(seed)
@@ -150,34 +162,50 @@ class SimulationTransport:
     ) -> tuple[list[ClientFailure], dict[int, int], dict[int, int], list[tuple[ClientResult, int, float]]]:
         """Send tasks (encoded), draw dropouts, train, receive and validate results.
 
+        With worker processes the tasks' bytes go to the workers, which decode them, and each
+        result arrives as the bytes its client encoded; in this process a task is decoded here
+        and its result encoded here. Either way every result is decoded (validated) once below.
+
         Returns the failures, bytes sent per client, bytes of rejected uploads, and
         ``(result, bytes_up, seconds)`` per valid result (seconds: download + compute + upload on
         the client's device).
         """
         failures: list[ClientFailure] = []
-        bytes_down: dict[int, int] = {}
         to_run = []
-        sent = {}
         for task in tasks:
-            blob = encode_task(task)
-            bytes_down[task.client_id] = len(blob)
             dev = self.devices[task.client_id]
             if dev.failure_prob > 0 and rng_for(self.seed, "dropout", rnd, task.client_id).random() < dev.failure_prob:
                 failures.append(ClientFailure(rnd, task.client_id, "dropout", f"device dropped out (simulated, p={dev.failure_prob:g})"))
                 continue
-            received = decode_task(blob, expect_round=rnd, expect_client=task.client_id)
-            to_run.append(received)
-            sent[task.client_id] = task
+            to_run.append(task)
+        sent = {task.client_id: task for task in to_run}
+        parallel = isinstance(self.executor, ParallelClients)
+        if parallel and to_run:
+            # the workers receive and decode the tasks themselves (a round's shared global model
+            # once per worker); while they train, the tasks are encoded here to charge their bytes
+            self.executor.submit(to_run, self.store)
+        bytes_down: dict[int, int] = {}
+        received = []  # in this process: the tasks as a client decodes them
+        for task in tasks:
+            blob = encode_task(task)
+            bytes_down[task.client_id] = len(blob)
+            if not parallel and task.client_id in sent:
+                received.append(decode_task(blob, expect_round=rnd, expect_client=task.client_id))
+        replies: dict[int, bytes | ClientFailure] = {}
+        if parallel and to_run:
+            replies = self.executor.collect(self.store)
+        elif received:
+            for task, out in zip(received, self.executor.run_many(received, self.store)):
+                replies[task.client_id] = out if isinstance(out, ClientFailure) else encode_result(out)
 
-        outcomes = self.executor.run_many(to_run, self.store) if to_run else []
         arrivals: list[tuple[ClientResult, int, float]] = []
         rejected_up: dict[int, int] = {}
-        for task, out in zip(to_run, outcomes):
+        for task in to_run:
             cid = task.client_id
-            if isinstance(out, ClientFailure):
-                failures.append(out)
+            blob = replies[cid]
+            if isinstance(blob, ClientFailure):
+                failures.append(blob)
                 continue
-            blob = encode_result(out)
             w_spec, x_spec = self.expected(sent[cid])
             try:
                 res = decode_result(
@@ -274,6 +302,7 @@ class SimulationEngine(RoundDriver):
             round rules (:class:`~lightning_fedprune.core.rounds.RoundRules`).
         workers: worker processes that train a round's clients side by side (bit-identical
             results; see :class:`SimulationTransport`); ``"auto"``: the usable cores.
+        accelerator, workers_per_gpu: where clients train (see :class:`SimulationTransport`).
         client_memory_budget: bytes of clients' persistent states kept in memory; the least
             recently used beyond it are spilled to a temporary folder (``None``: no limit).
     """
@@ -301,6 +330,8 @@ class SimulationEngine(RoundDriver):
         join_rounds: Mapping[int, int] | None = None,
         workers: int | str = 1,
         client_memory_budget: int | None = None,
+        accelerator: str = "cpu",
+        workers_per_gpu: int = 1,
     ) -> None:
         rules = RoundRules(
             mode=mode, deadline_fraction=deadline_fraction, deadline_factor=deadline_factor,
@@ -316,7 +347,7 @@ class SimulationEngine(RoundDriver):
             initialize_strategy(strategy, runtime.module, num_clients=num_clients, data=data)
         transport = SimulationTransport(
             runtime=runtime, devices=devices, expected=strategy.expected_result, seed=seed, max_message_bytes=max_message_bytes,
-            workers=workers, client_memory_budget=client_memory_budget,
+            workers=workers, client_memory_budget=client_memory_budget, accelerator=accelerator, workers_per_gpu=workers_per_gpu,
         )
         super().__init__(
             strategy=strategy, transport=transport, rules=rules, num_clients=num_clients, seed=seed, evaluator=evaluator,
@@ -396,6 +427,8 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
         deadline_backoff=e.deadline_backoff,
         join_rounds=dict(e.join_rounds),
         workers=e.workers,
+        accelerator=e.accelerator,
+        workers_per_gpu=e.workers_per_gpu,
         client_memory_budget=None if e.client_memory_mb is None else int(e.client_memory_mb * 2**20),
     )
     return engine

@@ -1,44 +1,78 @@
 """Clients trained in parallel worker processes, with the same runtime code and the same results.
 
-:class:`ParallelClients` is a drop-in for ``runtime.run_many(tasks, store)``: a pool of worker
-processes, each a fork of this process holding its own copy of the
-:class:`~lightning_fedprune.runtime.ClientRuntime` (one torch thread each), trains a round's tasks
-side by side. Only bytes cross the process boundary, never a pickle:
+:class:`ParallelClients` trains a round's tasks side by side in a pool of worker processes, each a
+fork of this process holding its own copy of the :class:`~lightning_fedprune.runtime.ClientRuntime`
+(one torch thread each). Only encoded bytes cross the process boundary, never a pickle. A round's
+message to a worker is a sequence of frames on its pipe:
 
-* to a worker: its share of the round's tasks (:func:`~lightning_fedprune.core.messages.encode_task`)
-  and the persistent states of those clients, in one safetensors message;
-* back: each result (:func:`~lightning_fedprune.core.messages.encode_result`, validated on
-  decoding) or failure, and the clients' updated states.
+* a small header (:func:`~lightning_fedprune.core.serialization.dumps_state`, JSON only): how many
+  shared weight sets and tasks follow;
+* each weight set that several of the worker's tasks share (one round's global model), ONCE
+  (:func:`~lightning_fedprune.core.messages.encode_weights`);
+* per task: the task (:func:`~lightning_fedprune.core.messages.encode_task`, with empty weights when
+  it uses a shared set) and the client's persistent state exactly as the store holds it
+  (:meth:`~lightning_fedprune.core.client_store.ClientStore.get_encoded`, never re-encoded).
+
+The answer: a header (per task a failure, or a result), then each result as the client would send
+it (:func:`~lightning_fedprune.core.messages.encode_result`) and each client's updated state bytes.
+The parent decodes each result once, validated (:meth:`ParallelClients.collect` gives the bytes to
+the transport, which decodes them as any received result).
 
 The client store stays in the parent, so a client may be served by any worker in any round (its
 SCAFFOLD control variate, personalized layers or gates travel with its task). Every random choice
 of a client's training derives from (seed, round, client), so the results are bit-identical to
-the sequential runtime's (only ``compute_seconds`` differ). A worker that dies is a counted
-failure of the clients it was training (``kind="error"``), and a fresh worker takes its place.
+the sequential runtime's (only ``compute_seconds`` differ), whichever worker trains a client.
+
+Scheduling: each worker trains its share in one ``Trainer.fit`` (Lightning's fixed cost is paid
+once per worker and round). Shares are balanced by estimated work, longest first (LPT): a task's
+work is its local passes (epochs x the client's samples, or steps x batch size) times its model's
+tensor elements, so sub-models and small clients are packed around large ones. Answers are
+collected in the order workers finish, so decoding one overlaps the others' training; the caller
+may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`.
 
 Workers are forked (``fork`` start method, POSIX): the runtime, its module and its data are
-inherited, not sent. Tasks are split into contiguous, equal-count shares in task order.
+inherited, not sent (a ``spawn`` start would have to pickle them). A worker that dies is a counted
+failure of the clients it was training (``kind="error"``), and a fresh worker takes its place.
+
+Accelerators: a worker trains on the device given to it (``"cpu"`` or ``"cuda:<i>"``, see
+:func:`resolve_devices`). CUDA cannot be used in a forked child of a process that initialized
+CUDA, so this process must not touch CUDA before the workers start: devices are counted with NVML
+(which does not initialize CUDA) and the pool refuses to start CUDA workers after CUDA was
+initialized here. This path is written for GPU machines but has not yet been measured on one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import traceback
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
 
 from lightning_fedprune.core.client_store import ClientStore
-from lightning_fedprune.core.messages import ClientFailure, ClientResult, ClientTask, decode_result, decode_task, encode_result, encode_task
+from lightning_fedprune.core.messages import (
+    ClientFailure,
+    ClientResult,
+    ClientTask,
+    decode_result,
+    decode_task,
+    decode_weights,
+    encode_result,
+    encode_task,
+    encode_weights,
+)
 from lightning_fedprune.core.serialization import dumps_state, loads_state
 from lightning_fedprune.errors import ConfigError, PayloadError
+from lightning_fedprune.trainer_utils import ACCELERATORS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParallelClients", "resolve_workers"]
+__all__ = ["ParallelClients", "resolve_workers", "resolve_devices", "cuda_device_count", "balanced_shares"]
 
 _STOP = b"stop"
 
@@ -57,47 +91,134 @@ def resolve_workers(workers: int | str | None) -> int:
     return workers
 
 
-def _blob(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process, counted without initializing CUDA here.
+
+    torch counts them with NVML when ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (Lightning sets it on
+    import; set here too), so forked workers can still initialize CUDA themselves.
+    """
+    if not torch.backends.cuda.is_built():
+        return 0
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    try:
+        return int(torch.cuda.device_count())
+    except Exception:  # no driver, no NVML
+        return 0
 
 
-def _worker_main(conn: Any, runtime: Any) -> None:
-    """A worker's loop: decode a share of tasks, train them with the inherited runtime, answer."""
+def resolve_devices(accelerator: str, workers: int | str | None, *, workers_per_gpu: int = 1, cuda_devices: int | None = None) -> list[str]:
+    """One device per client worker: ``"cpu"`` or ``"cuda:<i>"``.
+
+    Args:
+        accelerator: ``"cpu"``; ``"cuda"`` (every worker on a GPU; CUDA must be available);
+            ``"auto"`` (``"cuda"`` when a GPU is visible, else ``"cpu"``).
+        workers: an int >= 1, or ``"auto"``: the usable cores on CPU, ``workers_per_gpu`` x the GPUs on CUDA.
+        workers_per_gpu: workers that share each GPU; worker ``w`` uses GPU ``(w // workers_per_gpu) % gpus``.
+        cuda_devices: the GPU count (default: :func:`cuda_device_count`).
+
+    Raises:
+        ConfigError: an unknown ``accelerator``, ``workers_per_gpu`` < 1, or ``"cuda"`` without a GPU.
+    """
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"`accelerator` can be {', '.join(ACCELERATORS)}, got {accelerator!r}")
+    if isinstance(workers_per_gpu, bool) or not isinstance(workers_per_gpu, int) or workers_per_gpu < 1:
+        raise ConfigError(f"`workers_per_gpu` must be an integer >= 1, got {workers_per_gpu!r}")
+    if accelerator == "cpu":
+        return ["cpu"] * resolve_workers(workers)
+    gpus = cuda_device_count() if cuda_devices is None else int(cuda_devices)
+    if gpus == 0:
+        if accelerator == "cuda":
+            raise ConfigError(
+                "`accelerator: cuda` was asked for but no CUDA device is visible to this process "
+                f"(torch {torch.__version__}, CUDA build: {torch.backends.cuda.is_built()}). "
+                "HINT: use `accelerator: auto` to fall back to the CPU, or `accelerator: cpu`"
+            )
+        return ["cpu"] * resolve_workers(workers)
+    n = gpus * workers_per_gpu if workers == "auto" else resolve_workers(workers)
+    return [f"cuda:{(w // workers_per_gpu) % gpus}" for w in range(n)]
+
+
+def balanced_shares(costs: Sequence[float], workers: int) -> list[list[int]]:
+    """Task indices per worker: longest task first to the least loaded worker (LPT), each share in task order.
+
+    Deterministic: ties go to the earlier task and the lower worker. Empty shares are dropped.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads = [0.0] * max(1, workers)
+    shares: list[list[int]] = [[] for _ in loads]
+    for i in order:
+        w = min(range(len(loads)), key=lambda k: (loads[k], k))
+        loads[w] += costs[i]
+        shares[w].append(i)
+    return [sorted(s) for s in shares if s]
+
+
+def _worker_main(conn: Any, runtime: Any, device: str) -> None:
+    """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer."""
     torch.set_num_threads(1)
+    unusable = None  # why this worker cannot train: every client it is given fails with it
+    if device != "cpu":
+        try:
+            runtime.use_device(device)
+        except Exception as err:
+            unusable = f"worker device {device!r}: {_describe(err)}"
     while True:
         try:
-            data = conn.recv_bytes()
+            head = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        if data == _STOP:
+        if head == _STOP:
             return
         try:
-            msg = loads_state(data)
-            tasks = [decode_task(t.numpy().tobytes()) for t in msg["tasks"]]
-            store = ClientStore()
-            for task, state in zip(tasks, msg["states"]):
-                store.put(task.client_id, state)
+            plan = loads_state(head)
+            frames = [conn.recv_bytes() for _ in range(int(plan["shared"]) + 2 * len(plan["tasks"]))]
+        except Exception as err:  # the frames cannot be told apart any more: answer, then stop
+            conn.send_bytes(dumps_state({"error": _describe(err)}))
+            return
+        out_frames: list[bytes] = []
+        try:
+            if unusable is not None:
+                raise RuntimeError(unusable)
+            shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
+            rest = frames[len(shared):]
+            tasks, store = [], ClientStore()
+            for k, spec in enumerate(plan["tasks"]):
+                task = decode_task(rest[2 * k], expect_round=int(spec["round"]), expect_client=int(spec["client"]))
+                if int(spec["shared"]) >= 0:
+                    task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
+                store.put_encoded(task.client_id, rest[2 * k + 1])
+                tasks.append(task)
+            del frames, rest
             outcomes = runtime.run_many(tasks, store)
-            out: dict[str, Any] = {"outcomes": [], "states": []}
+            head_out: dict[str, Any] = {"outcomes": []}
             for task, o in zip(tasks, outcomes):
                 if isinstance(o, ClientFailure):
-                    out["outcomes"].append({"failure": {"kind": o.kind, "reason": o.reason}})
+                    head_out["outcomes"].append({"failure": {"kind": o.kind, "reason": o.reason}})
+                    out_frames.append(b"")
                 else:
-                    out["outcomes"].append({"result": _blob(encode_result(o))})
-                out["states"].append(store.get(task.client_id))
-            reply = dumps_state(out)
+                    head_out["outcomes"].append({"result": True})
+                    out_frames.append(encode_result(o))
+                out_frames.append(store.get_encoded(task.client_id))
+            reply = dumps_state(head_out)
         except Exception as err:  # report, never die: the parent counts the failure
-            tb = traceback.extract_tb(err.__traceback__)
-            where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
-            reply = dumps_state({"error": f"{type(err).__name__}: {err}{where}"[:2000]})
+            reply, out_frames = dumps_state({"error": _describe(err)}), []
         conn.send_bytes(reply)
+        for frame in out_frames:
+            conn.send_bytes(frame)
+
+
+def _describe(err: BaseException) -> str:
+    tb = traceback.extract_tb(err.__traceback__)
+    where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    return f"{type(err).__name__}: {err}{where}"[:2000]
 
 
 class _Worker:
-    def __init__(self, ctx: Any, runtime: Any, index: int) -> None:
+    def __init__(self, ctx: Any, runtime: Any, index: int, device: str) -> None:
         parent, child = ctx.Pipe(duplex=True)
         self.conn = parent
-        self.proc = ctx.Process(target=_worker_main, args=(child, runtime), name=f"lfp-client-worker-{index}", daemon=True)
+        self.device = device
+        self.proc = ctx.Process(target=_worker_main, args=(child, runtime, device), name=f"lfp-client-worker-{index}", daemon=True)
         self.proc.start()
         child.close()
 
@@ -114,25 +235,32 @@ class _Worker:
 
 
 class ParallelClients:
-    """Runs a round's tasks in ``workers`` processes (see the module docstring).
+    """Runs a round's tasks in worker processes (see the module docstring).
 
     Args:
         runtime: the client runtime every worker inherits (built, not yet used for training).
-        workers: worker processes (>= 1).
+        workers: worker processes (>= 1); ignored when ``devices`` is given.
+        devices: one device per worker (``"cpu"``, ``"cuda:<i>"``; :func:`resolve_devices`);
+            default: every worker on the CPU.
         max_message_bytes: results larger than this are failures of kind ``"rejected"``.
 
     Raises:
-        ConfigError: ``workers`` < 1, or no ``fork`` start method on this platform.
+        ConfigError: ``workers`` < 1, no ``fork`` start method on this platform, or CUDA workers
+            asked for after this process initialized CUDA.
     """
 
-    def __init__(self, runtime: Any, workers: int, *, max_message_bytes: int | None = None) -> None:
+    def __init__(self, runtime: Any, workers: int = 1, *, devices: Sequence[str] | None = None, max_message_bytes: int | None = None) -> None:
         self.runtime = runtime
-        self.workers = resolve_workers(workers)
+        self.devices = list(devices) if devices is not None else ["cpu"] * resolve_workers(workers)
+        if not self.devices:
+            raise ConfigError("parallel clients need at least one worker device")
+        self.workers = len(self.devices)
         self.max_message_bytes = max_message_bytes
         if "fork" not in mp.get_all_start_methods():
             raise ConfigError("parallel clients need the 'fork' start method (POSIX); use `workers: 1` here")
         self._ctx = mp.get_context("fork")
         self._pool: list[_Worker] = []
+        self._pending: list[tuple[int, list[ClientTask], BaseException | None]] = []
 
     # the runtime's own attributes (module, data, seed) read through
     def __getattr__(self, name: str) -> Any:
@@ -140,64 +268,150 @@ class ParallelClients:
             raise AttributeError(name)
         return getattr(self.runtime, name)
 
+    def _start(self, w: int) -> _Worker:
+        device = self.devices[w]
+        if device.startswith("cuda") and torch.cuda.is_initialized():
+            raise ConfigError(
+                "CUDA was initialized in this process before the client workers started, and a forked worker "
+                "cannot use it. HINT: do not move models or tensors to the GPU in the process that runs the engine "
+                "(the workers do that), or use `accelerator: cpu`"
+            )
+        return _Worker(self._ctx, self.runtime, w, device)
+
     def _ensure(self, n: int) -> None:
         while len(self._pool) < n:
-            self._pool.append(_Worker(self._ctx, self.runtime, len(self._pool)))
+            self._pool.append(self._start(len(self._pool)))
+
+    def task_cost(self, task: ClientTask) -> float:
+        """Estimated work of a task: local passes x samples x model tensor elements (see the module docstring)."""
+        data = self.runtime.data
+        if task.local_steps is not None:
+            examples = task.local_steps * int(getattr(data, "batch_size", 1) or 1)
+        else:
+            examples = (task.local_epochs or 1) * int(data.num_train_samples(task.client_id))
+        size = sum(int(t.numel()) for t in task.weights.values())
+        return float(max(1, examples)) * float(max(1, size))
+
+    # -------------------------------------------------------------- the round
+    def submit(self, tasks: Sequence[ClientTask], store: ClientStore) -> None:
+        """Hand a round's tasks to the workers (returns once they have them; :meth:`collect` the outcomes)."""
+        if self._pending:
+            raise RuntimeError("collect() the previous tasks before submitting new ones")
+        tasks = list(tasks)
+        if not tasks:
+            return
+        ids = [t.client_id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
+        shares = balanced_shares([self.task_cost(t) for t in tasks], min(self.workers, len(tasks)))
+        self._ensure(len(shares))
+        encoded_shared: dict[int, bytes] = {}  # id(weights dict) -> its bytes, encoded once per round
+        # every message is encoded before any is sent: a task that cannot be encoded stops the
+        # round before a worker holds half a message
+        messages = [(w, [tasks[i] for i in share]) for w, share in enumerate(shares)]
+        encoded = [self._frames(share_tasks, store, encoded_shared) for _, share_tasks in messages]
+        for (w, share_tasks), frames in zip(messages, encoded):
+            self._pending.append((w, share_tasks, self._send(w, frames)))
+
+    def _frames(self, tasks: list[ClientTask], store: ClientStore, encoded_shared: dict[int, bytes]) -> list[bytes]:
+        """A worker's message: the header, each shared weight set once, then per task its bytes and its client's state."""
+        uses: dict[int, int] = {}
+        for t in tasks:
+            uses[id(t.weights)] = uses.get(id(t.weights), 0) + 1
+        groups: list[int] = []  # ids of the weight dicts this worker gets once
+        specs, frames = [], []
+        for t in tasks:
+            key = id(t.weights)
+            g = -1
+            if uses[key] > 1 and t.weights:
+                if key not in groups:
+                    groups.append(key)
+                    if key not in encoded_shared:
+                        encoded_shared[key] = encode_weights(t.weights)
+                g = groups.index(key)
+            specs.append({"round": t.round, "client": t.client_id, "shared": g})
+            frames.append(encode_task(dataclasses.replace(t, weights={})) if g >= 0 else encode_task(t))
+            frames.append(store.get_encoded(t.client_id))
+        return [dumps_state({"shared": len(groups), "tasks": specs}), *(encoded_shared[k] for k in groups), *frames]
+
+    def _send(self, w: int, frames: list[bytes]) -> BaseException | None:
+        conn = self._pool[w].conn
+        try:
+            for frame in frames:
+                conn.send_bytes(frame)
+        except (OSError, ValueError) as err:  # a dead worker: its clients fail in collect()
+            return err
+        return None
+
+    def collect(self, store: ClientStore) -> dict[int, bytes | ClientFailure]:
+        """Wait for the submitted tasks: per client, its encoded result (as the client sent it) or a failure.
+
+        Workers' answers are read in the order they finish; the clients' updated states go to ``store``.
+        """
+        pending, self._pending = self._pending, []
+        out: dict[int, bytes | ClientFailure] = {}
+        waiting = {}
+        for w, share, err in pending:
+            if err is not None:
+                out.update(self._dead(w, share, err))
+            else:
+                waiting[self._pool[w].conn] = (w, share)
+        while waiting:
+            for conn in wait(list(waiting)):
+                w, share = waiting.pop(conn)
+                out.update(self._receive(w, share, store))
+        return out
+
+    def run_encoded(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[bytes | ClientFailure]:
+        """:meth:`submit` then :meth:`collect`: one outcome per task, in task order."""
+        self.submit(tasks, store)
+        got = self.collect(store)
+        return [got[t.client_id] for t in tasks]
 
     def run_many(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[ClientResult | ClientFailure]:
         """Train ``tasks`` in the workers; one outcome per task, in task order (as ``ClientRuntime.run_many``)."""
-        tasks = list(tasks)
-        if not tasks:
-            return []
-        n = min(self.workers, len(tasks))
-        self._ensure(n)
-        base, extra = divmod(len(tasks), n)
-        shares, start = [], 0
-        for w in range(n):
-            size = base + (1 if w < extra else 0)
-            shares.append(tasks[start:start + size])
-            start += size
-        for w, share in enumerate(shares):
-            msg = {"tasks": [_blob(encode_task(t)) for t in share], "states": [store.get(t.client_id) for t in share]}
-            self._pool[w].conn.send_bytes(dumps_state(msg))
-        outcomes: dict[int, ClientResult | ClientFailure] = {}
-        for w, share in enumerate(shares):
-            for task, out in zip(share, self._receive(w, share, store)):
-                outcomes[task.client_id] = out
-        return [outcomes[t.client_id] for t in tasks]
-
-    def _receive(self, w: int, share: list[ClientTask], store: ClientStore) -> list[ClientResult | ClientFailure]:
-        worker = self._pool[w]
-        try:
-            reply = loads_state(worker.conn.recv_bytes())
-        except (EOFError, OSError, PayloadError) as err:
-            worker.proc.join(timeout=5)
-            code = worker.proc.exitcode
-            log.warning("client worker %d died (exit code %s) while training clients %s; starting a new one",
-                        w, code, [t.client_id for t in share])
-            worker.stop()
-            self._pool[w] = _Worker(self._ctx, self.runtime, w)
-            reason = f"the worker process training this client died (exit code {code}: {type(err).__name__})"
-            return [ClientFailure(t.round, t.client_id, "error", reason) for t in share]
-        if "error" in reply:
-            return [ClientFailure(t.round, t.client_id, "error", str(reply["error"])) for t in share]
         out: list[ClientResult | ClientFailure] = []
-        for task, o, state in zip(share, reply["outcomes"], reply["states"]):
-            store.put(task.client_id, state)
-            if "failure" in o:
-                out.append(ClientFailure(task.round, task.client_id, str(o["failure"]["kind"]), str(o["failure"]["reason"])))
+        for task, o in zip(tasks, self.run_encoded(tasks, store)):
+            if isinstance(o, ClientFailure):
+                out.append(o)
                 continue
             try:
-                out.append(decode_result(
-                    o["result"].numpy().tobytes(), expect_round=task.round, expect_client=task.client_id,
-                    max_bytes=self.max_message_bytes,
-                ))
+                out.append(decode_result(o, expect_round=task.round, expect_client=task.client_id, max_bytes=self.max_message_bytes))
             except PayloadError as err:
                 out.append(ClientFailure(task.round, task.client_id, "rejected", str(err)))
         return out
 
+    def _dead(self, w: int, share: list[ClientTask], err: BaseException) -> dict[int, ClientFailure]:
+        worker = self._pool[w]
+        worker.proc.join(timeout=5)
+        code = worker.proc.exitcode
+        log.warning("client worker %d died (exit code %s) while training clients %s; starting a new one",
+                    w, code, [t.client_id for t in share])
+        worker.stop()
+        self._pool[w] = self._start(w)
+        reason = f"the worker process training this client died (exit code {code}: {type(err).__name__})"
+        return {t.client_id: ClientFailure(t.round, t.client_id, "error", reason) for t in share}
+
+    def _receive(self, w: int, share: list[ClientTask], store: ClientStore) -> dict[int, bytes | ClientFailure]:
+        conn = self._pool[w].conn
+        try:
+            reply = loads_state(conn.recv_bytes())
+            if "error" in reply:
+                return {t.client_id: ClientFailure(t.round, t.client_id, "error", str(reply["error"])) for t in share}
+            frames = [conn.recv_bytes() for _ in range(2 * len(share))]
+        except (EOFError, OSError, PayloadError) as err:
+            return self._dead(w, share, err)
+        out: dict[int, bytes | ClientFailure] = {}
+        for k, (task, o) in enumerate(zip(share, reply["outcomes"])):
+            store.put_encoded(task.client_id, frames[2 * k + 1])
+            if "failure" in o:
+                out[task.client_id] = ClientFailure(task.round, task.client_id, str(o["failure"]["kind"]), str(o["failure"]["reason"]))
+            else:
+                out[task.client_id] = frames[2 * k]
+        return out
+
     def close(self) -> None:
-        """Stop the workers (they are started again on the next :meth:`run_many`)."""
+        """Stop the workers (they are started again on the next :meth:`submit`)."""
         for worker in self._pool:
             worker.stop()
         self._pool = []

@@ -48,3 +48,14 @@ def test_a_budget_without_a_folder_spills_to_a_temporary_one():
 def test_the_budget_is_checked():
     with pytest.raises(ConfigError, match="`memory_budget` must be null or a number of bytes >= 0"):
         ClientStore(memory_budget=-1)
+
+
+def test_encoded_states_pass_through_unchanged(tmp_path):
+    store = ClientStore(tmp_path, memory_budget=0)  # every state spilled: the bytes come from disk
+    blob = dumps_state(_state(3))
+    store.put_encoded(3, blob)
+    assert store.get_encoded(3) == blob and store.get(3)["round"] == 3
+    assert (tmp_path / "client_3.safetensors").stat().st_mode & 0o777 == 0o600
+    assert store.get_encoded(9) == b"" and store.get(9) == {}
+    store.put_encoded(3, b"")
+    assert store.client_ids() == []

@@ -20,8 +20,10 @@ from lightning_fedprune.core.messages import (
     ClientTask,
     decode_result,
     decode_task,
+    decode_weights,
     encode_result,
     encode_task,
+    encode_weights,
     tensor_spec,
 )
 from lightning_fedprune.errors import PayloadError
@@ -461,3 +463,15 @@ def test_deeply_nested_headers_are_refused_before_parsing(header, match):
     blob = _raw_safetensors({"__metadata__": {"lfp_message": header}})
     with pytest.raises(PayloadError, match=match):
         decode_result(blob)
+
+
+def test_shared_weights_round_trip_alone_and_are_validated_like_a_tasks():
+    w = {"b": torch.arange(3, dtype=torch.float32), "a": torch.ones(2, 2, dtype=torch.float64)}
+    got = decode_weights(encode_weights(w))
+    assert got.keys() == w.keys() and all(torch.equal(got[k], w[k]) and got[k].dtype == w[k].dtype for k in w)
+    with pytest.raises(PayloadError, match="weights tensor 'weights/b' holds NaN"):
+        decode_weights(encode_weights({"b": torch.tensor([1.0, math.nan])}))
+    with pytest.raises(PayloadError, match="expected a weights message, got kind='task'"):
+        decode_weights(encode_task(ClientTask(round=0, client_id=0, weights=w)))
+    with pytest.raises(PayloadError, match="exceeds the limit of 10 bytes"):
+        decode_weights(encode_weights(w), max_bytes=10)

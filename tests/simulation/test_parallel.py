@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 
 import pytest
 import torch
 
 from lightning_fedprune.config import RecipeConfig
-from lightning_fedprune.errors import ConfigError
-from lightning_fedprune.runtime import ClientRuntime
-from lightning_fedprune.simulation import ParallelClients, SimulationEngine, make_devices, resolve_workers
+from lightning_fedprune.core.client_store import ClientStore
+from lightning_fedprune.errors import AllClientsFailedError, ConfigError
+from lightning_fedprune.runtime import ClientRuntime, initialize_strategy
+from lightning_fedprune.simulation import ParallelClients, SimulationEngine, cuda_device_count, make_devices, parallel, resolve_devices, resolve_workers
+from lightning_fedprune.simulation.parallel import balanced_shares
 from lightning_fedprune.strategies import FedAvg, FedMP, Scaffold
 
 
@@ -132,3 +135,130 @@ def test_a_recipe_sets_workers_and_the_client_memory_budget(tmp_path):
         engine.close()
     assert engine.transport.workers == 2
     assert engine.store.memory_bytes == 0 and len(list(engine.store.spill_dir.glob("client_*.safetensors"))) == 4
+
+
+def test_shares_are_balanced_longest_task_first():
+    # LPT by hand: 9 -> w0, 7 -> w1, 5 -> w1 (7 < 9), 4 -> w0 (9 < 12), 3 -> w1 (12 < 13)
+    assert balanced_shares([5, 9, 3, 7, 4], 2) == [[1, 4], [0, 2, 3]]
+    assert balanced_shares([1, 1, 1], 2) == [[0, 2], [1]]  # ties: earlier task, lower worker
+    assert balanced_shares([2.0], 3) == [[0]]  # idle workers get no share
+
+
+def test_a_rounds_shared_global_model_is_encoded_once_and_sent_once_per_worker(tiny_module, tiny_data_factory, monkeypatch):
+    calls = []
+    real = parallel.encode_weights
+    monkeypatch.setattr(parallel, "encode_weights", lambda w: calls.append(len(w)) or real(w))
+    data = tiny_data_factory(sizes=(20, 30, 40, 25))
+    engine = _engine(tiny_module, data, FedAvg(seed=0), workers=2)
+    try:
+        engine.run(2)
+    finally:
+        engine.close()
+    assert calls == [5, 5]  # one encoding of the global model (5 tensors) per round, for both workers
+    assert [r["num_results"] for r in engine.history] == [4, 4]
+
+
+def test_accelerator_settings_on_a_machine_without_cuda(monkeypatch):
+    assert resolve_devices("cpu", 2) == ["cpu", "cpu"]
+    assert resolve_devices("auto", 3, cuda_devices=0) == ["cpu"] * 3  # auto falls back to the CPU
+    assert resolve_devices("auto", "auto", cuda_devices=0) == ["cpu"] * resolve_workers("auto")
+    # with GPUs: `workers_per_gpu` workers share each one; `workers: auto` starts that many per GPU
+    assert resolve_devices("cuda", "auto", workers_per_gpu=2, cuda_devices=2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert resolve_devices("auto", 3, cuda_devices=2) == ["cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(ConfigError, match="`accelerator: cuda` was asked for but no CUDA device is visible.*HINT: use `accelerator: auto`"):
+        resolve_devices("cuda", 2, cuda_devices=0)
+    with pytest.raises(ConfigError, match="`accelerator` can be cpu, cuda, auto, got 'gpu'"):
+        resolve_devices("gpu", 2)
+    with pytest.raises(ConfigError, match="`workers_per_gpu` must be an integer >= 1, got 0"):
+        resolve_devices("cuda", 2, workers_per_gpu=0)
+    cfg = RecipeConfig.from_dict({"engine": {"accelerator": "auto", "workers_per_gpu": 2}})
+    assert (cfg.engine.accelerator, cfg.engine.workers_per_gpu) == ("auto", 2)
+    assert RecipeConfig.from_dict({}).engine.accelerator == "cpu"
+    with pytest.raises(ConfigError, match="`engine.accelerator` can be cpu, cuda, auto; got 'gpu'"):
+        RecipeConfig.from_dict({"engine": {"accelerator": "gpu"}})
+    with pytest.raises(ConfigError, match="`engine.workers_per_gpu` must be an integer >= 1"):
+        RecipeConfig.from_dict({"engine": {"workers_per_gpu": 0}})
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="checks the behaviour without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error_and_auto_trains_on_the_cpu(tiny_module, tiny_data):
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        _engine(tiny_module, tiny_data, FedAvg(seed=0), workers=2, accelerator="cuda")
+    engine = _engine(tiny_module, tiny_data, FedAvg(seed=0), workers=2, accelerator="auto")
+    assert engine.transport.worker_devices == ["cpu", "cpu"]
+    engine.close()
+
+
+def test_the_runtime_trains_on_the_device_it_is_given(tiny_module, tiny_data):
+    runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=0)
+    runtime.use_device("cuda:1")
+    assert (runtime.trainer_kwargs["accelerator"], runtime.trainer_kwargs["devices"]) == ("cuda", [1])
+    runtime.use_device("cpu")
+    assert (runtime.trainer_kwargs["accelerator"], runtime.trainer_kwargs["devices"]) == ("cpu", 1)
+    with pytest.raises(ConfigError, match="`device` can be cpu, cuda or cuda:<index>, got 'cuda:x'"):
+        runtime.use_device("cuda:x")
+
+
+def test_cuda_workers_are_refused_once_this_process_initialized_cuda(tiny_module, tiny_data, monkeypatch):
+    # a forked child cannot use CUDA that its parent initialized: refuse before forking
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    pool = ParallelClients(ClientRuntime(tiny_module(), data=tiny_data, seed=0), devices=["cuda:0", "cuda:0"])
+    strategy = FedAvg(seed=0)
+    initialize_strategy(strategy, tiny_module(), num_clients=3)
+    with pytest.raises(ConfigError, match="CUDA was initialized in this process before the client workers started"):
+        pool.submit(strategy.configure_round(0, [0, 1, 2]), ClientStore())
+    assert not [p for p in mp.active_children() if p.name.startswith("lfp-client-worker")]  # nothing was forked
+
+
+@pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA device")
+def test_workers_train_on_the_gpu_with_results_close_to_the_cpus(tiny_module, tiny_data):
+    cpu = _engine(tiny_module, tiny_data, FedAvg(seed=0), workers=2)
+    gpu = _engine(tiny_module, tiny_data, FedAvg(seed=0), workers=2, accelerator="cuda", workers_per_gpu=2)
+    try:
+        cpu.run(2)
+        gpu.run(2)
+    finally:
+        cpu.close()
+        gpu.close()
+    assert gpu.transport.worker_devices == ["cuda:0", "cuda:0"]
+    assert [r["num_results"] for r in gpu.history] == [3, 3]
+    for k, v in cpu.strategy.global_state.items():
+        torch.testing.assert_close(gpu.strategy.global_state[k], v, rtol=1e-4, atol=1e-5)  # floating-point order only
+
+
+def test_a_worker_that_cannot_use_its_device_fails_its_clients_and_the_others_train(tiny_module, tiny_data):
+    strategy = FedAvg(seed=0)
+    initialize_strategy(strategy, tiny_module(), num_clients=3)
+    pool = ParallelClients(ClientRuntime(tiny_module(), data=tiny_data, seed=0), devices=["cuda:x", "cpu"])
+    try:
+        out = pool.run_many(strategy.configure_round(0, [0, 1, 2]), ClientStore())
+    finally:
+        pool.close()
+    # by work (samples 20 / 30 / 40), longest first: client 2 -> worker 0, client 1 -> worker 1, client 0 -> worker 1
+    assert out[2].kind == "error" and "worker device 'cuda:x'" in out[2].reason and "`device` can be cpu, cuda" in out[2].reason
+    assert [o.client_id for o in out[:2]] == [0, 1] and all(o.metrics.num_samples > 0 for o in out[:2])
+
+
+def test_a_raising_client_and_an_oversized_result_fail_alike_in_workers(tiny_module, tiny_data_factory, client_probe):
+    # client 3 raises in its training_step (inside a worker's fit, among other clients); results
+    # above the size limit are rejected by the engine, which decodes what the workers send
+    data = tiny_data_factory(sizes=(20, 30, 40, 25))
+
+    def run(workers, max_bytes=None):
+        module = tiny_module()
+        module.fail_clients = frozenset({3})
+        runtime = ClientRuntime(module, data=data, seed=4, callbacks=[client_probe])
+        engine = SimulationEngine(strategy=FedAvg(seed=1), runtime=runtime, data=data, devices=make_devices(4, seed=2), seed=6,
+                                  workers=workers, max_message_bytes=max_bytes)
+        try:
+            engine.run(2)
+        finally:
+            engine.close()
+        return engine
+
+    seq, par = run(1), run(2)
+    _same(seq, par)
+    failures = par.history[-1]["failures"]
+    assert [(f["client_id"], f["kind"]) for f in failures] == [(3, "error")] and "injected failure for client 3" in failures[0]["reason"]
+    with pytest.raises(AllClientsFailedError, match="all 4 selected clients failed.*rejected.*exceeds the limit of 100 bytes"):
+        run(2, max_bytes=100)
