@@ -97,7 +97,7 @@ _GRPC_FRAMING_BYTES = 64
 #: worker threads of a GRPC server: at most this many received messages are held and decoded at once
 GRPC_SERVER_WORKERS = 4
 #: RPCs a GRPC server takes at once (the others are refused at once and their senders retry)
-GRPC_MAX_CONCURRENT_RPCS = 16
+GRPC_MAX_CONCURRENT_RPCS = 2 * GRPC_SERVER_WORKERS
 _BUSY = "Concurrent RPC limit exceeded"
 
 
@@ -109,8 +109,8 @@ def _grpc_limit(max_message_bytes: int) -> int:
 def release_memory() -> bool:
     """Give freed heap memory back to the system (glibc's ``malloc_trim``; False where there is none).
 
-    Called after a large message was handled: glibc keeps freed large buffers in its arenas, so
-    without it a process that received a few large messages stays at its peak size.
+    glibc keeps freed buffers in its per-thread arenas, so without it a process that received a
+    few large messages on GRPC's worker threads stays near its peak size.
     """
     global _malloc_trim
     if _malloc_trim is None:
@@ -127,8 +127,33 @@ def release_memory() -> bool:
 
 
 _malloc_trim: Any = None
+_release_lock = threading.Lock()
+_release_timer: threading.Timer | None = None
+
+
+def release_memory_soon(delay_s: float = 0.2) -> None:
+    """:func:`release_memory` once, ``delay_s`` from now (after GRPC freed its buffers of the call).
+
+    Calls while one is pending are folded into it.
+    """
+    global _release_timer
+
+    def run() -> None:
+        global _release_timer
+        with _release_lock:
+            _release_timer = None
+        release_memory()
+
+    with _release_lock:
+        if _release_timer is not None:
+            return
+        _release_timer = threading.Timer(delay_s, run)
+        _release_timer.daemon = True
+        _release_timer.start()
+
+
 #: messages at least this large are followed by :func:`release_memory`
-RELEASE_AFTER_BYTES = 8 * 1024 * 1024
+RELEASE_AFTER_BYTES = 1024 * 1024
 
 
 def _make_grpc_comm_manager_class() -> type:
@@ -156,16 +181,17 @@ def _make_grpc_comm_manager_class() -> type:
                     owner._received(bytes(request.message), int(request.client_id), peer)
                     del request
             except grpc.RpcError:
-                size = RELEASE_AFTER_BYTES  # GRPC may have buffered up to the limit
-                if got == 0:
-                    owner._refused(
-                        f"refused a GRPC message from {peer}: GRPC ended the call before a whole message arrived "
-                        f"(larger than the limit of {owner.max_message_bytes} bytes, or the sender went away)"
-                    )
+                pass  # refused by GRPC itself (logged below) or the sender went away
             except Exception as err:  # noqa: BLE001 (whatever a request causes, the server goes on)
                 owner._refused(f"refused a GRPC message from {peer}: {type(err).__name__}: {err}")
-            if size >= RELEASE_AFTER_BYTES:
-                release_memory()
+                got = max(got, 1)
+            if got == 0:
+                owner._refused(
+                    f"refused a GRPC message from {peer}: GRPC ended the call before a whole message arrived "
+                    f"(larger than the limit of {owner.max_message_bytes} bytes, or the sender went away)"
+                )
+            if size >= RELEASE_AFTER_BYTES or got == 0:
+                release_memory_soon()
             return grpc_comm_manager_pb2.CommResponse()
 
         def ignored(request: Any, context: Any) -> Any:
@@ -429,7 +455,7 @@ def _make_mqtt_s3_comm_manager_class() -> type:
                 except (PayloadError, TransportError) as err:
                     self._reject(f"refused a message on {topic}: {err}")
                     if isinstance(obj.get("lfp_size"), int) and obj["lfp_size"] >= RELEASE_AFTER_BYTES:
-                        release_memory()
+                        release_memory_soon()
                     continue
                 msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
                 msg.add_params(ENVELOPE_KEY, env)
