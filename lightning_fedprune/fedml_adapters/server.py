@@ -19,6 +19,7 @@ results answer an earlier server session and are dropped); their clients are ask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -36,7 +37,7 @@ from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
 from lightning_fedprune.errors import AllClientsFailedError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, FINISH, HELLO, READY, RESULT, TASK, Envelope
 from lightning_fedprune.fedml_adapters.rounds import RoundCollector, cap_samples
-from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
+from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, derived_message_limit
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class FedMLTransport:
             expected=self.expected,
             run_id=self.cfg.run_id,
             session=self.session,
-            max_message_bytes=self.cfg.comm_args.max_message_bytes,
+            max_message_bytes=self.cfg.comm_args.message_limit,
             timeout_s=self.cfg.train_args.round_timeout_s,
             rules=rules,
             carried=self._carried,
@@ -253,7 +254,7 @@ class FedMLTransport:
         rnd = max(s.task.round for s in self._carried)
         collector = RoundCollector(
             rnd, [], rank_of=self.cfg.rank_of_client, expected=self.expected, run_id=self.cfg.run_id, session=self.session,
-            max_message_bytes=self.cfg.comm_args.max_message_bytes, timeout_s=self.cfg.train_args.round_timeout_s,
+            max_message_bytes=self.cfg.comm_args.message_limit, timeout_s=self.cfg.train_args.round_timeout_s,
             carried=self._carried,
         )
         self._collector = collector
@@ -432,9 +433,13 @@ class FedMLServer(RoundDriver):
         from lightning_fedprune.fedml_adapters.components import build_server_parts, round_rules
 
         cfg.require_services()
-        self.cfg = cfg
         self.resume = bool(resume)
         self.parts = build_server_parts(cfg)
+        if cfg.comm_args.max_message_bytes is None:
+            limit = derived_message_limit(self.parts.strategy.global_state)
+            cfg = cfg.replace(comm_args=dataclasses.replace(cfg.comm_args, max_message_bytes=limit))
+            log.info("comm_args.max_message_bytes is not set: the server accepts messages up to %d bytes (4x its model + 1 MiB)", limit)
+        self.cfg = cfg
         self.rounds = int(cfg.recipe.rounds)
         r = cfg.recipe
         super().__init__(

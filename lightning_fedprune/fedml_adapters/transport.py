@@ -588,7 +588,7 @@ def _make_manager_class() -> type:
             if self.backend == "GRPC":
                 cls = _make_grpc_comm_manager_class()
                 self.com_manager = cls(
-                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.max_message_bytes, on_reject=ep._rejected
+                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.message_limit, on_reject=ep._rejected
                 )
             elif self.backend == "MQTT_S3":
                 cls = _make_mqtt_s3_comm_manager_class()
@@ -599,7 +599,7 @@ def _make_manager_class() -> type:
                         run_id=cfg.run_id,
                         rank=self.rank,
                         worker_num=cfg.worker_num,
-                        max_message_bytes=c.max_message_bytes,
+                        max_message_bytes=c.message_limit,
                         inline_bytes=c.mqtt_inline_bytes,
                         on_reject=ep._rejected,
                     ),

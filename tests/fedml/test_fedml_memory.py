@@ -8,6 +8,7 @@ memory is sampled throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -130,3 +131,22 @@ def test_concurrent_oversized_messages_are_refused_and_memory_is_bounded_and_rel
     # once) peak +69-98 MiB, after +1-20 MiB (without malloc_trim after +37-48 MiB)
     assert over_peak < 0.3 * total and over_after < 3.5 * limit
     assert in_peak < 2 * GRPC_MAX_CONCURRENT_RPCS * limit and in_after < 3.5 * limit
+
+
+def test_without_a_configured_limit_the_server_derives_one_from_its_model(tmp_path, loopback):
+    from fedml_testing import RECIPES
+
+    from lightning_fedprune.fedml_adapters.server import FedMLServer
+    from lightning_fedprune.fedml_adapters.settings import DEFAULT_MAX_MESSAGE_BYTES, DeploymentConfig
+
+    cfg = DeploymentConfig.from_yaml(
+        RECIPES / "digits_grpc.yaml", overrides=[f"run_dir={tmp_path / 'run'}", "comm_args.max_message_bytes=null"]
+    )
+    assert cfg.comm_args.max_message_bytes is None and cfg.comm_args.message_limit == DEFAULT_MAX_MESSAGE_BYTES  # clients
+    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
+    model = sum(v.numel() * v.element_size() for v in server.strategy.global_state.values())
+    assert model == 4 * (64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10)  # the digits MLP in float32
+    assert server.cfg.comm_args.max_message_bytes == server.transport.cfg.comm_args.message_limit == 4 * model + MIB
+    # a configured limit is kept
+    kept = cfg.replace(comm_args=dataclasses.replace(cfg.comm_args, max_message_bytes=LIMIT))
+    assert FedMLServer(kept, endpoint=None).cfg.comm_args.max_message_bytes == LIMIT
