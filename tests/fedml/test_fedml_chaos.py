@@ -27,6 +27,8 @@ from fedml_testing import RECIPES, need_fedml, need_mqtt_s3, read_jsonl, replay,
 from lightning_fedprune.core.serialization import load_state
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
 
+pytestmark = pytest.mark.chaos  # about 75-100 s each on two cores; `-m "not chaos"` leaves them out
+
 torch.set_num_threads(1)
 
 ROUNDS, TIMEOUT_S, SEED = 6, 6.0, 13
@@ -109,6 +111,7 @@ def _check(out: dict) -> None:
     took = [r["round_sim_time"] for r in records]
     print(f"plan {plan}; round seconds {[round(t, 2) for t in took]}; run {out['seconds']:.1f} s")
     assert max(took) <= TIMEOUT_S + SLACK_S  # every round ended within its deadline
+    assert sum(t >= TIMEOUT_S - 0.5 for t in took) <= 1  # the lost client cost at most one deadline
     # the victim's client failed in the round it died in or the next one, and worked again later
     cid = plan["victim"] - 1
     failed = [r["round"] for r in records if cid in {f["client_id"] for f in r["failures"]}]
