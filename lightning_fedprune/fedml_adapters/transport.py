@@ -262,7 +262,6 @@ def _make_grpc_comm_manager_class() -> type:
 
         # ---------------------------------------------------------- receiving
         def _received(self, data: bytes, claimed: int, peer: str) -> None:
-            nbytes = len(data)
             try:
                 env = decode_envelope(data, max_bytes=self.max_message_bytes)
                 if env.sender != claimed:
@@ -270,7 +269,7 @@ def _make_grpc_comm_manager_class() -> type:
             except PayloadError as err:
                 self._refused(f"refused a {len(data)}-byte GRPC message from {peer}: {err}")
                 return
-            self._inbox.put((env, nbytes))
+            self._inbox.put((env, len(data)))
 
         def _refused(self, reason: str) -> None:
             log.warning("%s", reason)
@@ -306,7 +305,7 @@ def _make_grpc_comm_manager_class() -> type:
             self._inbox.put(None)
 
         # ---------------------------------------------------------- sending
-        def _channel(self, receiver: int) -> tuple[Any, Any]:
+        def _stub(self, receiver: int) -> Any:
             with self._lock:
                 if receiver not in self._channels:
                     addr = self.addresses.get(receiver)
@@ -314,7 +313,7 @@ def _make_grpc_comm_manager_class() -> type:
                         raise TransportError(f"no GRPC address for rank {receiver}")
                     channel = grpc.insecure_channel(f"{addr.host}:{addr.port}", options=self.opts)
                     self._channels[receiver] = (channel, grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel))
-                return self._channels[receiver]
+                return self._channels[receiver][1]
 
         def send_message(self, msg: Any, wait_s: float = 0.0, timeout_s: float = 60.0) -> int:
             """Send the envelope bytes of ``msg``; wait up to ``wait_s`` for the peer to come up.
@@ -332,7 +331,7 @@ def _make_grpc_comm_manager_class() -> type:
             data = msg.get(WIRE_KEY)
             receiver = int(msg.get_receiver_id())
             request = grpc_comm_manager_pb2.CommRequest(client_id=self.rank, message=data)
-            _, stub = self._channel(receiver)
+            stub = self._stub(receiver)
             # waiting for the peer: an empty call of FedML's other method, which GRPC holds until
             # the connection is up (or the wait is over)
             probe = grpc_comm_manager_pb2.CommRequest(client_id=self.rank)
