@@ -28,7 +28,7 @@ from fedml_testing import RECIPES, need_fedml, need_mqtt_s3, read_jsonl, replay,
 from lightning_fedprune.core.serialization import load_state
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
 
-pytestmark = pytest.mark.chaos  # about 75-100 s each on two cores; `-m "not chaos"` leaves them out
+pytestmark = pytest.mark.chaos  # 40-100 s each on two cores (load-dependent); `-m "not chaos"` leaves them out
 
 torch.set_num_threads(1)
 
