@@ -181,7 +181,7 @@ class FedMLClient:
                 raise PayloadError(f"client {cid!r} is not served by rank {self.rank} (it serves {self.clients})")
             if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= len(self.clients):
                 raise PayloadError(f"batch {batch!r} is not in 1..{len(self.clients)}")
-            task = decode_task(env.payload, expect_round=env.round, expect_client=cid, max_bytes=self.cfg.comm_args.max_message_bytes)
+            task = decode_task(env.payload, expect_round=env.round, expect_client=cid, max_bytes=self.cfg.comm_args.message_limit)
         except PayloadError as err:
             log.warning("rank %d refused a task: %s", self.rank, err)
             return

@@ -149,6 +149,8 @@ class RoundCollector:
         self.order = [t.client_id for t in tasks]
         self.num_new = len(tasks)
         self.dropped = 0
+        #: clients that sent nothing within ``timeout_s`` of their task (their process may be gone)
+        self.timed_out: list[int] = []
         self._soft_deadline: float | None = None
 
     # -------------------------------------------------------------- sending side
@@ -268,6 +270,7 @@ class RoundCollector:
             sent_at = s.sent_at if s.sent_at is not None else self.start
             if now >= sent_at + self.timeout_s:
                 self.fail(cid, "deadline", f"no result {self.timeout_s:g} s after its task was sent (train_args.round_timeout_s)")
+                self.timed_out.append(cid)
             elif self._soft_deadline is not None and now >= self._soft_deadline:
                 self.fail(cid, "deadline", f"not delivered by the round's deadline ({self._soft_deadline - self.start:.3f} s)")
 

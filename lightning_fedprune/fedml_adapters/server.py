@@ -19,12 +19,14 @@ results answer an earlier server session and are dropped); their clients are ask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +37,64 @@ from lightning_fedprune.driver import CHECKPOINT_NAME, RoundDriver, RoundOutcome
 from lightning_fedprune.errors import AllClientsFailedError
 from lightning_fedprune.fedml_adapters.envelope import FAILURE, FINISH, HELLO, READY, RESULT, TASK, Envelope
 from lightning_fedprune.fedml_adapters.rounds import RoundCollector, cap_samples
-from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
+from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, derived_message_limit
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FedMLServer", "FedMLTransport", "CHECKPOINT_NAME", "GLOBAL_MODEL_NAME"]
 
 GLOBAL_MODEL_NAME = "global_model.safetensors"
+
+
+class RankSenders:
+    """One sender thread per rank: a slow or unreachable rank delays only its own messages.
+
+    Messages to a rank go out in the order they were submitted. Once a send to a rank failed,
+    the messages to it submitted before that failure are not tried (they fail at once with the
+    same reason): an unreachable rank costs one connection wait, not one per message.
+
+    Args:
+        send: ``send(envelope, wait_s)`` -> wire bytes; raises when it could not be delivered.
+    """
+
+    def __init__(self, send: Callable[[Envelope, float], int]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._threads: dict[int, ThreadPoolExecutor] = {}
+        self._failed: dict[int, tuple[float, str]] = {}  # rank -> (when its last send failed, why)
+        self._closed = False
+
+    def submit(self, env: Envelope, *, wait_s: float) -> Future:
+        """Queue ``env`` for its receiver; the future gives the wire bytes or raises."""
+        rank, queued_at = int(env.receiver), time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the senders are shut down")
+            pool = self._threads.get(rank)
+            if pool is None:
+                pool = self._threads[rank] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lfp-send-{rank}")
+
+        def job() -> int:
+            with self._lock:
+                failed = self._failed.get(rank)
+            if failed is not None and failed[0] >= queued_at:
+                raise ConnectionError(f"not tried: an earlier send to rank {rank} failed ({failed[1]})")
+            try:
+                return self._send(env, wait_s)
+            except Exception as err:
+                with self._lock:
+                    self._failed[rank] = (time.monotonic(), str(err))
+                raise
+
+        return pool.submit(job)
+
+    def shutdown(self) -> None:
+        """Stop taking messages; queued ones are dropped, the ones being sent finish on their own."""
+        with self._lock:
+            self._closed = True
+            pools, self._threads = list(self._threads.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class FedMLTransport:
@@ -72,7 +125,7 @@ class FedMLTransport:
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._collector: RoundCollector | None = None
         self._carried: list[Any] = []  # async mode: tasks in flight from earlier rounds
-        self._pool: ThreadPoolExecutor | None = None
+        self._senders: RankSenders | None = None
         self._cum_wire = {"up": 0, "down": 0}
         self._stopped = False
 
@@ -83,13 +136,14 @@ class FedMLTransport:
             from lightning_fedprune.fedml_adapters.transport import make_endpoint
 
             self._endpoint = make_endpoint(self.cfg, 0)
-        self._pool = ThreadPoolExecutor(max_workers=min(8, self.cfg.worker_num + 1), thread_name_prefix="lfp-send")
+        endpoint = self._endpoint
+        self._senders = RankSenders(lambda env, wait_s: endpoint.send(env, wait_s=wait_s))
         self._endpoint.start(self._on_message, self._on_refused)
         log.info(
             "server of run %r up on %s; waiting for %d client process(es)",  # session ids stay out of logs
             self.cfg.run_id, self.cfg.comm_args.backend, self.cfg.worker_num,
         )
-        self._announce()
+        self._announce(range(1, self.cfg.worker_num + 1))
         self._wait_for_clients(all_of_them=True, timeout_s=self.cfg.train_args.startup_timeout_s)
 
     def stop(self) -> None:
@@ -102,10 +156,10 @@ class FedMLTransport:
         if self._endpoint is None or self._stopped:
             return
         self._stopped = True
-        if self._carried and self._pool is not None:
+        if self._carried and self._senders is not None:
             self._drain()
         jobs = []
-        if self._pool is not None:
+        if self._senders is not None:
             for rank in sorted(self._online):
                 jobs.append(self._submit(Envelope(FINISH, 0, rank, self.cfg.run_id, self.session), wait_s=0.0))
             for job in jobs:
@@ -113,7 +167,7 @@ class FedMLTransport:
                     job.result(timeout=self.cfg.comm_args.send_timeout_s)
                 except Exception as err:  # a client gone already is fine
                     log.debug("finish not delivered: %s", err)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._senders.shutdown()
         try:
             self._endpoint.close()
         finally:
@@ -125,7 +179,12 @@ class FedMLTransport:
 
     # -------------------------------------------------------------- the driver's interface
     def candidates(self, rnd: int) -> list[int]:
-        """Clients of the processes that said hello (waiting for one when none is up)."""
+        """Clients of the processes that said hello (waiting for one when none is up).
+
+        Ranks not online are told again that this server is up: a live one answers with hello and
+        is asked again from the next round on.
+        """
+        self._announce(sorted(set(range(1, self.cfg.worker_num + 1)) - set(self._online)))
         if not self._online:
             log.warning("round %d: no client process is up; waiting up to %g s", rnd, self.cfg.train_args.startup_timeout_s)
             self._wait_for_clients(all_of_them=False, timeout_s=self.cfg.train_args.startup_timeout_s)
@@ -144,7 +203,7 @@ class FedMLTransport:
             expected=self.expected,
             run_id=self.cfg.run_id,
             session=self.session,
-            max_message_bytes=self.cfg.comm_args.max_message_bytes,
+            max_message_bytes=self.cfg.comm_args.message_limit,
             timeout_s=self.cfg.train_args.round_timeout_s,
             rules=rules,
             carried=self._carried,
@@ -156,6 +215,7 @@ class FedMLTransport:
         finally:
             self._collector = None
         out = collector.close()
+        self._bench_silent(collector)
         self._carried = collector.carry() if rules.mode == "async" else []
         capped: list[int] = []
         if self.known_samples is not None:
@@ -182,13 +242,19 @@ class FedMLTransport:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._cum_wire = {"up": int(state.get("cum_wire_bytes_up", 0)), "down": int(state.get("cum_wire_bytes_down", 0))}
 
+    def _bench_silent(self, collector: RoundCollector) -> None:
+        """Ranks that sent nothing for a whole ``round_timeout_s`` are not asked again until they say hello."""
+        for rank in sorted({collector.slots[c].rank for c in collector.timed_out}):
+            if self._online.pop(rank, None) is not None:
+                log.warning("rank %d sent nothing for train_args.round_timeout_s; it is asked again once it says hello", rank)
+
     def _drain(self) -> None:
         """Wait for the tasks still in flight (async mode) and drop their results."""
         log.info("waiting for %d task(s) still in flight before finishing", len(self._carried))
         rnd = max(s.task.round for s in self._carried)
         collector = RoundCollector(
             rnd, [], rank_of=self.cfg.rank_of_client, expected=self.expected, run_id=self.cfg.run_id, session=self.session,
-            max_message_bytes=self.cfg.comm_args.max_message_bytes, timeout_s=self.cfg.train_args.round_timeout_s,
+            max_message_bytes=self.cfg.comm_args.message_limit, timeout_s=self.cfg.train_args.round_timeout_s,
             carried=self._carried,
         )
         self._collector = collector
@@ -300,25 +366,27 @@ class FedMLTransport:
         return None
 
     def _submit(self, env: Envelope, *, wait_s: float, on_fail: tuple[Any, ...] | None = None, on_done: tuple[Any, ...] | None = None) -> Any:
-        assert self._pool is not None
+        assert self._senders is not None
+        job = self._senders.submit(env, wait_s=wait_s)
 
-        def job() -> None:
-            try:
-                wire = self._endpoint.send(env, wait_s=wait_s)
-            except Exception as err:
+        def done(fut: Future) -> None:
+            if fut.cancelled():
+                return
+            err = fut.exception()
+            if err is not None:
                 if on_fail is not None:
                     self._events.put((*on_fail, str(err)))
                 else:
                     log.debug("could not send %s to rank %d: %s", env.type, env.receiver, err)
-                return
-            if on_done is not None:
-                self._events.put((*on_done, wire))
+            elif on_done is not None:
+                self._events.put((*on_done, fut.result()))
 
-        return self._pool.submit(job)
+        job.add_done_callback(done)
+        return job
 
-    def _announce(self) -> None:
-        """Tell every client rank this (new) server is up: live clients answer with hello."""
-        for rank in range(1, self.cfg.worker_num + 1):
+    def _announce(self, ranks: Any) -> None:
+        """Tell client ranks this (new) server is up: live clients answer with hello."""
+        for rank in ranks:
             self._submit(Envelope(READY, 0, rank, self.cfg.run_id, self.session, body={"announce": True}), wait_s=0.0)
 
     def _wait_for_clients(self, *, all_of_them: bool, timeout_s: float) -> None:
@@ -365,9 +433,13 @@ class FedMLServer(RoundDriver):
         from lightning_fedprune.fedml_adapters.components import build_server_parts, round_rules
 
         cfg.require_services()
-        self.cfg = cfg
         self.resume = bool(resume)
         self.parts = build_server_parts(cfg)
+        if cfg.comm_args.max_message_bytes is None:
+            limit = derived_message_limit(self.parts.strategy.global_state)
+            cfg = cfg.replace(comm_args=dataclasses.replace(cfg.comm_args, max_message_bytes=limit))
+            log.info("comm_args.max_message_bytes is not set: the server accepts messages up to %d bytes (4x its model + 1 MiB)", limit)
+        self.cfg = cfg
         self.rounds = int(cfg.recipe.rounds)
         r = cfg.recipe
         super().__init__(

@@ -186,7 +186,9 @@ class CommArgs:
         customized_training_s3_config: ``CN_S3_ENDPOINT``, ``CN_S3_AKI``, ``CN_S3_SAK``,
             ``BUCKET_NAME`` (and ``CN_REGION_NAME``) of the S3-compatible store; ``launch``
             starts a local moto server when empty.
-        max_message_bytes: larger messages are refused (and logged) by the receiver.
+        max_message_bytes: larger messages are refused (and logged) by the receiver. ``null``: the
+            server derives it from its model (:func:`derived_message_limit`); clients take
+            :data:`DEFAULT_MAX_MESSAGE_BYTES` (see :attr:`message_limit`).
         mqtt_inline_bytes: MQTT_S3 messages up to this size travel inside the MQTT message; larger
             ones go through the object store.
         send_timeout_s: one send (GRPC call, S3 upload) gives up after this long.
@@ -207,7 +209,7 @@ class CommArgs:
     grpc_base_port: int = 8890
     customized_training_mqtt_config: dict[str, Any] = field(default_factory=dict)
     customized_training_s3_config: dict[str, Any] = field(default_factory=dict)
-    max_message_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int | None = None
     mqtt_inline_bytes: int = 16 * 1024
     send_timeout_s: float = 60.0
     connect_timeout_s: float = 300.0
@@ -215,6 +217,25 @@ class CommArgs:
     auth_key_file: str | None = None
     tls: TlsArgs = field(default_factory=TlsArgs)
     insecure: bool = False
+
+    @property
+    def message_limit(self) -> int:
+        """``max_message_bytes``, or :data:`DEFAULT_MAX_MESSAGE_BYTES` when it is not set."""
+        return int(self.max_message_bytes) if self.max_message_bytes is not None else DEFAULT_MAX_MESSAGE_BYTES
+
+
+#: what a process accepts when ``comm_args.max_message_bytes`` is not set and it has no model to derive a limit from
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def derived_message_limit(global_state: Mapping[str, Any]) -> int:
+    """The largest message a legitimate result can need: 4x the global model's tensor bytes + 1 MiB.
+
+    A result holds at most the model's tensors plus per-strategy extras of the same size (e.g.
+    SCAFFOLD's control variate), sparse encodings add their indices; 4x covers them.
+    """
+    model = sum(int(getattr(v, "nbytes", 0)) for v in global_state.values())
+    return 4 * model + 1024 * 1024
 
 
 @dataclass
@@ -534,7 +555,7 @@ class DeploymentConfig:
         if not 1 <= c.grpc_base_port <= 65535 - self.worker_num:
             raise ConfigError(f"`comm_args.grpc_base_port` must leave room for {self.worker_num + 1} ports, got {c.grpc_base_port}")
         for key in ("max_message_bytes", "mqtt_inline_bytes"):
-            if getattr(c, key) < 1024:
+            if getattr(c, key) is not None and getattr(c, key) < 1024:
                 raise ConfigError(f"`comm_args.{key}` must be >= 1024, got {getattr(c, key)}")
         for section, key in (
             ("comm_args", "send_timeout_s"),

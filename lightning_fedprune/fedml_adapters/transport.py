@@ -94,10 +94,68 @@ class _FedMLChatter(logging.Filter):
 # ============================================================================ GRPC
 
 
-def _grpc_limits(max_message_bytes: int) -> int:
-    # the GRPC layer accepts up to twice our limit, so an oversized message still reaches our
-    # servicer, which logs and refuses it; anything larger is refused by GRPC itself
-    return min(2 * int(max_message_bytes) + 1024 * 1024, 2**31 - 1)
+#: what a GRPC request adds to the envelope it carries (protobuf field tags and lengths, client id)
+_GRPC_FRAMING_BYTES = 64
+#: worker threads of a GRPC server: at most this many received messages are held and decoded at once
+GRPC_SERVER_WORKERS = 4
+#: RPCs a GRPC server takes at once (the others are refused at once and their senders retry)
+GRPC_MAX_CONCURRENT_RPCS = 2 * GRPC_SERVER_WORKERS
+_BUSY = "Concurrent RPC limit exceeded"
+
+
+def _grpc_limit(max_message_bytes: int) -> int:
+    # GRPC itself refuses larger requests (RESOURCE_EXHAUSTED) before a byte of them is decoded
+    return min(int(max_message_bytes) + _GRPC_FRAMING_BYTES, 2**31 - 1)
+
+
+def release_memory() -> bool:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; False where there is none).
+
+    glibc keeps freed buffers in its per-thread arenas, so without it a process that received a
+    few large messages on GRPC's worker threads stays near its peak size.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None
+_release_lock = threading.Lock()
+_release_timer: threading.Timer | None = None
+
+
+def release_memory_soon(delay_s: float = 0.2) -> None:
+    """:func:`release_memory` once, ``delay_s`` from now (after GRPC freed its buffers of the call).
+
+    Calls while one is pending are folded into it.
+    """
+    global _release_timer
+
+    def run() -> None:
+        global _release_timer
+        with _release_lock:
+            _release_timer = None
+        release_memory()
+
+    with _release_lock:
+        if _release_timer is not None:
+            return
+        _release_timer = threading.Timer(delay_s, run)
+        _release_timer.daemon = True
+        _release_timer.start()
+
+
+#: messages at least this large are followed by :func:`release_memory`
+RELEASE_AFTER_BYTES = 1024 * 1024
 
 
 def _make_grpc_comm_manager_class() -> type:
@@ -107,18 +165,51 @@ def _make_grpc_comm_manager_class() -> type:
     from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2, grpc_comm_manager_pb2_grpc
     from fedml.core.distributed.communication.message import Message
 
-    class _Servicer(grpc_comm_manager_pb2_grpc.gRPCCommManagerServicer):
-        """FedML's GRPC service, receiving envelope bytes (never unpickled)."""
+    def _service(owner: SafeGRPCCommManager) -> Any:
+        """FedML's GRPC service ``gRPCCommManager``, receiving envelope bytes (never unpickled).
 
-        def __init__(self, owner: SafeGRPCCommManager) -> None:
-            self.owner = owner
+        ``sendMessage`` is registered as client-streaming (the same bytes on the wire as FedML's
+        unary call): the handler runs when the call starts, so a request GRPC refuses (larger
+        than the limit) is still seen, logged and counted here.
+        """
 
-        def sendMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 (FedML's service name)
-            self.owner._received(bytes(request.message), int(request.client_id), context.peer(), context.auth_context())
+        def send_message(requests: Any, context: Any) -> Any:
+            peer = context.peer()
+            got = size = 0
+            try:
+                for request in requests:
+                    got += 1
+                    size = len(request.message)
+                    owner._received(bytes(request.message), int(request.client_id), peer, context.auth_context())
+                    del request
+            except grpc.RpcError:
+                pass  # refused by GRPC itself (logged below) or the sender went away
+            except Exception as err:  # noqa: BLE001 (whatever a request causes, the server goes on)
+                owner._refused(f"refused a GRPC message from {peer}: {type(err).__name__}: {err}")
+                got = max(got, 1)
+            if got == 0:
+                owner._refused(
+                    f"refused a GRPC message from {peer}: GRPC ended the call before a whole message arrived "
+                    f"(larger than the limit of {owner.max_message_bytes} bytes, or the sender went away)"
+                )
+            if size >= RELEASE_AFTER_BYTES or got == 0:
+                release_memory_soon()
             return grpc_comm_manager_pb2.CommResponse()
 
-        def handleReceiveMessage(self, request: Any, context: Any) -> Any:  # noqa: N802
+        def ignored(request: Any, context: Any) -> Any:
             return grpc_comm_manager_pb2.CommResponse()
+
+        codec = {
+            "request_deserializer": grpc_comm_manager_pb2.CommRequest.FromString,
+            "response_serializer": grpc_comm_manager_pb2.CommResponse.SerializeToString,
+        }
+        return grpc.method_handlers_generic_handler(
+            "gRPCCommManager",
+            {
+                "sendMessage": grpc.stream_unary_rpc_method_handler(send_message, **codec),
+                "handleReceiveMessage": grpc.unary_unary_rpc_method_handler(ignored, **codec),
+            },
+        )
 
     class SafeGRPCCommManager(BaseCommunicationManager):
         """FedML's GRPC transport with envelope bytes on the wire (see the module docstring).
@@ -153,7 +244,7 @@ def _make_grpc_comm_manager_class() -> type:
             self._channels: dict[int, tuple[Any, Any]] = {}
             self._lock = threading.Lock()
             self._stopped = threading.Event()
-            limit = _grpc_limits(self.max_message_bytes)
+            limit = _grpc_limit(self.max_message_bytes)
             self.opts = [
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -165,8 +256,12 @@ def _make_grpc_comm_manager_class() -> type:
             me = self.addresses[self.rank]
             # no SO_REUSEPORT (gRPC's default): another process must not bind this live port and take its connections
             server_opts = [*self.opts, ("grpc.so_reuseport", 0)]
-            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lfp-grpc"), options=server_opts)
-            grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(_Servicer(self), self.server)
+            self.server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=GRPC_SERVER_WORKERS, thread_name_prefix="lfp-grpc"),
+                options=server_opts,
+                maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
+            )
+            self.server.add_generic_rpc_handlers((_service(self),))
             target = f"{me.bind_host}:{me.port}"
             try:
                 if tls is None:
@@ -194,11 +289,13 @@ def _make_grpc_comm_manager_class() -> type:
                 if env.sender != claimed:
                     raise PayloadError(f"GRPC request says client_id={claimed} but the envelope says sender={env.sender}")
             except PayloadError as err:
-                reason = f"refused a {len(data)}-byte GRPC message from {peer}: {err}"
-                log.warning("%s", reason)
-                self.on_reject(reason)
+                self._refused(f"refused a {len(data)}-byte GRPC message from {peer}: {err}")
                 return
             self._inbox.put((env, len(data)))
+
+        def _refused(self, reason: str) -> None:
+            log.warning("%s", reason)
+            self.on_reject(reason)
 
         def handle_receive_message(self) -> None:
             """Deliver received envelopes to the observers until stopped (blocks; no polling)."""
@@ -250,6 +347,10 @@ def _make_grpc_comm_manager_class() -> type:
         def send_message(self, msg: Any, wait_s: float = 0.0, timeout_s: float = 60.0) -> int:
             """Send the envelope bytes of ``msg``; wait up to ``wait_s`` for the peer to come up.
 
+            A peer that cannot be connected to fails the send after ``wait_s`` (at once when 0);
+            once connected, the transfer itself may take up to ``timeout_s``. A peer busy with
+            other calls (GRPC's concurrent-call limit) is tried again until ``timeout_s``.
+
             Returns:
                 The bytes put on the wire (the protobuf request).
 
@@ -260,16 +361,29 @@ def _make_grpc_comm_manager_class() -> type:
             receiver = int(msg.get_receiver_id())
             request = grpc_comm_manager_pb2.CommRequest(client_id=self.rank, message=data)
             stub = self._stub(receiver)
-            deadline = time.monotonic() + max(0.0, float(wait_s))
+            # waiting for the peer: an empty call of FedML's other method, which GRPC holds until
+            # the connection is up (or the wait is over)
+            probe = grpc_comm_manager_pb2.CommRequest(client_id=self.rank)
+            start = time.monotonic()
+            reach_by = start + max(0.0, float(wait_s))
+            give_up = start + max(float(timeout_s), float(wait_s))
             while True:
+                probing = wait_s > 0
                 try:
-                    stub.sendMessage(request, timeout=max(float(timeout_s), float(wait_s)), wait_for_ready=wait_s > 0)
+                    if probing:
+                        stub.handleReceiveMessage(probe, timeout=max(0.001, reach_by - time.monotonic()), wait_for_ready=True)
+                        probing = False
+                    stub.sendMessage(request, timeout=float(timeout_s), wait_for_ready=False)
                     return int(request.ByteSize())
                 except grpc.RpcError as err:
                     code = err.code() if hasattr(err, "code") else None
-                    retry = code in (grpc.StatusCode.UNAVAILABLE,) and time.monotonic() < deadline and not self._stopped.is_set()
-                    if not retry:
-                        detail = err.details() if hasattr(err, "details") else str(err)
+                    detail = err.details() if hasattr(err, "details") else str(err)
+                    now = time.monotonic()
+                    if probing and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise TransportError(f"GRPC send to rank {receiver} failed: rank {receiver} is not reachable (waited {wait_s:g} s)") from None
+                    unreachable = code == grpc.StatusCode.UNAVAILABLE and now < reach_by
+                    busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in str(detail) and now < give_up
+                    if self._stopped.is_set() or not (unreachable or busy):
                         raise TransportError(f"GRPC send to rank {receiver} failed: {code}: {detail}") from None
                     time.sleep(0.2)
 
@@ -413,6 +527,8 @@ def _make_mqtt_s3_comm_manager_class() -> type:
                         raise PayloadError(f"MQTT message says sender={obj.get(Message.MSG_ARG_KEY_SENDER)!r}, the envelope {env.sender}")
                 except (PayloadError, TransportError) as err:
                     self._reject(f"refused a message on {topic}: {err}")
+                    if isinstance(obj.get("lfp_size"), int) and obj["lfp_size"] >= RELEASE_AFTER_BYTES:
+                        release_memory_soon()
                     continue
                 msg = Message(fedml_msg_type(env.type), env.sender, env.receiver)
                 msg.add_params(ENVELOPE_KEY, env)
@@ -558,7 +674,7 @@ def _make_manager_class() -> type:
             if self.backend == "GRPC":
                 cls = _make_grpc_comm_manager_class()
                 self.com_manager = cls(
-                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.max_message_bytes,
+                    rank=self.rank, addresses=cfg.grpc_addresses(), max_message_bytes=c.message_limit,
                     on_reject=ep._rejected, tls=ep.tls,
                 )
             elif self.backend == "MQTT_S3":
@@ -570,7 +686,7 @@ def _make_manager_class() -> type:
                         run_id=cfg.run_id,
                         rank=self.rank,
                         worker_num=cfg.worker_num,
-                        max_message_bytes=c.max_message_bytes,
+                        max_message_bytes=c.message_limit,
                         inline_bytes=c.mqtt_inline_bytes,
                         on_reject=ep._rejected,
                         tls=ep.tls,

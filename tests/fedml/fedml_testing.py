@@ -267,6 +267,41 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def wait_rounds(path: Path, n: int, timeout_s: float = 120.0) -> None:
+    """Wait until the metrics file ``path`` holds ``n`` round records."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(read_jsonl(path)) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {n} rounds in {timeout_s} s")
+
+
+def replay(cfg: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The global state the recorded rounds give without any crash, given the same client results.
+
+    Every round is rebuilt in this process with the deployment's strategy and client runtime: the
+    clients each record names as selected are asked, the recorded failures fail, the others train.
+    """
+    import torch
+
+    from lightning_fedprune.core.client_store import ClientStore
+    from lightning_fedprune.core.messages import ClientFailure
+    from lightning_fedprune.simulation import build_run
+
+    torch.set_num_threads(1)
+    engine, _ = build_run(cfg.recipe.apply_overrides(["run_dir=null"]), listeners=[])
+    strategy, runtime, store = engine.strategy, engine.runtime, ClientStore()
+    for rec in records:
+        rnd = rec["round"]
+        tasks = strategy.configure_round(rnd, rec["selected"])
+        failed = {f["client_id"] for f in rec["failures"]}
+        results = runtime.run_many([t for t in tasks if t.client_id not in failed], store)
+        failures = [ClientFailure(rnd, f["client_id"], f["kind"], f["reason"]) for f in rec["failures"]]
+        strategy.aggregate(rnd, results, failures)
+    return dict(strategy.global_state)
+
+
 def simulate(cfg: Any) -> Any:
     """The simulator run of a deployment's recipe (same seeds), in this process."""
     import torch

@@ -16,30 +16,16 @@ client runtime.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from fedml_testing import RECIPES, need_fedml, read_jsonl, secure_overrides, start_cli
+from fedml_testing import RECIPES, need_fedml, read_jsonl, replay, secure_overrides, start_cli, wait_rounds
 
-from lightning_fedprune.core.client_store import ClientStore
-from lightning_fedprune.core.messages import ClientFailure
 from lightning_fedprune.core.serialization import load_state
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
-from lightning_fedprune.simulation import build_run
 
 torch.set_num_threads(1)
 
 ROUNDS, TIMEOUT_S = 4, 8.0
-
-
-def _wait_rounds(path, n, timeout_s=120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(read_jsonl(path)) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{path} did not reach {n} rounds in {timeout_s} s")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +54,7 @@ def crashed(tmp_path_factory):
         # 1. kill rank 3 while it trains round 1
         procs["client_3"].wait_for("round 1: training clients [2]", timeout_s=180)
         procs["client_3"].kill()
-        _wait_rounds(metrics, 2)
+        wait_rounds(metrics, 2)
         # 2. kill the server right after it sent round 2's tasks; restart rank 3
         procs["server"].wait_for("round 2: sent", timeout_s=60)
         procs["server"].kill()
@@ -107,15 +93,7 @@ def test_a_restarted_server_resumes_and_the_restarted_client_rejoins(crashed):
 
 def test_the_final_model_is_the_one_the_same_client_results_give_without_a_crash(crashed):
     cfg = crashed["cfg"]
-    engine, _ = build_run(cfg.recipe.apply_overrides(["run_dir=null"]), listeners=[])
-    strategy, runtime, store = engine.strategy, engine.runtime, ClientStore()
-    for rec in crashed["records"]:
-        rnd = rec["round"]
-        tasks = strategy.configure_round(rnd, rec["selected"])
-        failed = {f["client_id"] for f in rec["failures"]}
-        results = runtime.run_many([t for t in tasks if t.client_id not in failed], store)
-        failures = [ClientFailure(rnd, f["client_id"], f["kind"], f["reason"]) for f in rec["failures"]]
-        strategy.aggregate(rnd, results, failures)
+    expected = replay(cfg, crashed["records"])
     final = load_state(cfg.run_dir / "global_model.safetensors")
-    for k, v in strategy.global_state.items():
+    for k, v in expected.items():
         torch.testing.assert_close(final[k], v, rtol=1e-6, atol=1e-7)

@@ -195,7 +195,9 @@ def test_a_crafted_pickle_is_refused_without_running(deployment):
     assert probe["pickle"] == "delivered"  # the server accepted the bytes on FedML's GRPC service ...
     assert not deployment["marker"].exists()  # ... and never unpickled them
     assert "refused a" in server_log and "a Python pickle" in server_log and "refused without unpickling" in server_log
-    assert f"exceeds the limit of {MAX_MESSAGE} bytes" in server_log
+    # the oversized message: GRPC itself refused it at the limit, the server logged that
+    assert probe["oversized"] == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "GRPC ended the call before a whole message arrived" in server_log and f"limit of {MAX_MESSAGE} bytes" in server_log
     assert "the request claims rank 2 but the peer's certificate names ['lfp-rank-1']" in server_log
     assert "refused a 'hello' message claiming rank 1: it carries no authentication" in server_log
     assert probe["outsider"] == "StatusCode.UNAVAILABLE"  # no certificate: no connection

@@ -1,0 +1,127 @@
+"""Lost clients cost at most one deadline: sends to a dead rank fail fast and never hold up live ones.
+
+* :class:`RankSenders` alone: a rank whose sends block delays only its own messages, and the
+  messages queued behind a failed send fail at once;
+* a real GRPC deployment in this process (server + one live client); of the two other ranks one
+  said hello and then went away (its endpoint closed: a killed process), the other never started.
+  Their tasks fail as dropouts within the connection wait (not ``send_timeout_s``), the round ends
+  as soon as the live client delivered, the live client's task goes out at once, and the dead
+  ranks are not asked again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from fedml_testing import SerialRuntime, grpc_deployment, need_fedml
+
+from lightning_fedprune.fedml_adapters.envelope import Envelope
+from lightning_fedprune.fedml_adapters.server import RankSenders
+
+torch.set_num_threads(1)
+
+
+def test_a_blocked_rank_delays_only_its_own_messages():
+    release = threading.Event()
+
+    def send(env, wait_s):
+        if env.receiver == 2:  # a dead rank: every send blocks until it fails
+            release.wait(1.0)
+            raise ConnectionError("rank 2 is not reachable")
+        return 7
+
+    senders = RankSenders(send)
+    t0 = time.monotonic()
+    dead = [senders.submit(Envelope("ready", 0, 2, "run", "s"), wait_s=1.0) for _ in range(5)]
+    live = [senders.submit(Envelope("ready", 0, r, "run", "s"), wait_s=1.0) for r in (1, 3)]
+    assert [f.result(timeout=5) for f in live] == [7, 7]
+    live_s = time.monotonic() - t0
+    for f in dead:
+        with pytest.raises(ConnectionError):
+            f.result(timeout=5)
+    dead_s = time.monotonic() - t0
+    senders.shutdown()
+    # measured: live 0.001-0.004 s; dead 1.00-1.01 s (one wait, not five)
+    assert live_s < 0.3
+    assert 0.9 <= dead_s < 1.6
+    assert "not tried: an earlier send to rank 2 failed" in str(dead[-1].exception())
+
+
+class TimedEndpoint:
+    """Wraps the server's endpoint: when each send to a rank started and ended, and how."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.sends: list[tuple[str, int, float, float, bool]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def send(self, env, *, wait_s=0.0):
+        t0 = time.monotonic()
+        try:
+            out = self.inner.send(env, wait_s=wait_s)
+        except Exception:
+            self.sends.append((env.type, env.receiver, t0, time.monotonic(), False))
+            raise
+        self.sends.append((env.type, env.receiver, t0, time.monotonic(), True))
+        return out
+
+
+def test_dead_ranks_fail_fast_over_grpc_and_the_live_client_is_not_held_up(tmp_path):
+    need_fedml()
+    from lightning_fedprune.fedml_adapters.client import FedMLClient
+    from lightning_fedprune.fedml_adapters.components import build_client_runtime
+    from lightning_fedprune.fedml_adapters.server import FedMLServer
+    from lightning_fedprune.fedml_adapters.transport import make_endpoint
+
+    timeout_s, send_timeout_s = 30.0, 60.0
+    cfg, _, _ = grpc_deployment(
+        tmp_path, "rounds=3", f"train_args.round_timeout_s={timeout_s}", "train_args.startup_timeout_s=3",
+        f"comm_args.send_timeout_s={send_timeout_s}", "comm_args.hello_interval_s=0.5",
+    )
+    wait_s = min(2 * cfg.comm_args.hello_interval_s, send_timeout_s)  # the server's connection wait for tasks
+    client = FedMLClient(cfg, 1, runtime=SerialRuntime(build_client_runtime(cfg, 1)))
+    thread = threading.Thread(target=client.run, daemon=True)
+    thread.start()
+    endpoint = TimedEndpoint(make_endpoint(cfg, 0))
+    server = FedMLServer(cfg, endpoint=endpoint)
+    runner = threading.Thread(target=server.run, daemon=True)
+    t0 = time.monotonic()
+    runner.start()
+    # rank 2 says hello to the server, then its process is gone; rank 3 never starts
+    ghost = make_endpoint(cfg, 2)
+    ghost.start(lambda env, wire: None)
+    ghost.send(Envelope("hello", 2, 0, cfg.run_id, "none", body={"clients": cfg.clients_of_rank(2), "session": "g"}), wait_s=30)
+    ghost.close()
+    runner.join(timeout=120)
+    run_s = time.monotonic() - t0
+    thread.join(timeout=30)
+    assert not runner.is_alive()
+
+    recs = server.history
+    assert [r["num_results"] for r in recs] == [1, 1, 1]
+    # rank 3 never said hello: its client is not asked; rank 2's task fails as a dropout at once
+    assert recs[0]["selected"] == [0, 1]
+    assert [(f["client_id"], f["kind"]) for f in recs[0]["failures"]] == [(1, "dropout")]
+    assert [r["selected"] for r in recs[1:]] == [[0], [0]]  # and rank 2 is not asked again
+    tasks = [s for s in endpoint.sends if s[0] == "task"]
+    dead = [s for s in tasks if s[1] != 1]
+    live = [s for s in tasks if s[1] == 1]
+    assert [s[1] for s in dead] == [2] and not dead[0][-1] and len(live) == 3 and all(s[-1] for s in live)
+    announces = [s for s in endpoint.sends if s[0] == "ready" and s[1] == 3]
+    assert announces and max(end - start for _, _, start, end, _ in announces) < 0.5  # refused at once
+    dead_s = max(end - start for _, _, start, end, _ in dead)
+    round0 = sorted(tasks, key=lambda s: s[2])[:2]  # the tasks to ranks 1 and 2, sent together
+    live_delay = max(s[3] for s in round0 if s[1] == 1) - min(s[2] for s in round0)  # queued -> delivered
+    rounds_s = [r["round_sim_time"] for r in recs]
+    print(f"dead-rank sends {dead_s:.3f} s, live task queued->sent {live_delay:.4f} s, rounds {rounds_s}, run {run_s:.1f} s")
+    # measured: dead sends 1.002-1.003 s (wait_s 1 s), live task delivered 0.008-0.010 s after the
+    # round's first send, rounds 1.005-1.009 s (ended by the dropout), then 0.06-0.13 s
+    assert dead_s <= wait_s + 0.5  # not send_timeout_s (60 s)
+    assert live_delay < 0.25
+    assert rounds_s[0] <= wait_s + 5.0 < timeout_s
+    assert max(rounds_s[1:]) < 5.0
