@@ -1,4 +1,5 @@
-"""Helpers of the FedML tests: an in-memory transport, process starting, logs and CPU readings.
+"""Helpers of the FedML tests: an in-memory transport and in-process sessions over it, process
+starting, logs and CPU readings.
 
 (Imported by the test files as ``fedml_testing``; ``conftest.py`` turns the transport into a fixture.)
 
@@ -365,3 +366,31 @@ class SerialRuntime:
     def run_many(self, tasks, store):
         with self.lock:
             return self.inner.run_many(tasks, store)
+
+
+def session(hub: LoopbackHub, cfg: Any, *, resume: bool = False, runtime_wrap: type = SerialRuntime) -> tuple[Any, list[Any], list[LoopbackEndpoint]]:
+    """A server and the client processes of ranks 1..``worker_num`` in this process over ``hub``,
+    run to the end (``resume``: the server resumes from its checkpoint in ``cfg.run_dir``).
+
+    Returns ``(server, clients, every endpoint used)``.
+    """
+    from lightning_fedprune.fedml_adapters.client import FedMLClient
+    from lightning_fedprune.fedml_adapters.components import build_client_runtime
+    from lightning_fedprune.fedml_adapters.server import FedMLServer
+
+    endpoints, clients, threads = [], [], []
+    for rank in range(1, cfg.worker_num + 1):
+        ep = hub.endpoint(rank)
+        endpoints.append(ep)
+        c = FedMLClient(cfg, rank, endpoint=ep, runtime=runtime_wrap(build_client_runtime(cfg, rank)))
+        t = threading.Thread(target=c.run, daemon=True)
+        t.start()
+        clients.append(c)
+        threads.append(t)
+    ep0 = hub.endpoint(0)
+    endpoints.append(ep0)
+    server = FedMLServer(cfg, endpoint=ep0, resume=resume)
+    server.run()
+    for t in threads:
+        t.join(timeout=30)
+    return server, clients, endpoints

@@ -15,18 +15,15 @@ gate-related goes on the wire, and the end state is the simulator's.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from fedml_testing import RECIPES, SerialRuntime, need_fedml, read_jsonl, secure_overrides, simulate, start_cli
+from fedml_testing import RECIPES, LoopbackHub, need_fedml, read_jsonl, secure_overrides, session, simulate, start_cli
 from safetensors.torch import load as st_load
 
 from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
 from lightning_fedprune.core.client_store import ClientStore
 from lightning_fedprune.core.messages import ClientFailure
-from lightning_fedprune.fedml_adapters.client import FedMLClient, client_dir
-from lightning_fedprune.fedml_adapters.server import FedMLServer
+from lightning_fedprune.fedml_adapters.client import client_dir
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAddress, write_grpc_ipconfig
 
 torch.set_num_threads(1)
@@ -58,38 +55,14 @@ def _assert_like_the_simulator(cfg, global_state, gates_of):
     return engine
 
 
-def _session(hub, cfg, *, resume):
-    """Server + 3 clients over ``hub``; returns the server, the clients and every endpoint used."""
-    from lightning_fedprune.fedml_adapters.components import build_client_runtime
-
-    endpoints, clients, threads = [], [], []
-    for rank in (1, 2, 3):
-        ep = hub.endpoint(rank)
-        endpoints.append(ep)
-        c = FedMLClient(cfg, rank, endpoint=ep, runtime=SerialRuntime(build_client_runtime(cfg, rank)))
-        t = threading.Thread(target=c.run, daemon=True)
-        t.start()
-        clients.append(c)
-        threads.append(t)
-    ep0 = hub.endpoint(0)
-    endpoints.append(ep0)
-    server = FedMLServer(cfg, endpoint=ep0, resume=resume)
-    server.run()
-    for t in threads:
-        t.join(timeout=30)
-    return server, clients, endpoints
-
-
 def test_feddp_in_process_gates_survive_restarts_and_never_travel(tmp_path, loopback):
-    from fedml_testing import LoopbackHub
-
     run = tmp_path / "run"
     # Execute: 2 rounds; then new client objects and a resumed server on the same run folder
     cfg2 = _cfg(run, "rounds=2")
-    _, first, eps1 = _session(loopback, cfg2, resume=False)
+    _, first, eps1 = session(loopback, cfg2, resume=False)
     kept = {c: _client_gates(cfg2, 1 + c % 3, c) for c in range(3)}
     cfg = _cfg(run)
-    server, clients, eps2 = _session(LoopbackHub(), cfg, resume=True)
+    server, clients, eps2 = session(LoopbackHub(), cfg, resume=True)
     # Assert: the restarted clients trained round 2 only, from the gates they had kept on disk
     assert [c.rounds_trained for c in first] == [2, 2, 2] and [c.rounds_trained for c in clients] == [1, 1, 1]
     assert [r["round"] for r in server.history][-1] == ROUNDS - 1
@@ -125,7 +98,7 @@ def test_gated_fedmp_sub_models_in_process_end_like_the_simulator(tmp_path, loop
         tmp_path / "run", "strategy.name=fedmp", "strategy.options={fixed_ratios: {0: 0.5, 1: 0.25}}",
         "strategy.wrappers=[{name: feddp, options: {keep_ratio: 0.5, lasso: 0.001}}]",
     )
-    server, clients, _ = _session(loopback, cfg, resume=False)
+    server, clients, _ = session(loopback, cfg, resume=False)
     assert [c.rounds_trained for c in clients] == [ROUNDS] * 3
     assert [server.history[-1][f"agg/ratio/{c}"] for c in range(3)] == [0.5, 0.25, 0.0]
     for c in range(3):  # every client keeps its gates at the full width of cnn_digits

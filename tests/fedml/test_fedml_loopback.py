@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from fedml_testing import RECIPES, SerialRuntime, simulate
+from fedml_testing import RECIPES, LoopbackHub, SerialRuntime, session, simulate
 
 from lightning_fedprune.core.messages import ClientResult, encode_result
 from lightning_fedprune.fedml_adapters.client import FedMLClient, model_path
@@ -19,6 +19,9 @@ from lightning_fedprune.fedml_adapters.server import FedMLServer
 from lightning_fedprune.fedml_adapters.settings import DeploymentConfig
 
 torch.set_num_threads(1)
+
+#: NestFL with fixed rates: nested sub-networks of three sizes, t = 3 local steps
+NESTFL = ("strategy.name=nestfl", "strategy.local_steps=3", "strategy.options={fixed_rates: {0: 0.0, 1: 0.25, 2: 0.5}}")
 
 
 def _cfg(tmp_path, *extra: str) -> DeploymentConfig:
@@ -235,7 +238,7 @@ def test_nestfl_deployment_matches_the_simulator_and_clients_keep_their_personal
     from lightning_fedprune.core.client_store import ClientStore
     from lightning_fedprune.fedml_adapters.client import client_dir
 
-    cfg = _cfg(tmp_path, "rounds=2", "strategy.name=nestfl", "strategy.local_steps=3", "strategy.options={fixed_rates: {0: 0.0, 1: 0.25, 2: 0.5}}")
+    cfg = _cfg(tmp_path, "rounds=2", *NESTFL)
     _, threads = _start_clients(cfg, loopback, [1, 2, 3])
     server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
     server.run()
@@ -251,3 +254,72 @@ def test_nestfl_deployment_matches_the_simulator_and_clients_keep_their_personal
         assert own is not None and own["round"] == 1
         for k, v in sim["weights"].items():
             torch.testing.assert_close(own["weights"][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_nestfl_clients_keep_their_personalized_models_across_a_restart(tmp_path, loopback):
+    from lightning_fedprune.callbacks.personal import PERSONAL_STATE_KEY, personal_model
+    from lightning_fedprune.core.client_store import ClientStore
+    from lightning_fedprune.core.messages import decode_result, decode_task
+    from lightning_fedprune.fedml_adapters.client import client_dir
+
+    def own(cfg, c):  # the personalized model in the state folder of client c's process
+        return personal_model(ClientStore(spill_dir=client_dir(cfg, cfg.rank_of_client(c)) / "state").get(c))
+
+    class Held(SerialRuntime):
+        """Records the personalized model each client holds when its training starts."""
+
+        held: dict[int, dict] = {}
+
+        def run_many(self, tasks, store):
+            for t in tasks:
+                entry = personal_model(store.get(t.client_id))
+                self.held[t.client_id] = {**entry, "weights": {k: v.clone() for k, v in entry["weights"].items()}} if entry else None
+            return super().run_many(tasks, store)
+
+    # Execute: 2 rounds; then new client objects and a resumed server on the same run folder for round 2
+    cfg2 = _cfg(tmp_path, "rounds=2", *NESTFL)
+    _, first, eps1 = session(loopback, cfg2)
+    kept = {c: own(cfg2, c) for c in range(3)}
+    cfg = _cfg(tmp_path, "rounds=3", *NESTFL)
+    server, clients, eps2 = session(LoopbackHub(), cfg, resume=True, runtime_wrap=Held)
+    # Assert: the restarted clients trained round 2 only, holding the sub-networks they kept on disk
+    assert [c.rounds_trained for c in first] == [2, 2, 2] and [c.rounds_trained for c in clients] == [1, 1, 1]
+    assert [r["round"] for r in server.history] == [0, 1, 2]
+    engine = simulate(cfg)
+    for k, v in engine.strategy.global_state.items():
+        assert torch.equal(server.strategy.global_state[k], v), k
+    for c in range(3):
+        before, held, after, sim = kept[c], Held.held[c], own(cfg, c), personal_model(engine.store.get(c))
+        assert held is not None, f"client {c} restarted without the personalized model it kept"
+        assert before["round"] == held["round"] == 1 and after["round"] == sim["round"] == 2
+        assert held["kept"] == before["kept"] and set(held["weights"]) == set(before["weights"])
+        assert all(torch.equal(held["weights"][k], v) for k, v in before["weights"].items())
+        assert set(after["weights"]) == set(before["weights"]) == set(sim["weights"])
+        assert all(not torch.equal(after["weights"][k], v) for k, v in before["weights"].items())
+        for k, v in sim["weights"].items():
+            assert torch.equal(after["weights"][k], v), k
+    # every envelope of both sessions: a personalized sub-network travels only as the result of the
+    # round that trained it; tasks carry the global model's sub-models, other messages no tensors
+    personal = {(1, c): kept[c]["weights"] for c in range(3)} | {(2, c): own(cfg, c)["weights"] for c in range(3)}
+    sent = [e for ep in (*eps1, *eps2) for e in ep.sent]
+    assert {"task", "result"} <= {e.type for e in sent}
+    results = 0
+    for env in sent:
+        assert PERSONAL_STATE_KEY not in str(env.body)
+        if env.type == "result":
+            r = decode_result(env.payload)
+            results += 1
+            if (r.round, r.client_id) in personal:
+                mine = personal[(r.round, r.client_id)]
+                assert set(r.weights) == set(mine) and all(torch.equal(r.weights[k], mine[k]) for k in mine)
+            others = [w for (rnd, c), ws in personal.items() if (rnd, c) != (r.round, r.client_id) for w in ws.values()]
+            tensors = list(r.weights.values()) + list(r.extras.values())
+        elif env.type == "task":
+            t = decode_task(env.payload)
+            others = [w for ws in personal.values() for w in ws.values()]
+            tensors = list(t.weights.values()) + list(t.extras.values())
+        else:
+            assert not env.payload, env.type
+            continue
+        assert not any(x.shape == w.shape and torch.equal(x, w) for x in tensors for w in others)
+    assert results == 3 * 3
