@@ -213,6 +213,22 @@ def start_cli(
     return Proc(name, popen, log)
 
 
+def run_deployment(config: Path, logs: Path, *, clients: int = 3, timeout_s: float = 300.0) -> None:
+    """Run a deployment's client processes (ranks 1..clients) and server to the end; every
+    process must exit 0."""
+    procs: dict[str, Proc] = {}
+    try:
+        for rank in range(1, clients + 1):
+            procs[f"client_{rank}"] = start_cli(f"client_{rank}", ["client", str(config), "--rank", str(rank)], logs)
+        procs["server"] = server = start_cli("server", ["server", str(config), "--no-progress"], logs)
+        assert server.wait(timeout_s) == 0, server.text()[-3000:]
+        codes = {n: p.wait(60) for n, p in procs.items() if n != "server"}
+        assert codes == {f"client_{r}": 0 for r in range(1, clients + 1)}, codes
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -313,6 +329,20 @@ def simulate(cfg: Any) -> Any:
     engine, rounds = build_run(cfg.recipe.apply_overrides(["run_dir=null"]), listeners=[])
     engine.run_dir = None
     engine.run(rounds)
+    return engine
+
+
+def assert_simulators_model(cfg: Any, state: Any = None) -> Any:
+    """Assert that ``state`` (default: the run folder's final global model) equals the simulator's
+    for the same recipe and seeds; returns the simulator's engine."""
+    import torch
+
+    from lightning_fedprune.core.serialization import load_state
+
+    engine = simulate(cfg)
+    final = state if state is not None else load_state(cfg.run_dir / "global_model.safetensors")
+    for k, v in engine.strategy.global_state.items():
+        torch.testing.assert_close(final[k], v, rtol=1e-6, atol=1e-7)
     return engine
 
 

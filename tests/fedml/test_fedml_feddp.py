@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedml_testing import RECIPES, LoopbackHub, need_fedml, read_jsonl, secure_overrides, session, simulate, start_cli
+from fedml_testing import RECIPES, LoopbackHub, need_fedml, read_jsonl, run_deployment, secure_overrides, session, simulate, start_cli
 from safetensors.torch import load as st_load
 
 from lightning_fedprune.callbacks.gates import GATE_STATE_KEY
@@ -115,17 +115,7 @@ def test_feddp_over_grpc_with_three_client_processes_ends_like_the_simulator(tmp
     cfg = _cfg(tmp_path / "run", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5", *secure_overrides(tmp_path / "tls"))
     config = tmp_path / "deployment.yaml"
     config.write_text(cfg.to_yaml())
-    logs = tmp_path / "logs"
-    procs = {}
-    try:
-        for rank in (1, 2, 3):
-            procs[f"client_{rank}"] = start_cli(f"client_{rank}", ["client", str(config), "--rank", str(rank)], logs)
-        procs["server"] = server = start_cli("server", ["server", str(config), "--no-progress"], logs)
-        assert server.wait(240) == 0, server.text()[-3000:]
-        assert {n: p.wait(60) for n, p in procs.items() if n != "server"} == {"client_1": 0, "client_2": 0, "client_3": 0}
-    finally:
-        for p in procs.values():
-            p.stop()
+    run_deployment(config, tmp_path / "logs")
     from lightning_fedprune.core.serialization import load_state
 
     final = load_state(cfg.run_dir / "global_model.safetensors")

@@ -4,11 +4,10 @@ client process keeps its personalized sub-network in its own state folder."""
 from __future__ import annotations
 
 import torch
-from fedml_testing import grpc_deployment, need_fedml, read_jsonl, simulate, start_cli
+from fedml_testing import assert_simulators_model, grpc_deployment, need_fedml, read_jsonl, run_deployment
 
 from lightning_fedprune.callbacks.personal import personal_model
 from lightning_fedprune.core.client_store import ClientStore
-from lightning_fedprune.core.serialization import load_state
 from lightning_fedprune.fedml_adapters.client import client_dir
 
 torch.set_num_threads(1)
@@ -21,21 +20,8 @@ def test_nestfl_over_grpc_with_three_client_processes_ends_like_the_simulator(tm
         tmp_path, f"rounds={ROUNDS}", "strategy.name=nestfl", "strategy.local_steps=3",
         "strategy.options={fixed_rates: {0: 0.0, 1: 0.25, 2: 0.5}}",
     )
-    logs = tmp_path / "logs"
-    procs = {}
-    try:
-        for rank in (1, 2, 3):
-            procs[f"client_{rank}"] = start_cli(f"client_{rank}", ["client", str(config), "--rank", str(rank)], logs)
-        procs["server"] = server = start_cli("server", ["server", str(config), "--no-progress"], logs)
-        assert server.wait(300) == 0, server.text()[-3000:]
-        assert {n: p.wait(60) for n, p in procs.items() if n != "server"} == {"client_1": 0, "client_2": 0, "client_3": 0}
-    finally:
-        for p in procs.values():
-            p.stop()
-    engine = simulate(cfg)
-    final = load_state(cfg.run_dir / "global_model.safetensors")
-    for k, v in engine.strategy.global_state.items():
-        torch.testing.assert_close(final[k], v, rtol=1e-6, atol=1e-7)
+    run_deployment(config, tmp_path / "logs")
+    engine = assert_simulators_model(cfg)
     records = read_jsonl(cfg.run_dir / "metrics.jsonl")
     assert [r["round"] for r in records] == list(range(ROUNDS))
     for rec, sim in zip(records, engine.history):
