@@ -170,8 +170,9 @@ class OverlappingTransport(Transport, Protocol):
     def finish(self, started: Any) -> RoundOutcome:
         """Collect a started round, as :meth:`Transport.execute` would have."""
 
-    def discard(self, started: Any) -> None:
-        """Wait for a started round to end and drop everything it produced (clients' states included)."""
+    def discard(self, started: Any, *, wait: bool = True) -> None:
+        """Drop everything a started round produced (clients' states included); ``wait``: let it
+        end first (``False``: stop it at once, the run is being torn down by an error or a second Ctrl-C)."""
 
 
 @dataclass
@@ -325,8 +326,10 @@ class RoundDriver:
                     due = (rnd + 1) % self.checkpoint_every == 0 or last or stopped_early
                     if self.run_dir is not None and (due or self.stop_requested):
                         self.save_checkpoint()
-            finally:
-                self._discard_started()
+            except BaseException:
+                self._discard_started(wait=False)  # an error or a second Ctrl-C: do not wait for the clients
+                raise
+            self._discard_started()
         if self.stop_requested and self.next_round < num_rounds and not stopped_early:
             checkpoint = self._checkpoint_path()
             self._emit("on_run_interrupted", {"next_round": self.next_round, "checkpoint": str(checkpoint) if checkpoint else None})
@@ -380,14 +383,14 @@ class RoundDriver:
         record.update(self._evaluate_global(rnd, last, global_state))
         return self._close_record(record, out, agg, wall0, cpu0)
 
-    def _discard_started(self) -> None:
-        """Drop a started round (the run stops before it): the transport drains it, the strategy
-        gets back its state from before the round was configured."""
+    def _discard_started(self, *, wait: bool = True) -> None:
+        """Drop a started round (the run stops before it): the transport drains it (``wait``) or
+        stops it, the strategy gets back its state from before the round was configured."""
         started, self._started = self._started, None
         if started is None:
             return
         try:
-            self.transport.discard(started.handle)
+            self.transport.discard(started.handle, wait=wait)
         finally:
             self.strategy.load_state_dict(started.strategy_state)
             log.debug("round %d was started ahead and is discarded (the run stops after round %d)", started.rnd, started.rnd - 1)

@@ -221,11 +221,11 @@ class SimulationTransport:
         self._now += out.seconds
         return out
 
-    def discard(self, started: _Started) -> None:
-        """Drop a round from :meth:`start`: wait for its workers and keep nothing (the clients'
-        states stay as they were)."""
+    def discard(self, started: _Started, *, wait: bool = True) -> None:
+        """Drop a round from :meth:`start`: keep nothing of it (the clients' states stay as they
+        were); ``wait``: let its workers finish, else stop them at once."""
         if started.replies is None:
-            self.executor.discard()
+            self.executor.discard(wait=wait)
 
     # -------------------------------------------------------------- round pieces
     def _receive(

@@ -359,16 +359,33 @@ class ParallelClients:
                 out.update(self._dead(w, share, err))
             else:
                 waiting[self._pool[w].conn] = (w, share)
-        while waiting:
-            for conn in wait(list(waiting)):
-                w, share = waiting.pop(conn)
-                out.update(self._receive(w, share, store))
+        try:
+            while waiting:
+                for conn in wait(list(waiting)):
+                    w, share = waiting.pop(conn)
+                    out.update(self._receive(w, share, store))
+        except BaseException:  # e.g. Ctrl-C: workers still training would answer the next round with this one's outcomes
+            for w, _ in waiting.values():
+                self._pool[w].proc.kill()
+            self.close()
+            raise
         return out
 
-    def discard(self) -> None:
-        """Wait for the submitted tasks and drop their outcomes: the clients' states are not
-        updated (a worker that died meanwhile is replaced, as in :meth:`collect`)."""
-        self.collect(None)
+    def discard(self, *, wait: bool = True) -> None:
+        """Drop the submitted tasks' outcomes: the clients' states are not updated.
+
+        ``wait``: let the workers finish and read their answers (a worker that died meanwhile is
+        replaced, as in :meth:`collect`); ``False``: kill the workers that hold tasks and stop the
+        pool at once (it starts again on the next :meth:`submit`).
+        """
+        if wait:
+            self.collect(None)
+            return
+        pending, self._pending = self._pending, []
+        if pending:
+            for w, _, _ in pending:
+                self._pool[w].proc.kill()
+            self.close()
 
     def run_encoded(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[bytes | ClientFailure]:
         """:meth:`submit` then :meth:`collect`: one outcome per task, in task order."""

@@ -59,9 +59,9 @@ class Events:
             self.log.append(("finish", started.round))
             return finish(started)
 
-        def _discard(started):
-            self.log.append(("discard", started.round))
-            return discard(started)
+        def _discard(started, *, wait=True):
+            self.log.append(("discard", started.round) if wait else ("stop", started.round))
+            return discard(started, wait=wait)
 
         def _evaluate(state):
             self.log.append(("evaluate", engine.next_round))
@@ -243,6 +243,44 @@ def test_a_stop_request_discards_the_round_started_ahead_and_the_run_resumes_bit
         resumed = _engine(tiny_module, data, kind, workers=2, overlap=name == "over", run_dir=tmp_path / name)
         _run(resumed, 4, resume=True)
         _same_run(whole, resumed, tmp_path)
+
+
+class FailingEvaluation:
+    """An evaluator wrapper that raises when round ``rnd``'s model is evaluated."""
+
+    def __init__(self, engine, rnd):
+        self.engine, self.rnd, self.inner = engine, rnd, engine.evaluator
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def evaluate(self, state):
+        if self.engine.next_round == self.rnd:
+            raise RuntimeError("evaluation failed")
+        return self.inner.evaluate(state)
+
+
+def test_an_error_while_a_round_trains_ahead_stops_its_workers_at_once_and_restores_the_strategy(tiny_module, tiny_data_factory, tmp_path, still_clock):
+    data = tiny_data_factory(sizes=SIZES)
+    engines, logs = {}, {}
+    for name, overlap in (("plain", False), ("over", True)):
+        engine = _engine(tiny_module, data, "fedmp", workers=2, overlap=overlap, run_dir=tmp_path / name)
+        logs[name] = Events(engine).log
+        engine.evaluator = FailingEvaluation(engine, 1)
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            _run(engine, 4)
+        engines[name] = engine
+    # round 2 was sent before round 1's evaluation failed: its workers are stopped, not waited for
+    assert logs["over"][-2:] == [("start", 2), ("stop", 2)]
+    assert engines["over"].transport.executor.collect(engines["over"].store) == {}
+    # the strategy holds round 1's aggregate, as without the overlap; nothing of round 2 is kept
+    assert _state_bytes(engines["over"], tmp_path / "a.ckpt") == _state_bytes(engines["plain"], tmp_path / "b.ckpt")
+    # and the run resumes from its last checkpoint (round 0) to the same end as an uninterrupted one
+    whole = _engine(tiny_module, data, "fedmp", workers=1)
+    _run(whole, 4)
+    resumed = _engine(tiny_module, data, "fedmp", workers=2, run_dir=tmp_path / "over")
+    _run(resumed, 4, resume=True)
+    _same_run(whole, resumed, tmp_path)
 
 
 PARENT = [0]
