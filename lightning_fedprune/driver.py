@@ -25,8 +25,9 @@ tell the listeners and write its checkpoint while the clients train, and only th
 (but ``wall_time``/``cpu_time``), every checkpoint and the final state are the same as without the
 overlap: the strategy's state is snapshotted before round ``t+1`` is configured and round ``t``'s
 checkpoint holds the snapshot; when the run stops after round ``t`` (target accuracy, Ctrl-C,
-:attr:`~RoundDriver.stop_requested`, an error) the started round is discarded (the transport
-drains it, nothing of it is kept) and the strategy is restored from the snapshot. With the
+:attr:`~RoundDriver.stop_requested`) the started round is discarded (the transport waits for
+it and keeps nothing of it; on an error or a second Ctrl-C it stops it at once) and the strategy
+is restored from the snapshot. With the
 overlap a round's ``wall_time``/``cpu_time`` count this process's seconds from the end of the
 previous round's checkpoint to its record (its clients' training overlaps the previous round's
 evaluation).
