@@ -130,10 +130,13 @@ def test_overlap_is_used_only_with_workers_in_sync_and_deadline_mode(tiny_module
 @pytest.mark.parametrize("kind", ["scaffold", "fedmp"])
 def test_overlapped_run_is_bit_identical_to_one_round_after_the_other(tiny_module, tiny_data_factory, tmp_path, still_clock, mode, kind):
     data = tiny_data_factory(sizes=SIZES)
+    # deadline: a tight deadline makes clients late every round, and they sit out the next one,
+    # so round t+1's eligible clients depend on round t's outcome
+    kw = {"mode": mode, "deadline_fraction": 0.5, "deadline_factor": 1.0} if mode == "deadline" else {"mode": mode}
     runs = {
-        "one worker": _engine(tiny_module, data, kind, workers=1, mode=mode),
-        "two workers": _engine(tiny_module, data, kind, workers=2, overlap=False, mode=mode),
-        "overlapped": _engine(tiny_module, data, kind, workers=2, mode=mode),
+        "one worker": _engine(tiny_module, data, kind, workers=1, **kw),
+        "two workers": _engine(tiny_module, data, kind, workers=2, overlap=False, **kw),
+        "overlapped": _engine(tiny_module, data, kind, workers=2, **kw),
     }
     events = Events(runs["overlapped"])
     for engine in runs.values():
@@ -147,6 +150,8 @@ def test_overlapped_run_is_bit_identical_to_one_round_after_the_other(tiny_modul
     ]
     ref = runs["one worker"]
     assert all(math.isfinite(r["test_accuracy"]) for r in ref.history)
+    if mode == "deadline":
+        assert all(r["num_late"] >= 1 for r in ref.history)
     for name in ("two workers", "overlapped"):
         _same_run(ref, runs[name], tmp_path)
         assert _state_bytes(runs[name], tmp_path / f"{name}.ckpt") == _state_bytes(ref, tmp_path / "ref.ckpt"), name
