@@ -242,7 +242,8 @@ class EngineConfig:
             bit-identical to 1 worker), or ``auto`` (the usable cores). On the 2-core machines
             measured, 2 workers bring the CNN workload of ``benchmarks/parallel_clients.py`` to a
             critical path (CPU seconds per round of the engine's process plus its busiest worker)
-            of 0.65-0.67x the plain sequential loop's CPU seconds, and the default digits MLP to
+            of 0.62-0.68x the plain sequential loop's CPU seconds, 0.56-0.63x with ``overlap_eval``
+            (counted as that script's docstring says), and the default digits MLP to
             0.68x of 1 worker's (its local training is so short that the engine's own work
             weighs: 1.5x the plain loop's). On a machine whose cores are busy with other work,
             more workers only compete for them, so the default is 1.
