@@ -8,13 +8,29 @@ Workloads (the same data, seeds and initial weights on every side):
 
 For each workload: wall seconds per round (median over rounds after the first, which starts the
 workers) of the plain sequential FedAvg loop, of the engine with 1 worker (this process) and
-with 2, ... up to the usable cores; CPU seconds per round of this process and its workers
-together (what a shared, loaded machine charges; wall times there are noisy); the speed-up of N
-workers over 1 and over the plain loop; whether the final global models of all engine runs are
-identical (they must be); the peak RSS of this process and of its workers; the load average
-before and after, since other processes share the cores. Where they do, wall times say little;
-the *critical path* does: per round, this process's CPU seconds plus its busiest worker's (the
-round's wall time on idle cores), against the plain loop's CPU seconds per round.
+with 2, ... up to the usable cores, each with the evaluation of round t overlapping the training
+of round t+1 (``engine.overlap_eval``, the default) and without; CPU seconds per round of this
+process and its workers together (what a shared, loaded machine charges; wall times there are
+noisy); the speed-up of N workers over 1 and over the plain loop; whether the final global models
+of all engine runs are identical (they must be); the peak RSS of this process and of its workers;
+``uptime`` before and after, since other processes share the cores. Where they do, wall times say
+little; the *critical path* does (the round's wall time on idle cores, from CPU seconds), against
+the plain loop's CPU seconds per round. The engine runs as a user runs it (``engine.run``), and
+its critical path per round is counted per *cycle*, from one wait for the workers' answers to
+the next (each cycle holds one of each piece of the engine's work):
+
+    critical path = serial + max(concurrent, busiest worker, (concurrent + all workers) / cores)
+
+where ``concurrent`` is this process's CPU seconds from the moment the round's tasks are with the
+workers to the moment it waits for their answers (with the overlap: the previous round's
+evaluation, record and checkpoint; without it, only the encoding of the tasks that charges their
+bytes), ``serial`` the rest of this process's CPU seconds in the cycle (decoding results,
+aggregating, configuring and sending the next round: the decoding of one worker's answer while
+another still trains is counted as serial too), ``busiest worker`` / ``all workers`` the workers'
+CPU seconds for the round, and ``cores`` the usable cores (this process evaluating beside two
+busy workers on two cores shares them). Median over the cycles after the first. Also printed,
+"nothing overlapped": this process's CPU seconds of the cycle plus the busiest worker's (the
+figure before the overlap). With 1 worker: this process's CPU seconds per round.
 
 With a CUDA device (``engine.accelerator: cuda``) the same workloads are also run on the GPU:
 the engine with ``workers_per_gpu`` = 1, 2, 4 worker processes sharing each GPU, then the engine
@@ -39,10 +55,14 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
+import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,37 +100,122 @@ def _worker_cpu() -> dict[int, float]:
 
 
 def _load() -> str:
-    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    try:
+        return "uptime: " + subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+class _Cycles:
+    """Marks of one engine run, for its critical path (see :func:`engine_rounds`).
+
+    A *cycle* ends when this process starts waiting for a round's answers (``collect``): cycle
+    ``r`` runs from ``collect`` of round ``r - 1`` to ``collect`` of round ``r``, and holds one of
+    each piece of the engine's work whatever the order: decoding and aggregating round ``r - 1``,
+    configuring and sending round ``r``, evaluating, recording and checkpointing round ``r - 1``.
+    Its *concurrent* part runs from the moment round ``r``'s tasks are with the workers (``submit``
+    returned) to ``collect``: with the overlap this holds round ``r - 1``'s evaluation, record and
+    checkpoint; without it, only the encoding of round ``r``'s tasks that charges their bytes.
+    """
+
+    def __init__(self, engine: SimulationEngine) -> None:
+        self.parent: list[float] = []  # this process's CPU seconds at each collect
+        self.concurrent: list[float] = []  # ... of it, from submit's return to collect
+        self.workers: list[list[float]] = []  # each worker's CPU seconds for the round
+        self.wall: list[float] = []  # wall clock at each on_round_end
+        executor = engine.transport.executor
+        if executor is engine.transport.runtime:
+            return
+        submit, collect = executor.submit, executor.collect
+        marks: dict[str, Any] = {}
+
+        def _submit(tasks, store):
+            marks["w0"] = _worker_cpu()
+            submit(tasks, store)
+            marks["p_sent"] = time.process_time()
+
+        def _collect(store):
+            p = time.process_time()
+            self.parent.append(p)
+            self.concurrent.append(p - marks.pop("p_sent", p))
+            out = collect(store)
+            w0, w1 = marks.pop("w0", {}), _worker_cpu()
+            self.workers.append([w1[pid] - w0.get(pid, 0.0) for pid in w1])
+            return out
+
+        executor.submit, executor.collect = _submit, _collect
+
+    def on_round_end(self, record: dict) -> None:
+        self.wall.append(time.perf_counter())
+
+    def critical_paths(self, cores: int) -> tuple[list[float], list[float]]:
+        """Per cycle after the first (which starts the workers): ``(summed, overlapped)`` critical paths.
+
+        summed: this process's CPU seconds of the cycle plus the busiest worker's (nothing of this
+        process overlaps the workers); overlapped: the serial part of this process's CPU seconds
+        plus the longest of its concurrent part, the busiest worker, and the concurrent part plus
+        all workers spread over ``cores`` (three busy processes on two cores share them).
+        """
+        summed, over = [], []
+        for r in range(1, len(self.parent)):
+            p = self.parent[r] - self.parent[r - 1]
+            pc = self.concurrent[r]
+            ws = self.workers[r] or [0.0]
+            summed.append(p + max(ws))
+            over.append((p - pc) + max(pc, max(ws), (pc + sum(ws)) / cores))
+        return summed, over
+
+
+@dataclass
+class EngineRun:
+    times: list[float]  # wall seconds per round (between round records)
+    cpu: float  # CPU seconds per round, this process + workers, all rounds
+    path_sum: float  # critical path per round, nothing overlapped (median over cycles after the first)
+    path: float  # critical path per round with the concurrent part overlapped (same as path_sum with 1 worker)
+    concurrent: float  # this process's CPU seconds per round while the workers train (median)
+    final: dict
 
 
 def engine_rounds(make_module, fd: FederatedDataset, *, rounds: int, seed: int, workers: int, accelerator: str = "cpu",
-                  workers_per_gpu: int = 1) -> tuple[list[float], float, float, dict]:
-    """Per-round wall seconds, CPU seconds per round (this process + workers, all rounds), the CPU
-    critical path per round and the final global state.
+                  workers_per_gpu: int = 1, overlap: bool = True) -> EngineRun:
+    """One engine run of ``rounds`` rounds (``engine.run``, as a user runs it), measured.
 
-    The critical path of a round is this process's CPU seconds plus those of its busiest worker
-    (median over rounds after the first): the round's wall time on otherwise idle cores, which a
-    shared, loaded machine cannot show directly.
+    Critical path of a round, from CPU seconds (what a shared, loaded machine cannot show as wall
+    time): per cycle (see :class:`_Cycles`), ``serial + max(concurrent, busiest worker,
+    (concurrent + all workers) / cores)``, where ``concurrent`` is this process's CPU seconds while
+    the round's tasks are with the workers and ``serial`` the rest of its CPU seconds in the cycle;
+    median over the cycles after the first. With 1 worker (clients trained in this process):
+    this process's CPU seconds per round. ``path_sum`` counts nothing as overlapped (this
+    process's CPU seconds plus the busiest worker's, the figure printed before the overlap).
     """
     module = make_module()
     cpu0 = _cpu_seconds()
     engine = SimulationEngine(
         strategy=FedAvg(seed=seed), runtime=ClientRuntime(module, data=fd, seed=seed, evaluate_local=False),
         data=fd, seed=seed, workers=workers, accelerator=accelerator, workers_per_gpu=workers_per_gpu,  # evaluates every round, as the plain loop does
+        overlap_eval=overlap, listeners=[],
     )
-    times, paths = [], []
+    cycles = _Cycles(engine)
+    engine.listeners.append(cycles)
+    t0, p0 = time.perf_counter(), time.process_time()
+    marks = []
+    engine.listeners.append(types.SimpleNamespace(on_round_end=lambda record: marks.append(time.process_time())))
     try:
-        for rnd in range(rounds):
-            t0, p0, w0 = time.perf_counter(), time.process_time(), _worker_cpu()
-            engine.run_round(rnd, last=rnd == rounds - 1)
-            times.append(time.perf_counter() - t0)
-            w1 = _worker_cpu()
-            busiest = max((w1[pid] - w0.get(pid, 0.0) for pid in w1), default=0.0)
-            paths.append(time.process_time() - p0 + busiest)
+        engine.run(rounds)
     finally:
         engine.close()  # joins the workers: their CPU time is counted from here
     cpu = (_cpu_seconds() - cpu0) / rounds
-    return times, cpu, _median(paths), {k: v.detach().cpu().clone() for k, v in engine.strategy.global_state.items()}
+    walls = [b - a for a, b in zip([t0, *cycles.wall], cycles.wall)]
+    final = {k: v.detach().cpu().clone() for k, v in engine.strategy.global_state.items()}
+    if not cycles.parent:  # clients trained in this process
+        per_round = [b - a for a, b in zip([p0, *marks], marks)]
+        return EngineRun(walls, cpu, _median(per_round), _median(per_round), 0.0, final)
+    summed, over = cycles.critical_paths(_cores())
+    return EngineRun(walls, cpu, statistics.median(summed), statistics.median(over), statistics.median(cycles.concurrent[1:]), final)
+
+
+def _cores() -> int:
+    return resolve_workers("auto")
 
 
 def plain_rounds(make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, device: str = "cpu") -> tuple[float, float]:
@@ -128,20 +233,30 @@ def _median(times: list[float]) -> float:
 def measure(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, max_workers: int) -> dict:
     print(f"[{name}] {_load()}")
     plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed)
-    per_round, cpu, path, finals = {}, {}, {}, {}
+    runs: dict[str, EngineRun] = {}
     for w in range(1, max_workers + 1):
-        times, cpu[w], path[w], finals[w] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
-        per_round[w] = _median(times)
-    identical = all(all(torch.equal(finals[w][k], v) for k, v in finals[1].items()) for w in finals)
+        if w > 1:
+            runs[f"{w} workers, no overlap"] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w, overlap=False)
+        runs[f"{w} worker(s)" if w == 1 else f"{w} workers, overlapped"] = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=w)
+    first = next(iter(runs.values()))
+    identical = all(all(torch.equal(run.final[k], v) for k, v in first.final.items()) for run in runs.values())
     print(f"[{name}] plain sequential loop: {plain:.3f} s/round  (cpu {plain_cpu:.3f} s/round)")
-    for w, t in per_round.items():
-        print(f"[{name}] engine, {w} worker(s): {t:.3f} s/round  speed-up vs 1 worker {per_round[1] / t:.2f}x  "
-              f"vs plain {t / plain:.2f}x of its time  (cpu, this process + workers: {cpu[w]:.3f} s/round; "
-              f"critical path {path[w]:.3f} s/round = {path[w] / plain_cpu:.2f}x the plain loop's cpu)")
-    print(f"[{name}] final models identical across worker counts: {identical}")
+    t1 = _median(first.times)
+    for label, run in runs.items():
+        t = _median(run.times)
+        print(f"[{name}] engine, {label}: {t:.3f} s/round wall ({t / plain:.2f}x the plain loop's wall; speed-up vs 1 worker {t1 / t:.2f}x); "
+              f"cpu, this process + workers {run.cpu:.3f} s/round; critical path {run.path:.3f} s/round = {run.path / plain_cpu:.2f}x "
+              f"the plain loop's cpu (nothing overlapped: {run.path_sum:.3f} = {run.path_sum / plain_cpu:.2f}x; "
+              f"this process while the workers train: {run.concurrent:.3f} s/round)")
+    print(f"[{name}] final models identical across worker counts and overlap: {identical}")
     print(f"[{name}] peak RSS: this process {_peak_mb(resource.RUSAGE_SELF):.0f} MB, largest worker {_peak_mb(resource.RUSAGE_CHILDREN):.0f} MB")
     print(f"[{name}] {_load()}")
-    return {"plain": plain, "plain_cpu": plain_cpu, "per_round": per_round, "path": path, "identical": identical, "final": finals[1]}
+    per_round = {1: t1}
+    path = {1: first.path}
+    for w in range(2, max_workers + 1):
+        per_round[w] = _median(runs[f"{w} workers, overlapped"].times)
+        path[w] = runs[f"{w} workers, overlapped"].path
+    return {"plain": plain, "plain_cpu": plain_cpu, "per_round": per_round, "path": path, "identical": identical, "final": first.final}
 
 
 def _gap(final: dict, cpu_final: dict) -> float:
@@ -157,16 +272,16 @@ def measure_gpu_workers(name: str, make_module, fd: FederatedDataset, *, rounds:
         workers = gpus * per_gpu
         if workers < 2:
             continue  # one worker trains in this process: measured last
-        times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=workers, accelerator="cuda", workers_per_gpu=per_gpu)
-        print(f"[{name} / cuda] engine, {workers} worker(s), {per_gpu} per GPU: {_median(times):.3f} s/round  "
-              f"(cpu {cpu:.3f} s/round)  largest difference from the CPU run {_gap(final, cpu_final):.2e}")
+        run = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=workers, accelerator="cuda", workers_per_gpu=per_gpu)
+        print(f"[{name} / cuda] engine, {workers} worker(s), {per_gpu} per GPU: {_median(run.times):.3f} s/round  "
+              f"(cpu {run.cpu:.3f} s/round)  largest difference from the CPU run {_gap(run.final, cpu_final):.2e}")
 
 
 def measure_gpu_here(name: str, make_module, fd: FederatedDataset, *, rounds: int, lr: float, seed: int, cpu_final: dict) -> None:
     """The engine with 1 worker in this process and the plain loop, both on the GPU (CUDA gets initialized here)."""
-    times, cpu, _, final = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=1, accelerator="cuda")
-    print(f"[{name} / cuda] engine, 1 worker in this process: {_median(times):.3f} s/round  (cpu {cpu:.3f} s/round)  "
-          f"largest difference from the CPU run {_gap(final, cpu_final):.2e}")
+    run = engine_rounds(make_module, fd, rounds=rounds, seed=seed, workers=1, accelerator="cuda")
+    print(f"[{name} / cuda] engine, 1 worker in this process: {_median(run.times):.3f} s/round  (cpu {run.cpu:.3f} s/round)  "
+          f"largest difference from the CPU run {_gap(run.final, cpu_final):.2e}")
     plain, plain_cpu = plain_rounds(make_module, fd, rounds=rounds, lr=lr, seed=seed, device="cuda")
     print(f"[{name} / cuda] plain sequential loop on the GPU: {plain:.3f} s/round  (cpu {plain_cpu:.3f} s/round); {_load()}")
 

@@ -16,6 +16,22 @@ summarizes the run. A round::
     metrics    = strategy.aggregate(round, outcome.results, outcome.failures)
     bench the late clients; evaluate; record; listeners; checkpoint
 
+Overlapped evaluation: a transport that can hand out a round's tasks and collect them later
+(:meth:`OverlappingTransport.can_overlap`, e.g. the simulation with client worker processes in
+sync and deadline mode) lets :meth:`RoundDriver.run` start round ``t+1`` (configure it, send its
+tasks) right after aggregating round ``t``, then evaluate round ``t``'s model, write its record,
+tell the listeners and write its checkpoint while the clients train, and only then collect round
+``t+1``. Round ``t+1``'s tasks depend only on round ``t``'s aggregated model, so every record
+(but ``wall_time``/``cpu_time``), every checkpoint and the final state are the same as without the
+overlap: the strategy's state is snapshotted before round ``t+1`` is configured and round ``t``'s
+checkpoint holds the snapshot; when the run stops after round ``t`` (target accuracy, Ctrl-C,
+:attr:`~RoundDriver.stop_requested`) the started round is discarded (the transport waits for
+it and keeps nothing of it; on an error or a second Ctrl-C it stops it at once) and the strategy
+is restored from the snapshot. With the
+overlap a round's ``wall_time``/``cpu_time`` count this process's seconds from the end of the
+previous round's checkpoint to its record (its clients' training overlaps the previous round's
+evaluation).
+
 A transport (:class:`Transport`) only dispatches tasks and collects results: the simulation
 (:mod:`lightning_fedprune.simulation`) with simulated arrival times, a FedML server
 (:mod:`lightning_fedprune.fedml_adapters`) with real ones. Both end rounds by the same pure rules.
@@ -35,6 +51,7 @@ checkpoint is still consistent, since checkpoints are written atomically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -55,7 +72,7 @@ from lightning_fedprune.reporting import round_outcome_fields
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundDriver", "RoundOutcome", "Transport", "CHECKPOINT_NAME", "exit_on_second_interrupt"]
+__all__ = ["RoundDriver", "RoundOutcome", "Transport", "OverlappingTransport", "CHECKPOINT_NAME", "exit_on_second_interrupt"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _CHECKPOINT_FORMAT = 2
@@ -138,6 +155,37 @@ class Transport(Protocol):
         """Restore :meth:`state_dict`."""
 
 
+class OverlappingTransport(Transport, Protocol):
+    """A transport that can send a round's tasks and collect their outcome later (see the module docstring).
+
+    ``execute(rnd, tasks, rules)`` must equal ``finish(start(rnd, tasks, rules))``, and nothing
+    :meth:`start` does may show in :meth:`Transport.state_dict` before :meth:`finish`.
+    """
+
+    def can_overlap(self, rules: RoundRules) -> bool:
+        """Whether rounds under ``rules`` may be started before the previous one is evaluated."""
+
+    def start(self, rnd: int, tasks: Sequence[ClientTask], rules: RoundRules) -> Any:
+        """Send the tasks (returns once they are on their way); the handle goes to :meth:`finish` or :meth:`discard`."""
+
+    def finish(self, started: Any) -> RoundOutcome:
+        """Collect a started round, as :meth:`Transport.execute` would have."""
+
+    def discard(self, started: Any, *, wait: bool = True) -> None:
+        """Drop everything a started round produced (clients' states included); ``wait``: let it
+        end first (``False``: stop it at once, the run is being torn down by an error or a second Ctrl-C)."""
+
+
+@dataclass
+class _Started:
+    """A round whose tasks are out (overlapped evaluation), with the strategy state before it was configured."""
+
+    rnd: int
+    tasks: list[ClientTask]
+    handle: Any
+    strategy_state: dict[str, Any]
+
+
 def _listeners(listeners: Sequence[Any] | None) -> list[Any]:
     from lightning.pytorch.loggers import Logger
 
@@ -174,6 +222,10 @@ class RoundDriver:
             step = round (:class:`~lightning_fedprune.reporting.LightningLoggers`). ``None``: a
             rich progress bar and summary table when the output is a terminal or a notebook,
             nothing otherwise.
+        overlap_eval: when the transport supports it (:class:`OverlappingTransport`), start each
+            round before the previous one is evaluated and checkpointed, so that the clients train
+            meanwhile (same records, checkpoints and results; see the module docstring).
+            ``False``: one round after the other.
     """
 
     def __init__(
@@ -190,6 +242,7 @@ class RoundDriver:
         run_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 1,
         listeners: Sequence[Any] | None = None,
+        overlap_eval: bool = True,
     ) -> None:
         if eval_every < 1:
             raise ConfigError(f"`eval_every` must be >= 1, got {eval_every}")
@@ -214,6 +267,7 @@ class RoundDriver:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.checkpoint_every = int(checkpoint_every)
         self.listeners = _listeners(listeners)
+        self.overlap_eval = bool(overlap_eval)
         #: set by Ctrl-C (or by anyone) to stop the run after the round in progress
         self.stop_requested = False
         self.history: list[dict[str, Any]] = []
@@ -224,6 +278,7 @@ class RoundDriver:
         self._cum_up = 0
         self._cum_down = 0
         self._benched: dict[int, int] = {}  # client -> first round it is asked again
+        self._started: _Started | None = None  # overlapped evaluation: the next round, started
 
     # ------------------------------------------------------------------ running
     def run(self, num_rounds: int, *, resume: bool = False) -> dict[str, Any]:
@@ -258,17 +313,24 @@ class RoundDriver:
         })
         stopped_early = self._reached_target()
         self.stop_requested = False
+        overlap = self.overlaps()
         with _sigint_requests_stop(self):
-            while self.next_round < num_rounds and not stopped_early and not self.stop_requested:
-                rnd = self.next_round
-                record = self.run_round(rnd, last=(rnd == num_rounds - 1))
-                stopped_early = self._reached_target()
-                # listeners first: if the process dies before the checkpoint, the resumed run redoes
-                # this round and the metric writers drop what they wrote for it
-                self._emit("on_round_end", record)
-                due = (rnd + 1) % self.checkpoint_every == 0 or rnd == num_rounds - 1 or stopped_early
-                if self.run_dir is not None and (due or self.stop_requested):
-                    self.save_checkpoint()
+            try:
+                while self.next_round < num_rounds and not stopped_early and not self.stop_requested:
+                    rnd = self.next_round
+                    last = rnd == num_rounds - 1
+                    record = self._run_round_overlapped(rnd, last=last) if overlap else self.run_round(rnd, last=last)
+                    stopped_early = self._reached_target()
+                    # listeners first: if the process dies before the checkpoint, the resumed run redoes
+                    # this round and the metric writers drop what they wrote for it
+                    self._emit("on_round_end", record)
+                    due = (rnd + 1) % self.checkpoint_every == 0 or last or stopped_early
+                    if self.run_dir is not None and (due or self.stop_requested):
+                        self.save_checkpoint()
+            except BaseException:
+                self._discard_started(wait=False)  # an error or a second Ctrl-C: do not wait for the clients
+                raise
+            self._discard_started()
         if self.stop_requested and self.next_round < num_rounds and not stopped_early:
             checkpoint = self._checkpoint_path()
             self._emit("on_run_interrupted", {"next_round": self.next_round, "checkpoint": str(checkpoint) if checkpoint else None})
@@ -280,17 +342,72 @@ class RoundDriver:
 
     def run_round(self, rnd: int, *, last: bool = False) -> dict[str, Any]:
         """Run one round and return its record (also appended to :attr:`history`)."""
-        if rnd != self.next_round:
+        if rnd != self.next_round or self._started is not None:
             raise ConfigError(f"round {rnd} requested but the next round is {self.next_round}")
         wall0, cpu0 = time.perf_counter(), time.process_time()
+        tasks = self._configure(rnd)
+        out = self.transport.execute(rnd, tasks, self.rules)
+        record, agg = self._aggregate(rnd, tasks, out)
+        record.update(self._evaluate_global(rnd, last))
+        return self._close_record(record, out, agg, wall0, cpu0)
+
+    def overlaps(self) -> bool:
+        """Whether :meth:`run` evaluates a round while the next one trains (``overlap_eval`` and a transport that can)."""
+        can = getattr(self.transport, "can_overlap", None)
+        return self.overlap_eval and callable(can) and bool(can(self.rules))
+
+    def _run_round_overlapped(self, rnd: int, *, last: bool) -> dict[str, Any]:
+        """Round ``rnd`` with the overlap: collect it (started by the previous call, or now),
+        aggregate, start round ``rnd + 1`` unless this is the last one or a stop is asked, then
+        evaluate round ``rnd``'s model while its clients train."""
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        started, self._started = self._started, None
+        if started is None:
+            tasks = self._configure(rnd)
+            started = _Started(rnd, tasks, self.transport.start(rnd, tasks, self.rules), {})
+        assert started.rnd == rnd
+        out = self.transport.finish(started.handle)
+        record, agg = self._aggregate(rnd, started.tasks, out)
+        global_state = dict(self.strategy.global_state)
+        if not last and not self.stop_requested:
+            # round rnd + 1 depends only on the aggregated model; the strategy's state before it
+            # is configured is what round rnd's checkpoint holds (and what a discard restores)
+            snapshot = copy.deepcopy(self.strategy.state_dict())
+            global_state = {k: v.clone() for k, v in global_state.items()}
+            nxt = rnd + 1
+            try:
+                tasks = self._configure(nxt)
+                self._started = _Started(nxt, tasks, self.transport.start(nxt, tasks, self.rules), snapshot)
+            except BaseException:
+                self.strategy.load_state_dict(snapshot)
+                raise
+        record.update(self._evaluate_global(rnd, last, global_state))
+        return self._close_record(record, out, agg, wall0, cpu0)
+
+    def _discard_started(self, *, wait: bool = True) -> None:
+        """Drop a started round (the run stops before it): the transport drains it (``wait``) or
+        stops it, the strategy gets back its state from before the round was configured."""
+        started, self._started = self._started, None
+        if started is None:
+            return
+        try:
+            self.transport.discard(started.handle, wait=wait)
+        finally:
+            self.strategy.load_state_dict(started.strategy_state)
+            log.debug("round %d was started ahead and is discarded (the run stops after round %d)", started.rnd, started.rnd - 1)
+
+    def _configure(self, rnd: int) -> list[ClientTask]:
+        """The round's eligible clients, and the strategy's tasks for them (checked)."""
         available = self.rules.eligible(self.transport.candidates(rnd), rnd, benched=self._benched, busy=self.transport.in_flight())
         tasks = self.strategy.configure_round(rnd, available)
         allowed = set(available)
         bad = [t.client_id for t in tasks if t.client_id not in allowed or t.round != rnd]
         if bad:
             raise ConfigError(f"{type(self.strategy).__name__} built tasks for unavailable clients or another round: {bad}")
+        return tasks
 
-        out = self.transport.execute(rnd, tasks, self.rules)
+    def _aggregate(self, rnd: int, tasks: Sequence[ClientTask], out: RoundOutcome) -> tuple[dict[str, Any], dict[str, float]]:
+        """Bench the late clients, aggregate the outcome, advance the clock: the record so far and the strategy's metrics."""
         for c in out.late:
             self._benched[c] = self.rules.bench_until(rnd)
         if tasks and not out.results and not (self.rules.mode == "async" and self.transport.in_flight()):
@@ -316,14 +433,16 @@ class RoundDriver:
             "num_failures": len(out.failures),
         }
         record.update(out.extra)
-        record.update(self._evaluate_global(rnd, last))
+        return record, agg
+
+    def _close_record(self, record: dict[str, Any], out: RoundOutcome, agg: Mapping[str, float], wall0: float, cpu0: float) -> dict[str, Any]:
         record.update(round_outcome_fields(out.results, out.failures, agg))
         self._wall += time.perf_counter() - wall0
         self._cpu += time.process_time() - cpu0
         record["wall_time"] = self._wall
         record["cpu_time"] = self._cpu
         self.history.append(record)
-        self.next_round = rnd + 1
+        self.next_round = int(record["round"]) + 1
         return record
 
     def rounds_done(self) -> None:
@@ -331,7 +450,7 @@ class RoundDriver:
         that must wind down first, e.g. to report its final counters, does it here)."""
 
     # ------------------------------------------------------------------ pieces
-    def _evaluate_global(self, rnd: int, last: bool) -> dict[str, float]:
+    def _evaluate_global(self, rnd: int, last: bool, state: Mapping[str, Any] | None = None) -> dict[str, float]:
         ev = self.evaluator
         out = {"test_loss": math.nan, "test_accuracy": math.nan}
         perplexity = bool(getattr(ev, "perplexity", False))
@@ -339,7 +458,7 @@ class RoundDriver:
             out["test_perplexity"] = math.nan
         if ev is None or not ev.available or not ((rnd + 1) % self.eval_every == 0 or last):
             return out
-        res = ev.evaluate(self.strategy.global_state)
+        res = ev.evaluate(self.strategy.global_state if state is None else state)
         out["test_loss"], out["test_accuracy"] = res["loss"], res["accuracy"]
         if perplexity:
             out["test_perplexity"] = res["perplexity"]
@@ -378,7 +497,8 @@ class RoundDriver:
             "seed": self.seed,
             "num_clients": self.num_clients,
             "next_round": self.next_round,
-            "strategy": self.strategy.state_dict(),
+            # with a round started ahead: the strategy as it was before that round was configured
+            "strategy": self.strategy.state_dict() if self._started is None else self._started.strategy_state,
             "transport": self.transport.state_dict(),
             "clock": self._clock,
             "wall_time": self._wall,
@@ -395,6 +515,7 @@ class RoundDriver:
         Raises:
             ConfigError: a checkpoint of another format, transport, seed or client count.
         """
+        self._discard_started()
         if state.get("format") != _CHECKPOINT_FORMAT:
             raise ConfigError(f"checkpoint format {state.get('format')!r} is not supported (expected {_CHECKPOINT_FORMAT})")
         if state.get("kind") != self.transport.name:

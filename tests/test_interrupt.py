@@ -101,3 +101,30 @@ def test_sigint_stops_after_the_round_with_a_checkpoint_and_exit_130_then_resume
     assert _rounds_written(run_dir) == list(range(nxt + 2))
     assert f"resuming at round {nxt}" in out
     assert "Warning" not in out + err and "warn" not in err, out + err
+
+
+def test_ctrl_c_to_the_whole_process_group_with_overlapped_worker_rounds(tmp_path):
+    # a terminal's Ctrl-C reaches the engine and its client workers alike; the round started ahead
+    # is dropped, the checkpoint is that of the last round recorded, and the run resumes
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(rounds=500, run_dir=run_dir) + "engine: {workers: 2, overlap_eval: true}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_fedprune", "run", str(recipe), "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    _wait_for_rounds(proc, run_dir, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    nxt = _check_consistent(run_dir)
+    assert nxt >= 2
+
+    recipe.write_text(RECIPE.format(rounds=nxt + 2, run_dir=run_dir) + "engine: {workers: 2}\n")
+    proc = _start(recipe, "--resume")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert _rounds_written(run_dir) == list(range(nxt + 2))

@@ -71,6 +71,20 @@ class _Flight:
     blob: bytes
 
 
+@dataclass
+class _Started:
+    """A round whose tasks are sent (:meth:`SimulationTransport.start`); ``replies`` is ``None``
+    while the workers train them."""
+
+    round: int
+    tasks: list[ClientTask]
+    rules: RoundRules
+    failures: list[ClientFailure]
+    to_run: list[ClientTask]
+    bytes_down: dict[int, int]
+    replies: dict[int, bytes | ClientFailure] | None
+
+
 class SimulationTransport:
     """Runs a round's tasks in this process on simulated devices (see the module docstring).
 
@@ -136,7 +150,58 @@ class SimulationTransport:
         return set(self._inflight)
 
     def execute(self, rnd: int, tasks: Sequence[ClientTask], rules: RoundRules) -> RoundOutcome:
-        failures, bytes_down, rejected_up, arrivals = self._run(rnd, tasks, keep_in_flight=rules.mode == "async")
+        return self.finish(self.start(rnd, tasks, rules))
+
+    # -------------------------------------------------------------- overlapped rounds
+    def can_overlap(self, rules: RoundRules) -> bool:
+        """Rounds can be started ahead (see :class:`~lightning_fedprune.driver.OverlappingTransport`)
+        with worker processes in sync and deadline mode; async rounds and clients trained in this
+        process run one after the other."""
+        return rules.mode != "async" and isinstance(self.executor, ParallelClients)
+
+    def start(self, rnd: int, tasks: Sequence[ClientTask], rules: RoundRules) -> _Started:
+        """Send the round's tasks: draw dropouts, hand the others to the workers (or, in this
+        process, train them now), encode every task to charge its bytes.
+
+        Nothing here changes :meth:`state_dict` (the clients' states change in :meth:`finish`).
+        """
+        failures: list[ClientFailure] = []
+        to_run = []
+        for task in tasks:
+            dev = self.devices[task.client_id]
+            if dev.failure_prob > 0 and rng_for(self.seed, "dropout", rnd, task.client_id).random() < dev.failure_prob:
+                failures.append(ClientFailure(rnd, task.client_id, "dropout", f"device dropped out (simulated, p={dev.failure_prob:g})"))
+                continue
+            to_run.append(task)
+        parallel = isinstance(self.executor, ParallelClients)
+        if parallel and to_run:
+            # the workers receive and decode the tasks themselves (a round's shared global model
+            # once per worker); while they train, the tasks are encoded here to charge their bytes
+            self.executor.submit(to_run, self.store)
+        sent = {task.client_id for task in to_run}
+        bytes_down: dict[int, int] = {}
+        received = []  # in this process: the tasks as a client decodes them
+        for task in tasks:
+            blob = encode_task(task)
+            bytes_down[task.client_id] = len(blob)
+            if not parallel and task.client_id in sent:
+                received.append(decode_task(blob, expect_round=rnd, expect_client=task.client_id))
+        replies: dict[int, bytes | ClientFailure] | None = None
+        if not parallel:
+            replies = {}
+            if received:
+                for task, out in zip(received, self.executor.run_many(received, self.store)):
+                    replies[task.client_id] = out if isinstance(out, ClientFailure) else encode_result(out)
+        elif not to_run:
+            replies = {}
+        return _Started(rnd, list(tasks), rules, failures, to_run, bytes_down, replies)
+
+    def finish(self, started: _Started) -> RoundOutcome:
+        """Collect a round from :meth:`start`: validate the results, end the round by the rules."""
+        rnd, rules, tasks = started.round, started.rules, started.tasks
+        replies = started.replies if started.replies is not None else self.executor.collect(self.store)
+        failures, bytes_down = started.failures, started.bytes_down
+        rejected_up, arrivals = self._receive(rnd, started.to_run, replies, bytes_down, failures, keep_in_flight=rules.mode == "async")
         if rules.mode == "async":
             out = self._async_collect(rnd, rules, failures)
         else:
@@ -156,48 +221,23 @@ class SimulationTransport:
         self._now += out.seconds
         return out
 
+    def discard(self, started: _Started, *, wait: bool = True) -> None:
+        """Drop a round from :meth:`start`: keep nothing of it (the clients' states stay as they
+        were); ``wait``: let its workers finish, else stop them at once."""
+        if started.replies is None:
+            self.executor.discard(wait=wait)
+
     # -------------------------------------------------------------- round pieces
-    def _run(
-        self, rnd: int, tasks: Sequence[ClientTask], *, keep_in_flight: bool
-    ) -> tuple[list[ClientFailure], dict[int, int], dict[int, int], list[tuple[ClientResult, int, float]]]:
-        """Send tasks (encoded), draw dropouts, train, receive and validate results.
+    def _receive(
+        self, rnd: int, to_run: Sequence[ClientTask], replies: Mapping[int, bytes | ClientFailure], bytes_down: Mapping[int, int],
+        failures: list[ClientFailure], *, keep_in_flight: bool,
+    ) -> tuple[dict[int, int], list[tuple[ClientResult, int, float]]]:
+        """Receive and validate the results (each decoded once, whoever trained it).
 
-        With worker processes the tasks' bytes go to the workers, which decode them, and each
-        result arrives as the bytes its client encoded; in this process a task is decoded here
-        and its result encoded here. Either way every result is decoded (validated) once below.
-
-        Returns the failures, bytes sent per client, bytes of rejected uploads, and
+        Failures go to ``failures``. Returns the bytes of rejected uploads and
         ``(result, bytes_up, seconds)`` per valid result (seconds: download + compute + upload on
         the client's device).
         """
-        failures: list[ClientFailure] = []
-        to_run = []
-        for task in tasks:
-            dev = self.devices[task.client_id]
-            if dev.failure_prob > 0 and rng_for(self.seed, "dropout", rnd, task.client_id).random() < dev.failure_prob:
-                failures.append(ClientFailure(rnd, task.client_id, "dropout", f"device dropped out (simulated, p={dev.failure_prob:g})"))
-                continue
-            to_run.append(task)
-        sent = {task.client_id: task for task in to_run}
-        parallel = isinstance(self.executor, ParallelClients)
-        if parallel and to_run:
-            # the workers receive and decode the tasks themselves (a round's shared global model
-            # once per worker); while they train, the tasks are encoded here to charge their bytes
-            self.executor.submit(to_run, self.store)
-        bytes_down: dict[int, int] = {}
-        received = []  # in this process: the tasks as a client decodes them
-        for task in tasks:
-            blob = encode_task(task)
-            bytes_down[task.client_id] = len(blob)
-            if not parallel and task.client_id in sent:
-                received.append(decode_task(blob, expect_round=rnd, expect_client=task.client_id))
-        replies: dict[int, bytes | ClientFailure] = {}
-        if parallel and to_run:
-            replies = self.executor.collect(self.store)
-        elif received:
-            for task, out in zip(received, self.executor.run_many(received, self.store)):
-                replies[task.client_id] = out if isinstance(out, ClientFailure) else encode_result(out)
-
         arrivals: list[tuple[ClientResult, int, float]] = []
         rejected_up: dict[int, int] = {}
         for task in to_run:
@@ -206,7 +246,7 @@ class SimulationTransport:
             if isinstance(blob, ClientFailure):
                 failures.append(blob)
                 continue
-            w_spec, x_spec = self.expected(sent[cid])
+            w_spec, x_spec = self.expected(task)
             try:
                 res = decode_result(
                     blob, expect_round=rnd, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
@@ -221,7 +261,7 @@ class SimulationTransport:
             if keep_in_flight:
                 self._inflight[cid] = _Flight(rnd, cid, self._now, self._now + seconds, len(blob), blob)
             arrivals.append((res, len(blob), seconds))
-        return failures, bytes_down, rejected_up, arrivals
+        return rejected_up, arrivals
 
     def _async_collect(self, rnd: int, rules: RoundRules, failures: list[ClientFailure]) -> RoundOutcome:
         """The first ``async_m`` arrivals among all tasks in flight."""
@@ -305,6 +345,10 @@ class SimulationEngine(RoundDriver):
         accelerator, workers_per_gpu: where clients train (see :class:`SimulationTransport`).
         client_memory_budget: bytes of clients' persistent states kept in memory; the least
             recently used beyond it are spilled to a temporary folder (``None``: no limit).
+        overlap_eval: with worker processes in sync and deadline mode, :meth:`run` sends each
+            round's tasks to the workers before evaluating and checkpointing the previous round,
+            which this process then does while they train (same records, checkpoints and
+            results; see :mod:`lightning_fedprune.driver`). ``False``: one round after the other.
     """
 
     def __init__(
@@ -332,6 +376,7 @@ class SimulationEngine(RoundDriver):
         client_memory_budget: int | None = None,
         accelerator: str = "cpu",
         workers_per_gpu: int = 1,
+        overlap_eval: bool = True,
     ) -> None:
         rules = RoundRules(
             mode=mode, deadline_fraction=deadline_fraction, deadline_factor=deadline_factor,
@@ -352,7 +397,7 @@ class SimulationEngine(RoundDriver):
         super().__init__(
             strategy=strategy, transport=transport, rules=rules, num_clients=num_clients, seed=seed, evaluator=evaluator,
             eval_every=eval_every, target_accuracy=target_accuracy, run_dir=run_dir, checkpoint_every=checkpoint_every,
-            listeners=listeners,
+            listeners=listeners, overlap_eval=overlap_eval,
         )
         self.data = data
         self.perplexity = bool(perplexity)
@@ -429,6 +474,7 @@ def build_engine(cfg: Any, listeners: Sequence[Any] | None = None) -> Simulation
         workers=e.workers,
         accelerator=e.accelerator,
         workers_per_gpu=e.workers_per_gpu,
+        overlap_eval=e.overlap_eval,
         client_memory_budget=None if e.client_memory_mb is None else int(e.client_memory_mb * 2**20),
     )
     return engine

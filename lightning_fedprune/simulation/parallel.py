@@ -28,7 +28,9 @@ once per worker and round). Shares are balanced by estimated work, longest first
 work is its local passes (epochs x the client's samples, or steps x batch size) times its model's
 tensor elements, so sub-models and small clients are packed around large ones. Answers are
 collected in the order workers finish, so decoding one overlaps the others' training; the caller
-may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`.
+may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`
+(the round driver evaluates the previous round's model there), or drop the round with
+:meth:`~ParallelClients.discard`.
 
 Workers are forked (``fork`` start method, POSIX): the runtime, its module and its data are
 inherited, not sent (a ``spawn`` start would have to pickle them). A worker that dies is a counted
@@ -343,10 +345,11 @@ class ParallelClients:
             return err
         return None
 
-    def collect(self, store: ClientStore) -> dict[int, bytes | ClientFailure]:
+    def collect(self, store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
         """Wait for the submitted tasks: per client, its encoded result (as the client sent it) or a failure.
 
-        Workers' answers are read in the order they finish; the clients' updated states go to ``store``.
+        Workers' answers are read in the order they finish; the clients' updated states go to
+        ``store`` (``None``: they are dropped, see :meth:`discard`).
         """
         pending, self._pending = self._pending, []
         out: dict[int, bytes | ClientFailure] = {}
@@ -356,11 +359,33 @@ class ParallelClients:
                 out.update(self._dead(w, share, err))
             else:
                 waiting[self._pool[w].conn] = (w, share)
-        while waiting:
-            for conn in wait(list(waiting)):
-                w, share = waiting.pop(conn)
-                out.update(self._receive(w, share, store))
+        try:
+            while waiting:
+                for conn in wait(list(waiting)):
+                    w, share = waiting.pop(conn)
+                    out.update(self._receive(w, share, store))
+        except BaseException:  # e.g. Ctrl-C: workers still training would answer the next round with this one's outcomes
+            for w, _ in waiting.values():
+                self._pool[w].proc.kill()
+            self.close()
+            raise
         return out
+
+    def discard(self, *, wait: bool = True) -> None:
+        """Drop the submitted tasks' outcomes: the clients' states are not updated.
+
+        ``wait``: let the workers finish and read their answers (a worker that died meanwhile is
+        replaced, as in :meth:`collect`); ``False``: kill the workers that hold tasks and stop the
+        pool at once (it starts again on the next :meth:`submit`).
+        """
+        if wait:
+            self.collect(None)
+            return
+        pending, self._pending = self._pending, []
+        if pending:
+            for w, _, _ in pending:
+                self._pool[w].proc.kill()
+            self.close()
 
     def run_encoded(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[bytes | ClientFailure]:
         """:meth:`submit` then :meth:`collect`: one outcome per task, in task order."""
@@ -392,7 +417,7 @@ class ParallelClients:
         reason = f"the worker process training this client died (exit code {code}: {type(err).__name__})"
         return {t.client_id: ClientFailure(t.round, t.client_id, "error", reason) for t in share}
 
-    def _receive(self, w: int, share: list[ClientTask], store: ClientStore) -> dict[int, bytes | ClientFailure]:
+    def _receive(self, w: int, share: list[ClientTask], store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
         conn = self._pool[w].conn
         try:
             reply = loads_state(conn.recv_bytes())
@@ -403,7 +428,8 @@ class ParallelClients:
             return self._dead(w, share, err)
         out: dict[int, bytes | ClientFailure] = {}
         for k, (task, o) in enumerate(zip(share, reply["outcomes"])):
-            store.put_encoded(task.client_id, frames[2 * k + 1])
+            if store is not None:
+                store.put_encoded(task.client_id, frames[2 * k + 1])
             if "failure" in o:
                 out[task.client_id] = ClientFailure(task.round, task.client_id, str(o["failure"]["kind"]), str(o["failure"]["reason"]))
             else:
