@@ -5,11 +5,11 @@ as one round after the other."""
 from __future__ import annotations
 
 import math
-import os
 import types
 
 import pytest
 import torch
+from worker_testing import CrashingRuntime
 
 from lightning_fedprune import driver as driver_module
 from lightning_fedprune.config import RecipeConfig
@@ -288,30 +288,15 @@ def test_an_error_while_a_round_trains_ahead_stops_its_workers_at_once_and_resto
     _same_run(whole, resumed, tmp_path)
 
 
-PARENT = [0]
 
 
-class Crashing:
-    """A runtime wrapper whose worker process dies while training client 1 in round 1."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_many(self, tasks, store):
-        if any(t.client_id == 1 and t.round == 1 for t in tasks) and os.getpid() != PARENT[0]:
-            os._exit(7)
-        return self.inner.run_many(tasks, store)
 
 
 def test_a_worker_that_dies_in_the_overlapped_round_is_a_counted_client_failure(tiny_module, tiny_data, tmp_path, still_clock, caplog):
-    PARENT[0] = os.getpid()
     engines = {}
     for name, overlap in (("plain", False), ("over", True)):
         strategy = FedMP(seed=1)
-        runtime = Crashing(ClientRuntime(tiny_module(), data=tiny_data, seed=4, client_callbacks=strategy.client_callbacks))
+        runtime = CrashingRuntime(ClientRuntime(tiny_module(), data=tiny_data, seed=4, client_callbacks=strategy.client_callbacks), round=1)
         engine = SimulationEngine(
             strategy=strategy, runtime=runtime, data=tiny_data, devices=make_devices(3, seed=0), seed=6, workers=3,
             overlap_eval=overlap, listeners=[],

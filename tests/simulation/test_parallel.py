@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 
 import pytest
 import torch
+from worker_testing import CrashingRuntime
 
 from lightning_fedprune.config import RecipeConfig
 from lightning_fedprune.core.client_store import ClientStore
@@ -64,29 +64,14 @@ def test_sub_models_train_identically_in_workers(tiny_module, tiny_data):
     _same(seq, par)
 
 
-class Crashing:
-    """A runtime wrapper whose worker process dies while training client 1 in round 0."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def run_many(self, tasks, store):
-        if any(t.client_id == 1 and t.round == 0 for t in tasks) and os.getpid() != PARENT[0]:
-            os._exit(7)
-        return self.inner.run_many(tasks, store)
 
 
-PARENT = [0]
 
 
 def test_a_worker_that_dies_is_a_counted_client_failure_and_is_replaced(tiny_module, tiny_data, caplog):
-    PARENT[0] = os.getpid()
     strategy = FedAvg(seed=0)
     runtime = ClientRuntime(tiny_module(), data=tiny_data, seed=0)
-    engine = SimulationEngine(strategy=strategy, runtime=Crashing(runtime), data=tiny_data, devices=make_devices(3, seed=0), workers=3)
+    engine = SimulationEngine(strategy=strategy, runtime=CrashingRuntime(runtime, round=0), data=tiny_data, devices=make_devices(3, seed=0), workers=3)
     try:
         with caplog.at_level("WARNING"):
             r0 = engine.run_round(0)

@@ -1,0 +1,23 @@
+"""Helpers for the worker-process tests of the simulation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class CrashingRuntime:
+    """A runtime wrapper whose worker process dies (exit code 7) while it trains ``client`` in
+    ``round``; in the process that built it (the engine's), it only delegates."""
+
+    def __init__(self, inner: Any, *, client: int = 1, round: int = 0) -> None:
+        self.inner, self.client, self.round = inner, client, round
+        self.parent = os.getpid()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def run_many(self, tasks: Any, store: Any) -> Any:
+        if os.getpid() != self.parent and any(t.client_id == self.client and t.round == self.round for t in tasks):
+            os._exit(7)
+        return self.inner.run_many(tasks, store)
