@@ -49,9 +49,11 @@ GLOBAL_MODEL_NAME = "global_model.safetensors"
 class RankSenders:
     """One sender thread per rank: a slow or unreachable rank delays only its own messages.
 
-    Messages to a rank go out in the order they were submitted. Once a send to a rank failed,
-    the messages to it submitted before that failure are not tried (they fail at once with the
-    same reason): an unreachable rank costs one connection wait, not one per message.
+    Messages to a rank go out in the order they were submitted. Once a send that waited for the
+    rank failed, the messages to it submitted before that failure are not tried (they fail at once
+    with the same reason): an unreachable rank costs one connection wait, not one per message. A
+    send that did not wait (``wait_s == 0``: best-effort notices) says nothing about the rank, so its
+    failure does not count.
 
     Args:
         send: ``send(envelope, wait_s)`` -> wire bytes; raises when it could not be delivered.
@@ -82,8 +84,9 @@ class RankSenders:
             try:
                 return self._send(env, wait_s)
             except Exception as err:
-                with self._lock:
-                    self._failed[rank] = (time.monotonic(), str(err))
+                if wait_s > 0:
+                    with self._lock:
+                        self._failed[rank] = (time.monotonic(), str(err))
                 raise
 
         return pool.submit(job)
@@ -122,6 +125,7 @@ class FedMLTransport:
         self.dropped_messages = 0
         self._endpoint = endpoint
         self._online: dict[int, str] = {}  # rank -> the client process's session
+        self._said_hello: set[int] = set()  # every rank that said hello in this run
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._collector: RoundCollector | None = None
         self._carried: list[Any] = []  # async mode: tasks in flight from earlier rounds
@@ -160,8 +164,9 @@ class FedMLTransport:
             self._drain()
         jobs = []
         if self._senders is not None:
-            for rank in sorted(self._online):
-                jobs.append(self._submit(Envelope(FINISH, 0, rank, self.cfg.run_id, self.session), wait_s=0.0))
+            # every rank that said hello in this run, also one that later missed a message
+            for rank in sorted(self._said_hello):
+                jobs.append(self._submit(Envelope(FINISH, 0, rank, self.cfg.run_id, self.session), wait_s=self._peer_wait))
             for job in jobs:
                 try:
                     job.result(timeout=self.cfg.comm_args.send_timeout_s)
@@ -172,6 +177,12 @@ class FedMLTransport:
             self._endpoint.close()
         finally:
             log.info("transport: %s", self.stats)
+
+    @property
+    def _peer_wait(self) -> float:
+        """How long a send to a client that should be up waits for its connection (a client
+        repeats its hello every ``hello_interval_s``)."""
+        return min(2.0 * self.cfg.comm_args.hello_interval_s, self.cfg.comm_args.send_timeout_s)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -270,7 +281,7 @@ class FedMLTransport:
         for t in tasks:
             r = self.cfg.rank_of_client(t.client_id)
             per_rank[r] = per_rank.get(r, 0) + 1
-        wait = min(2.0 * self.cfg.comm_args.hello_interval_s, self.cfg.comm_args.send_timeout_s)
+        wait = self._peer_wait
         for task in tasks:
             rank = self.cfg.rank_of_client(task.client_id)
             payload = encode_task(task)
@@ -354,6 +365,7 @@ class FedMLTransport:
         client_session = str(env.body.get("session", ""))
         previous = self._online.get(rank)
         self._online[rank] = client_session
+        self._said_hello.add(rank)
         if previous != client_session:
             log.info("rank %d is up (clients %s)", rank, expected)
             if previous is not None:
@@ -362,7 +374,7 @@ class FedMLTransport:
                         self._collector.fail(cid, "dropout", f"the process of rank {rank} restarted and lost its task")
                 self._carried = [s for s in self._carried if s.rank != rank]
         reply = Envelope(READY, 0, rank, self.cfg.run_id, self.session, body={"reply": True})
-        self._submit(reply, wait_s=0.0)
+        self._submit(reply, wait_s=self._peer_wait)  # it just spoke: wait out a reconnect backoff
         return None
 
     def _submit(self, env: Envelope, *, wait_s: float, on_fail: tuple[Any, ...] | None = None, on_done: tuple[Any, ...] | None = None) -> Any:

@@ -50,6 +50,31 @@ def test_a_blocked_rank_delays_only_its_own_messages():
     assert "not tried: an earlier send to rank 2 failed" in str(dead[-1].exception())
 
 
+def test_a_failed_best_effort_notice_does_not_fail_the_messages_queued_behind_it():
+    # a send that does not wait fails while GRPC's channel to the rank is in its reconnect backoff
+    # (the rank was down when the server announced itself); a task queued behind it waits for the
+    # connection and must still be tried
+    gate = threading.Event()
+    tried = []
+
+    def send(env, wait_s):
+        tried.append((env.type, wait_s))
+        if wait_s == 0:
+            gate.wait(2.0)
+            raise ConnectionError("failed to connect (reconnect backoff)")
+        return 7
+
+    senders = RankSenders(send)
+    notice = senders.submit(Envelope("ready", 0, 2, "run", "s"), wait_s=0.0)
+    task = senders.submit(Envelope("task", 0, 2, "run", "s", 0), wait_s=1.0)  # queued before the notice fails
+    gate.set()
+    with pytest.raises(ConnectionError):
+        notice.result(timeout=5)
+    assert task.result(timeout=5) == 7
+    senders.shutdown()
+    assert tried == [("ready", 0.0), ("task", 1.0)]
+
+
 class TimedEndpoint:
     """Wraps the server's endpoint: when each send to a rank started and ended, and how."""
 
