@@ -8,7 +8,8 @@
 
 Options: ``--quick`` (2 rounds of 2 local steps, 3 evaluated clients: a smoke run), ``--model
 vgg11|resnet32``, ``--rounds N``, ``--target 0.5``, ``--out runs/feddp``, ``--set key=value``
-(applied to every variant). Needs the CIFAR-10 subset (``../shared/data/CIFAR10-subset``, or
+(applied to every variant), ``--resume`` (finished variants are read back from their
+checkpoints, interrupted ones continue). Needs the CIFAR-10 subset (``../shared/data/CIFAR10-subset``, or
 ``--set data.root=PATH``); without it the script says so and exits 0.
 
 What is measured (and how it departs from the paper's set-up):
@@ -121,10 +122,10 @@ def client_eval(engine: Any, max_clients: int) -> dict[str, float]:
     }
 
 
-def run_variant(base: RecipeConfig, label: str, overrides: list[str], out: Path, max_clients: int) -> dict[str, Any]:
+def run_variant(base: RecipeConfig, label: str, overrides: list[str], out: Path, max_clients: int, *, resume: bool = False) -> dict[str, Any]:
     cfg = base.apply_overrides([*overrides, f"run_dir={out / label.replace('+', '_')}"])
     engine, rounds = build_run(cfg, listeners=[])
-    engine.run(rounds)
+    engine.run(rounds, resume=resume)  # resume: a finished variant is read back, an interrupted one continues
     hist = engine.history
     row: dict[str, Any] = {"label": label, "history": hist, "gated": _is_gated(engine)}
     row["params"] = sum(v.numel() for v in engine.strategy.global_state.values() if v.is_floating_point())
@@ -179,7 +180,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> str:
 # ------------------------------------------------------------------------------------------ experiments
 def fig3(args: argparse.Namespace, base: RecipeConfig, out: Path) -> str:
     variants = {**{k: v for k, v in BASES.items()}, "FedDP": FEDDP}
-    rows = [run_variant(base, label, [*ov, *args.common], out, args.max_clients) for label, ov in variants.items()]
+    rows = [run_variant(base, label, [*ov, *args.common], out, args.max_clients, resume=args.resume) for label, ov in variants.items()]
     lines = [f"Fig. 3 ({args.model}, {rows[0]['clients']} clients): accuracy after {len(rows[0]['history'])} rounds",
              f"{'method':<12}{'acc':>10}{'dense backbone':>16}{'local val (best)':>18}   paper (VGG-11, top-1)"]
     for r in rows:
@@ -195,7 +196,7 @@ def fig4(args: argparse.Namespace, base: RecipeConfig, out: Path) -> str:
     for name, ov in BASES.items():
         variants[name] = ov
         variants[f"{name}+DP" if name != "SCAFFOLD" else "FedDP"] = gated(ov) if name != "SCAFFOLD" else FEDDP
-    rows = [run_variant(base, label, [*ov, *args.common], out, args.max_clients) for label, ov in variants.items()]
+    rows = [run_variant(base, label, [*ov, *args.common], out, args.max_clients, resume=args.resume) for label, ov in variants.items()]
     target = args.target
     lines = [f"Fig. 4 ({args.model}): rounds and communication to {target:.0%} clients' mean local validation accuracy (paper: 78% top-1)",
              f"{'method':<12}{'rounds':>8}{'cost (formula)':>16}{'payload bytes':>15}{'final acc':>11}   paper"]
@@ -221,7 +222,10 @@ def fig5(args: argparse.Namespace, base: RecipeConfig, out: Path) -> str:
             variants[f"{name}+DP"] = gated(BASES[name])
         variants["SCAFFOLD"] = BASES["SCAFFOLD"]
         variants["FedDP"] = FEDDP
-        rows = [run_variant(base, f"{label}@{clients}", [*ov, *setting, *args.common], out, args.max_clients) for label, ov in variants.items()]
+        rows = [
+            run_variant(base, f"{label}@{clients}", [*ov, *setting, *args.common], out, args.max_clients, resume=args.resume)
+            for label, ov in variants.items()
+        ]
         all_rows += rows
         lines.append(f"-- {clients} clients, sample rate {rate:.0%}")
         lines.append(f"{'method':<18}{'final acc':>11}{'best local val':>16}{'rounds to target':>18}")
@@ -298,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-clients", type=int, default=10, help="clients whose gated model is evaluated on the test set")
     parser.add_argument("--out", default="runs/feddp")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="reuse finished variants under --out and continue interrupted ones")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
