@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from fedml_testing import RECIPES, LoopbackHub, SerialRuntime, session, simulate
+from fedml_testing import RECIPES, LoopbackHub, SerialRuntime, assert_simulators_model, session, simulate
 
 from lightning_fedprune.core.messages import ClientResult, encode_result
 from lightning_fedprune.fedml_adapters.client import FedMLClient, model_path
@@ -180,14 +180,8 @@ def test_processes_serving_several_stateful_clients_match_the_simulator(tmp_path
         tmp_path, "rounds=3", "data.num_clients=4", "device_args.worker_num=2", "strategy.name=scaffold",
         "strategy.options={}", "model.momentum=0.0", "strategy.fraction_fit=0.75",
     )
-    clients, threads = _start_clients(cfg, loopback, [1, 2])
-    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
-    server.run()
-    for t in threads:
-        t.join(timeout=30)
-    engine = simulate(cfg)
-    for k, v in engine.strategy.global_state.items():
-        torch.testing.assert_close(server.strategy.global_state[k], v, rtol=1e-6, atol=1e-7)
+    server, clients, _ = session(loopback, cfg)
+    engine = assert_simulators_model(cfg, server.strategy.global_state)
     for k, v in engine.strategy.control.items():
         torch.testing.assert_close(server.strategy.control[k], v, rtol=1e-6, atol=1e-7)
     # the same seeded client sampling as the simulator: 3 of 4 clients per round
@@ -239,14 +233,8 @@ def test_nestfl_deployment_matches_the_simulator_and_clients_keep_their_personal
     from lightning_fedprune.fedml_adapters.client import client_dir
 
     cfg = _cfg(tmp_path, "rounds=2", *NESTFL)
-    _, threads = _start_clients(cfg, loopback, [1, 2, 3])
-    server = FedMLServer(cfg, endpoint=loopback.endpoint(0))
-    server.run()
-    for t in threads:
-        t.join(timeout=30)
-    engine = simulate(cfg)
-    for k, v in engine.strategy.global_state.items():
-        torch.testing.assert_close(server.strategy.global_state[k], v, rtol=1e-6, atol=1e-7)
+    server, _, _ = session(loopback, cfg)
+    engine = assert_simulators_model(cfg, server.strategy.global_state)
     # each client process kept its trained sub-network in its own state folder, as the simulator did
     for c in range(3):
         own = personal_model(ClientStore(client_dir(cfg, cfg.rank_of_client(c)) / "state").get(c))
