@@ -72,6 +72,8 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.jsonl"
+#: optional per-client fields of ``client_metrics`` (copied from ``ClientMetrics.extra`` when present)
+PROBE_FIELDS = ("probe_loss_before", "probe_loss_after")
 CSV_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 
@@ -180,17 +182,23 @@ def client_metrics_fields(results: Sequence[Any]) -> dict[str, dict[str, float]]
     ``loss_before`` / ``loss_after``: the client's mean training loss over its first / last local
     epoch (with a single epoch: the first / second half of its local steps), measured while
     training on different batches, so ``loss_after`` may exceed ``loss_before`` on a noisy round;
-    ``num_samples``; ``completion_time``: seconds from dispatch to arrival (simulated or measured).
+    ``num_samples``; ``completion_time``: seconds from dispatch to arrival (simulated or measured);
+    and the paired probe losses ``probe_loss_before`` / ``probe_loss_after`` when the client
+    measured them (FedMP's reward asks for them).
     """
     out: dict[str, dict[str, float]] = {}
     for r in results:
         m = r.metrics
-        out[str(r.client_id)] = {
+        fields = {
             "loss_before": float(m.loss_before),
             "loss_after": float(m.loss_after),
             "num_samples": float(m.num_samples),
             "completion_time": float(r.completion_time) if r.completion_time is not None else math.nan,
         }
+        for key in PROBE_FIELDS:
+            if key in m.extra:
+                fields[key] = float(m.extra[key])
+        out[str(r.client_id)] = fields
     return out
 
 

@@ -83,6 +83,14 @@ def _delta_loss(result: ClientResult) -> float:
     return float(d) if math.isfinite(d) else 0.0
 
 
+def _final_loss(result: ClientResult) -> float:
+    """The worker's loss after its local work: the paired probe's when reported, else the running
+    training loss of the last part; ``nan`` when neither is finite."""
+    extra = result.metrics.extra
+    v = extra["probe_loss_after"] if "probe_loss_after" in extra else result.metrics.loss_after
+    return float(v) if math.isfinite(v) else math.nan
+
+
 def _completion_time(result: ClientResult) -> float:
     """Seconds from dispatch to arrival as the transport measured them (CPU seconds if none did)."""
     t = result.completion_time
@@ -285,19 +293,28 @@ class FedMP(SubModelStrategy):
     Args:
         theta: E-UCB granularity: a chosen region is split while its diameter exceeds it
             (the paper finds 0.01-0.05 equally good; Fig. 4).
-        discount: E-UCB discount factor λ (0.95 in the paper).
+        discount: E-UCB discount factor λ (default 0.995; the paper's 0.95 caps an agent's
+            discounted count at about 19, so with tens of leaves exploration never ends).
         ratio_range: ``(low, high)``: the arm space (the paper's is [0, 1)).
-        exploration: scale of E-UCB's padding: ``"auto"`` (default: the median observed
-            ``|reward|`` of the agent) or a number (``1.0``: as printed); see
-            :class:`~lightning_fedprune.core.bandit.EUCBAgent`. With the bounded reward the
-            printed scale keeps the agents exploring (replaying E-UCB against the High
-            scenario's simulated round times with noisy synthetic loss decreases, every
-            cluster's median ratio stayed near 0.5 after 200 rounds, against matched ratios of
-            about 0.0 / 0.4 / 0.7 for A / B / C); the median reward, typically well below 1,
-            lets them settle (about 0.1 / 0.4 / 0.7 there).
+        exploration: scale of E-UCB's padding: a number (default 0.05; ``1.0``: as printed) or
+            ``"auto"`` (the median observed ``|reward|`` of the agent, for the printed reward,
+            whose unit is loss per second); see :class:`~lightning_fedprune.core.bandit.EUCBAgent`.
+            With rewards in ``[0, 1]``, the best leaf's mean is about 0.2-0.35 on CNN/MNIST; the
+            printed scale then keeps every leaf in play (replayed against the High scenario,
+            cluster medians stayed near 0.5 against matched 0.0 / 0.4 / 0.7), and 0.05 lets the
+            agents settle within about 50 rounds.
         reward: ``"bounded"`` (default: Eq. 8's intent, unit-free, in ``[0, 1]``) or
             ``"printed"`` (Eq. 8 as printed); see :mod:`lightning_fedprune.core.bandit`.
         gap_floor: the bounded reward's relative time gap that counts as a perfect fit.
+        progress: what the reward counts as progress: ``"final_loss"`` (the default with the
+            bounded reward: the round's lowest loss after local work over the worker's) or
+            ``"loss_decrease"`` (the default, and the only choice, with the printed reward:
+            Eq. 8's ΔLoss, in the bounded form as a share of the round's best, which late in
+            training rewards pruning); see :mod:`lightning_fedprune.core.bandit`.
+        inherit: a leaf created by a split starts from its parent's estimate instead of being
+            unexplored (default ``True``; see :class:`~lightning_fedprune.core.bandit.EUCBAgent`).
+            ``FedMP(reward="printed", progress="loss_decrease", inherit=False, exploration=1.0,
+            discount=0.95)`` is Algorithm 1 and Eq. 8 as printed.
         late_reward: the reward of a decision whose result missed the round's deadline (failure
             kind ``"deadline"``); decisions of workers that dropped out or failed otherwise are
             discarded.
@@ -314,11 +331,13 @@ class FedMP(SubModelStrategy):
         self,
         *,
         theta: float = 0.05,
-        discount: float = 0.95,
+        discount: float = 0.995,
         ratio_range: tuple[float, float] = (0.0, 1.0),
-        exploration: float | str = "auto",
+        exploration: float | str = 0.05,
         reward: str = "bounded",
         gap_floor: float = 0.05,
+        progress: str | None = None,
+        inherit: bool = True,
         late_reward: float = 0.0,
         fixed_ratios: Mapping[int, float] | None = None,
         aggregation: str = "r2sp",
@@ -330,7 +349,9 @@ class FedMP(SubModelStrategy):
 
         lo, hi = (float(v) for v in ratio_range)
         self.bandit = EUCB(
-            low=lo, high=hi, theta=theta, discount=discount, seed=self.seed, exploration=exploration, reward=reward, gap_floor=gap_floor
+            low=lo, high=hi, theta=theta, discount=discount, seed=self.seed, exploration=exploration, reward=reward, gap_floor=gap_floor,
+            progress=progress if progress is not None else ("final_loss" if reward == "bounded" else "loss_decrease"),
+            inherit=inherit,
         )
         if isinstance(late_reward, bool) or not isinstance(late_reward, (int, float)) or not math.isfinite(late_reward):
             raise ConfigError(f"`late_reward` must be a finite number, got {late_reward!r}")
@@ -349,10 +370,18 @@ class FedMP(SubModelStrategy):
             return {}
         times = {r.client_id: _completion_time(r) for r in results}
         mean_t = sum(times.values()) / len(times)
+        finals = None
+        if self.bandit.progress == "final_loss":
+            finals = {r.client_id: _final_loss(r) for r in results}
+            unknown = [c for c, v in finals.items() if not math.isfinite(v)]
+            if unknown:  # no usable loss: the worst share of the round
+                worst = max((v for v in finals.values() if math.isfinite(v)), default=1.0)
+                finals.update({c: worst for c in unknown})
         rewards = self.bandit.observe(
             rnd,
             {r.client_id: (_delta_loss(r), times[r.client_id]) for r in results},
             decision_rounds={r.client_id: r.round for r in results},
+            final_losses=finals,
         )
         vals = list(rewards.values())
         return {"reward_mean": sum(vals) / len(vals), "time_mean": mean_t, "time_max": max(times.values())}

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from lightning_fedprune.core.bandit import EUCB, EUCBAgent, bounded_reward, eucb_reward, round_rewards
+from lightning_fedprune.core.bandit import EUCB, EUCBAgent, bounded_reward, eucb_reward, final_loss_share, round_rewards
 from lightning_fedprune.errors import ConfigError
 
 
@@ -102,6 +102,65 @@ def test_round_rewards_by_hand():
     assert round_rewards({}) == {}
     with pytest.raises(ConfigError, match="`reward` can be bounded, printed, got 'eq8'"):
         round_rewards(outcomes, form="eq8")
+
+
+def test_final_loss_progress_by_hand():
+    # times 2, 4, 9 -> mean 5 -> relative gaps 0.6, 0.2, 0.8 -> fits 0.05/0.6, 0.25, 0.05/0.8;
+    # final losses 0.5, 0.4, 0.8 -> shares 0.4/0.5, 1, 0.4/0.8 (the loss decreases are ignored)
+    outcomes = {0: (0.3, 2.0), 1: (-0.5, 4.0), 2: (9.0, 9.0)}
+    finals = {0: 0.5, 1: 0.4, 2: 0.8}
+    got = round_rewards(outcomes, progress="final_loss", final_losses=finals)
+    assert got == {0: pytest.approx(0.8 * 0.05 / 0.6), 1: pytest.approx(0.25), 2: pytest.approx(0.5 * 0.05 / 0.8)}
+    assert final_loss_share(0.0, 0.0) == 1.0 and final_loss_share(2.0, 0.5) == 0.25
+    with pytest.raises(ConfigError, match=r"needs the final loss of every worker; none for \[2\]"):
+        round_rewards(outcomes, progress="final_loss", final_losses={0: 0.5, 1: 0.4})
+    with pytest.raises(ConfigError, match="`progress='final_loss'` needs `reward='bounded'`"):
+        round_rewards(outcomes, form="printed", progress="final_loss", final_losses=finals)
+    with pytest.raises(ConfigError, match="`progress` can be loss_decrease, final_loss, got 'accuracy'"):
+        EUCB(reward="bounded", progress="accuracy")
+    with pytest.raises(ConfigError, match="final_loss_share: losses must be >= 0"):
+        final_loss_share(-1.0, 0.5)
+    # through EUCB: the final losses are looked up per worker
+    bandit = EUCB(seed=0, reward="bounded", progress="final_loss")
+    bandit.decide(0, [4, 7])
+    assert bandit.observe(0, {4: (0.1, 2.0), 7: (0.1, 2.0)}, final_losses={4: 1.0, 7: 0.5}) == {4: 0.5, 7: 1.0}
+    bandit.decide(1, [4])
+    with pytest.raises(ConfigError, match=r"none for \[4\]"):
+        bandit.observe(1, {4: (0.1, 2.0)})
+
+
+def _first_seed_with_a_low_first_draw() -> int:
+    return next(s for s in range(100) if EUCBAgent(theta=0.5, seed=s).choose(0) < 0.5)
+
+
+@pytest.mark.parametrize("inherit", [False, True])
+def test_an_inherited_leaf_starts_from_its_parents_estimate_by_hand(inherit):
+    # theta 0.5, lambda 0.5. Round 0 draws a0 < 0.5 and splits [0, 1) into [0, a0) and [a0, 1);
+    # reward 1 at a0. Round 1 explores the empty [0, a0) (too narrow to split); reward 0.
+    # Round 2: the discounted total 0.25 + 0.5 < 1, so no padding: [a0, 1) has the best mean and is
+    # split at its draw a2 into [a0, a2) (the observation at a0) and [a2, 1) (empty).
+    lam = 0.5
+    agent = EUCBAgent(theta=0.5, discount=lam, seed=_first_seed_with_a_low_first_draw(), inherit=inherit)
+    a0 = agent.choose(0)
+    agent.observe(0, a0, 1.0)
+    a1 = agent.choose(1)
+    assert 0.0 <= a1 < a0 and agent.leaves == [(0.0, a0), (a0, 1.0)]
+    agent.observe(1, a1, 0.0)
+    a2 = agent.choose(2)
+    assert a0 < a2 and agent.leaves == [(0.0, a0), (a0, a2), (a2, 1.0)]
+    stats = agent.statistics(3)
+    assert stats[1].count == pytest.approx(lam**3) and stats[1].mean == 1.0
+    if inherit:
+        # the new leaf: the parent's count lambda^3 times its share of the width, the parent's mean
+        share = (1.0 - a2) / (1.0 - a0)
+        assert stats[2].count == pytest.approx(share * lam**3) and stats[2].mean == pytest.approx(1.0)
+        assert stats[2].padding == 0.0  # total lambda^2 + lambda^3 (1 + share) < 1
+    else:
+        assert stats[2].count == 0.0 and stats[2].ucb == math.inf
+    # round 3 (round 2's result still out): inherited, the two leaves tie on the mean 1 and the
+    # lower edge wins; read literally, the unexplored [a2, 1) is forced
+    a3 = agent.choose(3)
+    assert (a0 <= a3 < a2) if inherit else (a2 <= a3 < 1.0)
 
 
 def test_eucb_bounded_rewards_and_deadline_penalty():
@@ -389,6 +448,36 @@ def test_resume_mid_run_gives_identical_choices():
         resumed.observe(k, outcomes[k])
     assert resumed.state_dict() == straight.state_dict()
     assert resumed.decide(40, range(4)) == straight.decide(40, range(4))
+
+
+def test_resume_with_inherited_leaves_and_final_loss_progress_gives_identical_choices():
+    rng = np.random.default_rng(1)
+    rounds = [({w: (0.0, float(1 + 3 * rng.random())) for w in range(3)}, {w: float(rng.random()) for w in range(3)}) for _ in range(30)]
+    kwargs = dict(seed=4, theta=0.05, discount=0.99, reward="bounded", progress="final_loss", inherit=True, exploration=0.05)
+    straight = EUCB(**kwargs)
+    for k, (outcomes, finals) in enumerate(rounds):
+        straight.decide(k, range(3))
+        straight.observe(k, outcomes, final_losses=finals)
+    first = EUCB(**kwargs)
+    for k, (outcomes, finals) in enumerate(rounds[:15]):
+        first.decide(k, range(3))
+        first.observe(k, outcomes, final_losses=finals)
+    resumed = EUCB(**kwargs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for k, (outcomes, finals) in enumerate(rounds[15:], start=15):
+        resumed.decide(k, range(3))
+        resumed.observe(k, outcomes, final_losses=finals)
+    assert resumed.state_dict() == straight.state_dict()
+    assert any(leaf["pn"] > 0 for a in straight.state_dict()["agents"].values() for leaf in a["leaves"])  # priors were inherited
+    with pytest.raises(ConfigError, match="saved with inherit=True, this bandit has inherit=False"):
+        EUCB(**{**kwargs, "inherit": False}).load_state_dict(straight.state_dict())
+    # a state written before these options existed loads with their old meaning
+    old = EUCB(seed=4).state_dict()
+    for key in ("inherit", "progress"):
+        del old["config"][key]
+    for agent in old["agents"].values():
+        del agent["config"]["inherit"]
+    EUCB(seed=4).load_state_dict(old)
 
 
 def test_load_state_checks_hyper_parameters():

@@ -130,17 +130,19 @@ def test_structured_strategies_need_a_planner():
 
 
 @pytest.mark.parametrize(
-    "reward, expected",
+    "reward, progress, expected",
     [
         # printed Eq. 8: 0.5 / |1 - 2| = 0.5 and 0.2 / |3 - 2| = 0.2
-        ("printed", 0.35),
+        ("printed", None, 0.35),
         # bounded: progress shares 0.5/0.5 = 1 and 0.2/0.5 = 0.4; relative gaps 0.5, fit 0.05/0.5 = 0.1
-        ("bounded", (1.0 * 0.1 + 0.4 * 0.1) / 2),
+        ("bounded", "loss_decrease", (1.0 * 0.1 + 0.4 * 0.1) / 2),
+        # bounded, the default progress: final losses 0.5 and 0.8 -> shares 1 and 0.5/0.8
+        ("bounded", None, (1.0 * 0.1 + 0.625 * 0.1) / 2),
     ],
 )
-def test_fedmp_rewards_each_worker_and_forgets_failed_ones(reward, expected):
+def test_fedmp_rewards_each_worker_and_forgets_failed_ones(reward, progress, expected):
     module = Hidden3()
-    strategy = FedMP(seed=3, reward=reward)
+    strategy = FedMP(seed=3, reward=reward, progress=progress)
     strategy.initialize(_spec(module), num_clients=3)
     tasks = strategy.configure_round(0, [0, 1, 2])
     ratios = {t.client_id: t.config["pruning_ratio"] for t in tasks}
@@ -155,7 +157,7 @@ def test_fedmp_rewards_each_worker_and_forgets_failed_ones(reward, expected):
     assert all(not leaf.obs for leaf in strategy.bandit.agent(2)._leaves)  # a dropout teaches nothing
     # the next round's decisions are made with the observed rewards; state round-trips exactly
     state = strategy.state_dict()
-    clone = FedMP(seed=3, reward=reward)
+    clone = FedMP(seed=3, reward=reward, progress=progress)
     clone.initialize(_spec(Hidden3()), num_clients=3)
     clone.load_state_dict(state)
     a = [t.config["pruning_ratio"] for t in strategy.configure_round(1, [0, 1, 2])]
