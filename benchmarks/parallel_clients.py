@@ -134,11 +134,11 @@ class _Cycles:
             submit(tasks, store)
             marks["p_sent"] = time.process_time()
 
-        def _collect(store):
+        def _collect(store, **kwargs):
             p = time.process_time()
             self.parent.append(p)
             self.concurrent.append(p - marks.pop("p_sent", p))
-            out = collect(store)
+            out = collect(store, **kwargs)
             w0, w1 = marks.pop("w0", {}), _worker_cpu()
             self.workers.append([w1[pid] - w0.get(pid, 0.0) for pid in w1])
             return out

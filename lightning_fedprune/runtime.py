@@ -31,7 +31,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,10 @@ __all__ = [
 LOCAL_STATE_KEY = "module.local"
 #: ``Trainer`` arguments the runtime sets itself (local work comes from each task)
 RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
+
+
+#: ``on_outcome(task, outcome)`` of :meth:`ClientRuntime.run_many`
+OutcomeCallback = Callable[[ClientTask, "ClientResult | ClientFailure"], None]
 
 
 class ClientError(FedPruneError, RuntimeError):
@@ -181,10 +185,13 @@ class _ScheduledBatches:
 class _RoundController(pl.Callback):
     """Switches clients at epoch boundaries inside one ``fit`` (see module docstring)."""
 
-    def __init__(self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore) -> None:
+    def __init__(
+        self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore, on_outcome: OutcomeCallback | None = None
+    ) -> None:
         self.runtime = runtime
         self.tasks = list(tasks)
         self.store = store
+        self.on_outcome = on_outcome
         self.schedule: list[_Segment] = []
         for i, task in enumerate(self.tasks):
             n = task.local_epochs if task.local_epochs is not None else 1
@@ -343,6 +350,8 @@ class _RoundController(pl.Callback):
             config=dict(run.ctx.result_config),
         )
         self.running = None
+        if self.on_outcome is not None:
+            self.on_outcome(task, self.results[task.client_id])
 
 
 def _probe_loss(module: Any, batch: Any) -> float:
@@ -449,11 +458,18 @@ class ClientRuntime:
             raise ClientError(out.reason)
         return out
 
-    def run_many(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[ClientResult | ClientFailure]:
+    def run_many(
+        self, tasks: Sequence[ClientTask], store: ClientStore, *, on_outcome: OutcomeCallback | None = None
+    ) -> list[ClientResult | ClientFailure]:
         """Run several tasks in as few ``Trainer.fit`` calls as possible (one if none fails).
 
         Returns one outcome per task, in order: a result, or a failure whose reason holds the
         exception's type, message and the innermost frame.
+
+        ``on_outcome(task, outcome)`` is called once per task as soon as its outcome is final (a
+        result right after its client's training, with the client's state already in ``store``,
+        while the next clients still train), in the order the clients finish. An exception it
+        raises is not a client's failure: it stops the call.
         """
         ids = [t.client_id for t in tasks]
         if len(set(ids)) != len(ids):
@@ -461,7 +477,7 @@ class ClientRuntime:
         outcomes: dict[int, ClientResult | ClientFailure] = {}
         pending = list(tasks)
         while pending:
-            ctrl = _RoundController(self, pending, store)
+            ctrl = _RoundController(self, pending, store, on_outcome)
             try:
                 trainer = self._make_trainer(ctrl)
                 with quiet_lightning(), self._extra_loss_terms(trainer):
@@ -475,6 +491,8 @@ class ClientRuntime:
                 reason = f"{type(err).__name__}: {err}{where}"
                 log.warning("client %d failed in round %d: %s", failed.client_id, failed.round, reason)
                 outcomes[failed.client_id] = ClientFailure(failed.round, failed.client_id, "error", reason)
+                if on_outcome is not None:
+                    on_outcome(failed, outcomes[failed.client_id])
             outcomes.update(ctrl.results)
             pending = [t for t in pending if t.client_id not in outcomes]
         return [outcomes[t.client_id] for t in tasks]

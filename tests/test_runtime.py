@@ -247,6 +247,38 @@ def test_a_failing_client_is_reported_and_the_others_still_train(tiny_module, ti
     assert counter.fits == 2  # the fit broke at client 1; client 2 ran in a new one
 
 
+def test_outcomes_are_reported_as_each_client_finishes(tiny_module, tiny_data, client_probe):
+    # Prepare: client 1 fails; SCAFFOLD gives every client a state to save
+    module = tiny_module()
+    module.fail_clients = frozenset({1})
+    tasks = _strategy("scaffold", module).configure_round(0, [0, 1, 2])
+    rt = ClientRuntime(module, data=tiny_data, seed=3, client_callbacks=("scaffold",), callbacks=[client_probe])
+    store = ClientStore()
+    seen = []
+
+    def on_outcome(task, outcome):
+        # reported while run_many still runs, with the client's state already saved
+        seen.append((task.client_id, outcome, store.client_ids()))
+
+    # Execute
+    outcomes = rt.run_many(tasks, store, on_outcome=on_outcome)
+    # Assert: once per task, in the order they finished, the same objects run_many returns
+    assert [(c, type(o)) for c, o, _ in seen] == [(0, ClientResult), (1, ClientFailure), (2, ClientResult)]
+    assert [o for _, o, _ in seen] == outcomes
+    assert [ids for _, _, ids in seen] == [[0], [0], [0, 2]]
+
+
+def test_an_error_of_on_outcome_stops_run_many(tiny_module, tiny_data):
+    module = tiny_module()
+    tasks = _strategy("fedavg", module).configure_round(0, [0, 1, 2])
+
+    def on_outcome(task, outcome):
+        raise OSError("the pipe is gone")
+
+    with pytest.raises(OSError, match="the pipe is gone"):
+        ClientRuntime(module, data=tiny_data, seed=3).run_many(tasks, ClientStore(), on_outcome=on_outcome)
+
+
 def test_run_raises_client_error_for_a_failing_client(tiny_module, tiny_data, client_probe):
     module = tiny_module()
     module.fail_clients = frozenset({0})

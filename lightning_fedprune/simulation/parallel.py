@@ -13,10 +13,15 @@ message to a worker is a sequence of frames on its pipe:
   it uses a shared set) and the client's persistent state exactly as the store holds it
   (:meth:`~lightning_fedprune.core.client_store.ClientStore.get_encoded`, never re-encoded).
 
-The answer: a header (per task a failure, or a result), then each result as the client would send
-it (:func:`~lightning_fedprune.core.messages.encode_result`) and each client's updated state bytes.
-The parent decodes each result once, validated (:meth:`ParallelClients.collect` gives the bytes to
-the transport, which decodes them as any received result).
+The answer comes client by client, as each client's training ends (a thread of the worker sends
+it, so the worker trains on while the parent is busy): a header (the client; a failure, or a
+result), the result as the client would send it
+(:func:`~lightning_fedprune.core.messages.encode_result`) and the client's updated state bytes;
+then a last header, ``done`` (or ``error``: every client of the share fails). The parent decodes
+each result once, validated: :meth:`ParallelClients.collect` hands each result to the transport as
+it comes, so it is decoded while the workers train the other clients, and returns the bytes, which
+the transport validates as any received result. A worker's clients' states are saved once it has
+answered them all.
 
 The client store stays in the parent, so a client may be served by any worker in any round (its
 SCAFFOLD control variate, personalized layers or gates travel with its task). Every random choice
@@ -27,7 +32,7 @@ Scheduling: each worker trains its share in one ``Trainer.fit`` (Lightning's fix
 once per worker and round). Shares are balanced by estimated work, longest first (LPT): a task's
 work is its local passes (epochs x the client's samples, or steps x batch size) times its model's
 tensor elements, so sub-models and small clients are packed around large ones. Answers are
-collected in the order workers finish, so decoding one overlaps the others' training; the caller
+collected in the order clients finish, so decoding one overlaps the others' training; the caller
 may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`
 (the round driver evaluates the previous round's model there), or drop the round with
 :meth:`~ParallelClients.discard`.
@@ -46,11 +51,14 @@ initialized here. This path is written for GPU machines but has not yet been mea
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import multiprocessing as mp
 import os
+import queue
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -155,8 +163,54 @@ def balanced_shares(costs: Sequence[float], workers: int) -> list[list[int]]:
     return [sorted(s) for s in shares if s]
 
 
+def _accepts_on_outcome(runtime: Any) -> bool:
+    """Whether ``runtime.run_many`` takes ``on_outcome`` (a wrapper of the runtime may not)."""
+    try:
+        params = inspect.signature(runtime.run_many).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "on_outcome" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class _Sender:
+    """Sends a worker's answers from a thread, message by message, in order.
+
+    A frame larger than the pipe's buffer blocks its writer until the parent reads it, and the
+    parent reads only when it waits for the round (after its own work, e.g. an evaluation): the
+    worker's training goes on meanwhile.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.queue: queue.SimpleQueue[tuple[bytes, ...] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="lfp-client-worker-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, *frames: bytes) -> None:
+        self.queue.put(frames)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            frames = self.queue.get()
+            if frames is None:
+                return
+            if broken:
+                continue
+            try:
+                for frame in frames:
+                    self.conn.send_bytes(frame)
+            except (OSError, ValueError):  # the parent is gone: the worker's next read ends it
+                broken = True
+
+
 def _worker_main(conn: Any, runtime: Any, device: str) -> None:
-    """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer."""
+    """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer
+    each client's outcome as soon as it is known."""
     torch.set_num_threads(1)
     unusable = None  # why this worker cannot train: every client it is given fails with it
     if device != "cpu":
@@ -164,55 +218,69 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
             runtime.use_device(device)
         except Exception as err:
             unusable = f"worker device {device!r}: {_describe(err)}"
-    while True:
-        try:
-            head = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        if head == _STOP:
-            return
-        try:
-            plan = loads_state(head)
-            frames = [conn.recv_bytes() for _ in range(int(plan["shared"]) + 2 * len(plan["tasks"]))]
-        except Exception as err:  # the frames cannot be told apart any more: answer, then stop
-            conn.send_bytes(dumps_state({"error": _describe(err)}))
-            return
-        out_frames: list[bytes] = []
-        try:
-            if unusable is not None:
-                raise RuntimeError(unusable)
-            shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
-            rest = frames[len(shared):]
-            tasks, store = [], ClientStore()
-            for k, spec in enumerate(plan["tasks"]):
-                task = decode_task(rest[2 * k], expect_round=int(spec["round"]), expect_client=int(spec["client"]))
-                if int(spec["shared"]) >= 0:
-                    task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
-                store.put_encoded(task.client_id, rest[2 * k + 1])
-                tasks.append(task)
-            del frames, rest
-            outcomes = runtime.run_many(tasks, store)
-            head_out: dict[str, Any] = {"outcomes": []}
-            for task, o in zip(tasks, outcomes):
-                if isinstance(o, ClientFailure):
-                    head_out["outcomes"].append({"failure": {"kind": o.kind, "reason": o.reason}})
-                    out_frames.append(b"")
+    streams = _accepts_on_outcome(runtime)
+    sender = _Sender(conn)
+    try:
+        while True:
+            try:
+                head = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            if head == _STOP:
+                return
+            try:
+                plan = loads_state(head)
+                frames = [conn.recv_bytes() for _ in range(int(plan["shared"]) + 2 * len(plan["tasks"]))]
+            except Exception as err:  # the frames cannot be told apart any more: answer, then stop
+                sender.send(dumps_state({"error": _describe(err)}))
+                return
+            try:
+                if unusable is not None:
+                    raise RuntimeError(unusable)
+                shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
+                rest = frames[len(shared):]
+                tasks, store = [], ClientStore()
+                for k, spec in enumerate(plan["tasks"]):
+                    task = decode_task(rest[2 * k], expect_round=int(spec["round"]), expect_client=int(spec["client"]))
+                    if int(spec["shared"]) >= 0:
+                        task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
+                    store.put_encoded(task.client_id, rest[2 * k + 1])
+                    tasks.append(task)
+                del frames, rest
+
+                def report(task: ClientTask, outcome: ClientResult | ClientFailure, store: ClientStore = store) -> None:
+                    if isinstance(outcome, ClientFailure):
+                        head, blob = {"client": task.client_id, "failure": {"kind": outcome.kind, "reason": outcome.reason}}, b""
+                    else:
+                        head, blob = {"client": task.client_id, "result": True}, encode_result(outcome)
+                    sender.send(dumps_state(head), blob, store.get_encoded(task.client_id))
+
+                if streams:
+                    runtime.run_many(tasks, store, on_outcome=report)
                 else:
-                    head_out["outcomes"].append({"result": True})
-                    out_frames.append(encode_result(o))
-                out_frames.append(store.get_encoded(task.client_id))
-            reply = dumps_state(head_out)
-        except Exception as err:  # report, never die: the parent counts the failure
-            reply, out_frames = dumps_state({"error": _describe(err)}), []
-        conn.send_bytes(reply)
-        for frame in out_frames:
-            conn.send_bytes(frame)
+                    for task, outcome in zip(tasks, runtime.run_many(tasks, store)):
+                        report(task, outcome)
+                sender.send(dumps_state({"done": True}))
+            except Exception as err:  # report, never die: the parent counts the failure
+                sender.send(dumps_state({"error": _describe(err)}))
+    finally:
+        sender.close()
 
 
 def _describe(err: BaseException) -> str:
     tb = traceback.extract_tb(err.__traceback__)
     where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
     return f"{type(err).__name__}: {err}{where}"[:2000]
+
+
+class _Answers:
+    """What one worker answered so far for its share of a round."""
+
+    def __init__(self, worker: int, share: list[ClientTask]) -> None:
+        self.worker = worker
+        self.share = share
+        self.tasks = {t.client_id: t for t in share}
+        self.got: dict[int, tuple[bytes | ClientFailure, bytes]] = {}
 
 
 class _Worker:
@@ -345,28 +413,35 @@ class ParallelClients:
             return err
         return None
 
-    def collect(self, store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
+    def collect(self, store: ClientStore | None, on_result: Callable[[int, bytes], None] | None = None) -> dict[int, bytes | ClientFailure]:
         """Wait for the submitted tasks: per client, its encoded result (as the client sent it) or a failure.
 
-        Workers' answers are read in the order they finish; the clients' updated states go to
-        ``store`` (``None``: they are dropped, see :meth:`discard`).
+        A worker answers each client as soon as its training ends; answers are read in the order
+        they come. ``on_result(client_id, blob)`` is called with each result as it comes (while
+        other clients still train), a hint to process it early: the returned outcomes are what
+        counts (a worker that fails after answering some clients fails its whole share). The
+        clients' updated states go to ``store`` once a worker has answered all its clients
+        (``None``: they are dropped, see :meth:`discard`).
         """
         pending, self._pending = self._pending, []
         out: dict[int, bytes | ClientFailure] = {}
-        waiting = {}
+        waiting: dict[Any, _Answers] = {}
         for w, share, err in pending:
             if err is not None:
                 out.update(self._dead(w, share, err))
             else:
-                waiting[self._pool[w].conn] = (w, share)
+                waiting[self._pool[w].conn] = _Answers(w, share)
         try:
             while waiting:
                 for conn in wait(list(waiting)):
-                    w, share = waiting.pop(conn)
-                    out.update(self._receive(w, share, store))
+                    answers = waiting[conn]
+                    done = self._receive(answers, store, on_result if store is not None else None)
+                    if done is not None:
+                        del waiting[conn]
+                        out.update(done)
         except BaseException:  # e.g. Ctrl-C: workers still training would answer the next round with this one's outcomes
-            for w, _ in waiting.values():
-                self._pool[w].proc.kill()
+            for answers in waiting.values():
+                self._pool[answers.worker].proc.kill()
             self.close()
             raise
         return out
@@ -417,24 +492,40 @@ class ParallelClients:
         reason = f"the worker process training this client died (exit code {code}: {type(err).__name__})"
         return {t.client_id: ClientFailure(t.round, t.client_id, "error", reason) for t in share}
 
-    def _receive(self, w: int, share: list[ClientTask], store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
+    def _receive(
+        self, answers: _Answers, store: ClientStore | None, on_result: Callable[[int, bytes], None] | None
+    ) -> dict[int, bytes | ClientFailure] | None:
+        """Read one message of a worker's answer; the share's outcomes once it is complete, else ``None``."""
+        w, share = answers.worker, answers.share
         conn = self._pool[w].conn
         try:
-            reply = loads_state(conn.recv_bytes())
-            if "error" in reply:
-                return {t.client_id: ClientFailure(t.round, t.client_id, "error", str(reply["error"])) for t in share}
-            frames = [conn.recv_bytes() for _ in range(2 * len(share))]
-        except (EOFError, OSError, PayloadError) as err:
+            head = loads_state(conn.recv_bytes())
+            if "error" in head:
+                return {t.client_id: ClientFailure(t.round, t.client_id, "error", str(head["error"])) for t in share}
+            if head.get("done"):
+                missing = [t.client_id for t in share if t.client_id not in answers.got]
+                if missing:
+                    raise PayloadError(f"the worker answered no outcome for clients {missing}")
+                out: dict[int, bytes | ClientFailure] = {}
+                for task in share:
+                    outcome, state = answers.got[task.client_id]
+                    if store is not None:
+                        store.put_encoded(task.client_id, state)
+                    out[task.client_id] = outcome
+                return out
+            cid = int(head["client"])
+            blob, state = conn.recv_bytes(), conn.recv_bytes()
+            task = answers.tasks.get(cid)
+            if task is None or cid in answers.got:
+                raise PayloadError(f"the worker answered client {cid}, which it was not training or had answered")
+            failure = head.get("failure")
+            outcome = blob if failure is None else ClientFailure(task.round, cid, str(failure["kind"]), str(failure["reason"]))
+        except (EOFError, OSError, PayloadError, KeyError, TypeError, ValueError) as err:
             return self._dead(w, share, err)
-        out: dict[int, bytes | ClientFailure] = {}
-        for k, (task, o) in enumerate(zip(share, reply["outcomes"])):
-            if store is not None:
-                store.put_encoded(task.client_id, frames[2 * k + 1])
-            if "failure" in o:
-                out[task.client_id] = ClientFailure(task.round, task.client_id, str(o["failure"]["kind"]), str(o["failure"]["reason"]))
-            else:
-                out[task.client_id] = frames[2 * k]
-        return out
+        answers.got[cid] = (outcome, state)
+        if on_result is not None and failure is None:
+            on_result(cid, blob)
+        return None
 
     def close(self) -> None:
         """Stop the workers (they are started again on the next :meth:`submit`)."""
