@@ -72,6 +72,12 @@ RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps",
 
 #: ``on_outcome(task, outcome)`` of :meth:`ClientRuntime.run_many`
 OutcomeCallback = Callable[[ClientTask, "ClientResult | ClientFailure"], None]
+#: ``more()`` of :meth:`ClientRuntime.run_many`: the next task to train, ``None`` when there is none
+MoreTasks = Callable[[], "ClientTask | None"]
+
+
+class _MoreFailed(Exception):
+    """``more()`` raised (its error is the cause): not a client's failure."""
 
 
 class ClientError(FedPruneError, RuntimeError):
@@ -186,17 +192,17 @@ class _RoundController(pl.Callback):
     """Switches clients at epoch boundaries inside one ``fit`` (see module docstring)."""
 
     def __init__(
-        self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore, on_outcome: OutcomeCallback | None = None
+        self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore, on_outcome: OutcomeCallback | None = None,
+        more: MoreTasks | None = None,
     ) -> None:
         self.runtime = runtime
-        self.tasks = list(tasks)
+        self.tasks: list[ClientTask] = []
         self.store = store
         self.on_outcome = on_outcome
+        self.more = more
         self.schedule: list[_Segment] = []
-        for i, task in enumerate(self.tasks):
-            n = task.local_epochs if task.local_epochs is not None else 1
-            for e in range(n):
-                self.schedule.append(_Segment(i, e, e == 0, e == n - 1))
+        for task in tasks:
+            self._add(task)
         self.loader = _ScheduledBatches()
         self.results: dict[int, ClientResult] = {}
         self.running: _Running | None = None
@@ -205,6 +211,13 @@ class _RoundController(pl.Callback):
         self._epoch = 0
         if self.schedule:
             self._point_loader(0)
+
+    def _add(self, task: ClientTask) -> None:
+        i = len(self.tasks)
+        self.tasks.append(task)
+        n = task.local_epochs if task.local_epochs is not None else 1
+        for e in range(n):
+            self.schedule.append(_Segment(i, e, e == 0, e == n - 1))
 
     @property
     def current_task(self) -> ClientTask | None:
@@ -272,6 +285,15 @@ class _RoundController(pl.Callback):
         self._epoch += 1
         # finish at the next epoch start (or at train end) so the module's own epoch-end hooks ran
         self._pending_end = seg.last
+        if seg.last and self._epoch == len(self.schedule) and self.more is not None:
+            # the last scheduled client is trained: take the next one into this fit, if any
+            try:
+                task = self.more()
+            except Exception as err:  # not the client's failure
+                raise _MoreFailed() from err
+            if task is not None:
+                self._add(task)
+                trainer.fit_loop.max_epochs = len(self.schedule)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending_end:
@@ -459,7 +481,8 @@ class ClientRuntime:
         return out
 
     def run_many(
-        self, tasks: Sequence[ClientTask], store: ClientStore, *, on_outcome: OutcomeCallback | None = None
+        self, tasks: Sequence[ClientTask], store: ClientStore, *, on_outcome: OutcomeCallback | None = None,
+        more: MoreTasks | None = None,
     ) -> list[ClientResult | ClientFailure]:
         """Run several tasks in as few ``Trainer.fit`` calls as possible (one if none fails).
 
@@ -468,20 +491,33 @@ class ClientRuntime:
 
         ``on_outcome(task, outcome)`` is called once per task as soon as its outcome is final (a
         result right after its client's training, with the client's state already in ``store``,
-        while the next clients still train), in the order the clients finish. An exception it
-        raises is not a client's failure: it stops the call.
+        while the next clients still train), in the order the clients finish. ``more()``: once
+        the given tasks are trained, further tasks to train in the same fit, one per call, until
+        it returns ``None`` (their states must be in ``store``; their outcomes follow the given
+        tasks' in the returned list). An exception either raises is not a client's failure: it
+        stops the call.
         """
         ids = [t.client_id for t in tasks]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
         outcomes: dict[int, ClientResult | ClientFailure] = {}
+        every = list(tasks)
         pending = list(tasks)
-        while pending:
-            ctrl = _RoundController(self, pending, store, on_outcome)
+        while True:
+            if not pending and more is not None:
+                nxt = more()
+                if nxt is not None:
+                    pending = [nxt]
+                    every.append(nxt)
+            if not pending:
+                break
+            ctrl = _RoundController(self, pending, store, on_outcome, more)
             try:
                 trainer = self._make_trainer(ctrl)
                 with quiet_lightning(), self._extra_loss_terms(trainer):
                     trainer.fit(self.module, train_dataloaders=ctrl.loader)
+            except _MoreFailed as err:
+                raise err.__cause__ from None  # type: ignore[misc]
             except Exception as err:  # a client's code failed: count it, go on with the others
                 failed = ctrl.current_task
                 if failed is None:
@@ -494,8 +530,9 @@ class ClientRuntime:
                 if on_outcome is not None:
                     on_outcome(failed, outcomes[failed.client_id])
             outcomes.update(ctrl.results)
-            pending = [t for t in pending if t.client_id not in outcomes]
-        return [outcomes[t.client_id] for t in tasks]
+            every.extend(ctrl.tasks[len(pending):])  # the tasks more() gave during the fit
+            pending = [t for t in ctrl.tasks if t.client_id not in outcomes]
+        return [outcomes[t.client_id] for t in every]
 
     def use_device(self, device: str) -> None:
         """Train on ``device`` from now on: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"`` (the ``Trainer``'s

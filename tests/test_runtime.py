@@ -279,6 +279,36 @@ def test_an_error_of_on_outcome_stops_run_many(tiny_module, tiny_data):
         ClientRuntime(module, data=tiny_data, seed=3).run_many(tasks, ClientStore(), on_outcome=on_outcome)
 
 
+def test_more_tasks_join_the_same_fit_and_train_as_if_given_at_once(tiny_module, tiny_data):
+    # Prepare
+    module = tiny_module(momentum=0.9)
+    strategy = _strategy("scaffold", module, local_epochs=2)
+    tasks = strategy.configure_round(0, [0, 1, 2])
+    counter = _Counter()
+    rt = ClientRuntime(module, data=tiny_data, seed=3, client_callbacks=("scaffold",), callbacks=[counter])
+    ref = ClientRuntime(tiny_module(momentum=0.9), data=tiny_data, seed=3, client_callbacks=("scaffold",)).run_many(tasks, ClientStore())
+    later = list(tasks[1:])
+    # Execute: one task given, two more handed out one at a time
+    out = rt.run_many(tasks[:1], ClientStore(), more=lambda: later.pop(0) if later else None)
+    # Assert
+    assert counter.fits == 1 and counter.epochs == 6
+    assert [o.client_id for o in out] == [0, 1, 2]
+    for a, b in zip(out, ref):
+        _assert_same_weights(a.weights, b.weights)
+        _assert_same_weights(a.extras, b.extras)
+
+
+def test_an_error_of_more_stops_run_many_and_is_no_client_failure(tiny_module, tiny_data):
+    module = tiny_module()
+    tasks = _strategy("fedavg", module).configure_round(0, [0, 1])
+
+    def more():
+        raise OSError("the pipe is gone")
+
+    with pytest.raises(OSError, match="the pipe is gone"):
+        ClientRuntime(module, data=tiny_data, seed=3).run_many(tasks, ClientStore(), more=more)
+
+
 def test_run_raises_client_error_for_a_failing_client(tiny_module, tiny_data, client_probe):
     module = tiny_module()
     module.fail_clients = frozenset({0})

@@ -31,7 +31,11 @@ the sequential runtime's (only ``compute_seconds`` differ), whichever worker tra
 Scheduling: each worker trains its share in one ``Trainer.fit`` (Lightning's fixed cost is paid
 once per worker and round). Shares are balanced by estimated work, longest first (LPT): a task's
 work is its local passes (epochs x the client's samples, or steps x batch size) times its model's
-tensor elements, so sub-models and small clients are packed around large ones. Answers are
+tensor elements, so sub-models and small clients are packed around large ones. A worker starts
+with the first two thirds of its share (longest first); the rest are held back and handed out,
+longest first, to whichever worker asks first (a worker asks once the last task it holds has
+started, and takes the answer into the same fit): a worker that gets less of the CPU (it shares a
+core with this process's evaluation, or with another job) trains fewer clients. Answers are
 collected in the order clients finish, so decoding one overlaps the others' training; the caller
 may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`
 (the round driver evaluates the previous round's model there), or drop the round with
@@ -53,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -85,6 +90,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ParallelClients", "resolve_workers", "resolve_devices", "cuda_device_count", "balanced_shares"]
 
 _STOP = b"stop"
+_NEED = dumps_state({"need": True})  # a worker asks for one more task of the round
 
 
 def resolve_workers(workers: int | str | None) -> int:
@@ -163,31 +169,38 @@ def balanced_shares(costs: Sequence[float], workers: int) -> list[list[int]]:
     return [sorted(s) for s in shares if s]
 
 
-def _accepts_on_outcome(runtime: Any) -> bool:
-    """Whether ``runtime.run_many`` takes ``on_outcome`` (a wrapper of the runtime may not)."""
+def _accepts(runtime: Any, name: str) -> bool:
+    """Whether ``runtime.run_many`` takes the keyword ``name`` (a wrapper of the runtime may not)."""
     try:
         params = inspect.signature(runtime.run_many).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "on_outcome" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class _Sender:
-    """Sends a worker's answers from a thread, message by message, in order.
+    """Sends a worker's answers from a thread, message by message, in order; also asks for more tasks.
 
     A frame larger than the pipe's buffer blocks its writer until the parent reads it, and the
     parent reads only when it waits for the round (after its own work, e.g. an evaluation): the
-    worker's training goes on meanwhile.
+    worker's training goes on meanwhile. The parent's answer to a request for one more task is
+    read here too, as soon as it comes (the parent must never wait for a worker that trains).
     """
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.queue: queue.SimpleQueue[tuple[bytes, ...] | None] = queue.SimpleQueue()
+        #: the parent's answers to :meth:`ask`: ``(header, frames)``, ``None`` when the pipe broke
+        self.answers: queue.SimpleQueue[tuple[Any, list[bytes]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="lfp-client-worker-sender", daemon=True)
         self.thread.start()
 
     def send(self, *frames: bytes) -> None:
         self.queue.put(frames)
+
+    def ask(self) -> None:
+        """Ask the parent for one more task; its answer comes in :attr:`answers`."""
+        self.queue.put(())
 
     def close(self) -> None:
         self.queue.put(None)
@@ -200,17 +213,24 @@ class _Sender:
             if frames is None:
                 return
             if broken:
+                if not frames:
+                    self.answers.put(None)
                 continue
             try:
-                for frame in frames:
+                for frame in frames or (_NEED,):
                     self.conn.send_bytes(frame)
-            except (OSError, ValueError):  # the parent is gone: the worker's next read ends it
+                if not frames:  # a request: its answer, then the task's two frames if there is one
+                    head = loads_state(self.conn.recv_bytes())
+                    self.answers.put((head, [self.conn.recv_bytes(), self.conn.recv_bytes()] if "task" in head else []))
+            except Exception:  # the parent is gone: the worker's next read ends it
                 broken = True
+                if not frames:
+                    self.answers.put(None)
 
 
 def _worker_main(conn: Any, runtime: Any, device: str) -> None:
     """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer
-    each client's outcome as soon as it is known."""
+    each client's outcome as soon as it is known, ask for more tasks while the round has some."""
     torch.set_num_threads(1)
     unusable = None  # why this worker cannot train: every client it is given fails with it
     if device != "cpu":
@@ -218,7 +238,7 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
             runtime.use_device(device)
         except Exception as err:
             unusable = f"worker device {device!r}: {_describe(err)}"
-    streams = _accepts_on_outcome(runtime)
+    streams = _accepts(runtime, "on_outcome")
     sender = _Sender(conn)
     try:
         while True:
@@ -234,18 +254,33 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
             except Exception as err:  # the frames cannot be told apart any more: answer, then stop
                 sender.send(dumps_state({"error": _describe(err)}))
                 return
+            # a request for one more task is on its way ("out"); tasks held and answered this round;
+            # no more to get ("over")
+            asking = {"out": False, "held": 0, "answered": 0, "over": not (streams and plan.get("more"))}
+
+            def ask_ahead() -> None:
+                # one task ahead: ask once the last task held has started, so that the task goes
+                # to whichever worker needs one first
+                if not asking["out"] and not asking["over"] and asking["answered"] >= asking["held"] - 1:
+                    sender.ask()
+                    asking["out"] = True
+
             try:
                 if unusable is not None:
                     raise RuntimeError(unusable)
                 shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
                 rest = frames[len(shared):]
-                tasks, store = [], ClientStore()
-                for k, spec in enumerate(plan["tasks"]):
-                    task = decode_task(rest[2 * k], expect_round=int(spec["round"]), expect_client=int(spec["client"]))
+                store = ClientStore()
+
+                def receive(spec: Any, task_frame: bytes, state_frame: bytes, store: ClientStore = store, shared: list = shared) -> ClientTask:
+                    task = decode_task(task_frame, expect_round=int(spec["round"]), expect_client=int(spec["client"]))
                     if int(spec["shared"]) >= 0:
                         task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
-                    store.put_encoded(task.client_id, rest[2 * k + 1])
-                    tasks.append(task)
+                    store.put_encoded(task.client_id, state_frame)
+                    return task
+
+                tasks = [receive(spec, rest[2 * k], rest[2 * k + 1]) for k, spec in enumerate(plan["tasks"])]
+                asking["held"] = len(tasks)
                 del frames, rest
 
                 def report(task: ClientTask, outcome: ClientResult | ClientFailure, store: ClientStore = store) -> None:
@@ -254,14 +289,42 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
                     else:
                         head, blob = {"client": task.client_id, "result": True}, encode_result(outcome)
                     sender.send(dumps_state(head), blob, store.get_encoded(task.client_id))
+                    asking["answered"] += 1
+                    ask_ahead()
 
-                if streams:
+                def more(receive: Any = receive) -> ClientTask | None:
+                    # the answer to the request sent one task ahead (asked now if it was not yet)
+                    ask_ahead()
+                    if not asking["out"]:
+                        return None
+                    answer = sender.answers.get()
+                    asking["out"] = False
+                    if answer is None:
+                        raise OSError("the pipe to the parent broke")
+                    head, task_frames = answer
+                    if "task" not in head:
+                        asking["over"] = True
+                        return None
+                    task = receive(head["task"], *task_frames)
+                    asking["held"] += 1
+                    ask_ahead()
+                    return task
+
+                if not asking["over"]:
+                    ask_ahead()
+                    runtime.run_many(tasks, store, on_outcome=report, more=more)
+                    asking["over"] = True
+                    while (extra := more()) is not None:  # handed out but left untrained: the parent waits for it
+                        report(extra, ClientFailure(extra.round, extra.client_id, "error", "the worker's runtime did not train it"))
+                elif streams:
                     runtime.run_many(tasks, store, on_outcome=report)
                 else:
                     for task, outcome in zip(tasks, runtime.run_many(tasks, store)):
                         report(task, outcome)
                 sender.send(dumps_state({"done": True}))
             except Exception as err:  # report, never die: the parent counts the failure
+                if asking["out"] and sender.answers.get() is None:  # the answer to a request is read first
+                    return
                 sender.send(dumps_state({"error": _describe(err)}))
     finally:
         sender.close()
@@ -281,6 +344,10 @@ class _Answers:
         self.share = share
         self.tasks = {t.client_id: t for t in share}
         self.got: dict[int, tuple[bytes | ClientFailure, bytes]] = {}
+
+    def add(self, task: ClientTask) -> None:
+        self.share.append(task)
+        self.tasks[task.client_id] = task
 
 
 class _Worker:
@@ -331,6 +398,9 @@ class ParallelClients:
         self._ctx = mp.get_context("fork")
         self._pool: list[_Worker] = []
         self._pending: list[tuple[int, list[ClientTask], BaseException | None]] = []
+        self._held: list[tuple[ClientTask, tuple[dict[str, Any], bytes, bytes]]] = []  # tasks to hand out on request
+        # workers ask for more tasks only with a runtime that takes them mid-fit (a wrapper may not)
+        self._hands_out = _accepts(runtime, "more") and _accepts(runtime, "on_outcome")
 
     # the runtime's own attributes (module, data, seed) read through
     def __getattr__(self, name: str) -> Any:
@@ -364,7 +434,12 @@ class ParallelClients:
 
     # -------------------------------------------------------------- the round
     def submit(self, tasks: Sequence[ClientTask], store: ClientStore) -> None:
-        """Hand a round's tasks to the workers (returns once they have them; :meth:`collect` the outcomes)."""
+        """Hand a round's tasks to the workers (returns once they have them; :meth:`collect` the outcomes).
+
+        Each worker gets its share (see the module docstring) but the last third of it, longest
+        task first; the tasks held back are handed out, longest first, to the workers that ask
+        for more while :meth:`collect` runs.
+        """
         if self._pending:
             raise RuntimeError("collect() the previous tasks before submitting new ones")
         tasks = list(tasks)
@@ -373,36 +448,37 @@ class ParallelClients:
         ids = [t.client_id for t in tasks]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
-        shares = balanced_shares([self.task_cost(t) for t in tasks], min(self.workers, len(tasks)))
+        costs = [self.task_cost(t) for t in tasks]
+        shares = balanced_shares(costs, min(self.workers, len(tasks)))
         self._ensure(len(shares))
-        encoded_shared: dict[int, bytes] = {}  # id(weights dict) -> its bytes, encoded once per round
-        # every message is encoded before any is sent: a task that cannot be encoded stops the
-        # round before a worker holds half a message
-        messages = [(w, [tasks[i] for i in share]) for w, share in enumerate(shares)]
-        encoded = [self._frames(share_tasks, store, encoded_shared) for _, share_tasks in messages]
-        for (w, share_tasks), frames in zip(messages, encoded):
-            self._pending.append((w, share_tasks, self._send(w, frames)))
-
-    def _frames(self, tasks: list[ClientTask], store: ClientStore, encoded_shared: dict[int, bytes]) -> list[bytes]:
-        """A worker's message: the header, each shared weight set once, then per task its bytes and its client's state."""
+        order = {i: k for k, i in enumerate(sorted(range(len(tasks)), key=lambda i: (-costs[i], i)))}  # longest first
+        firsts, held = [], []
+        for share in shares:
+            share = sorted(share, key=order.__getitem__)
+            keep = max(1, math.ceil(len(share) * 2 / 3)) if self._hands_out else len(share)
+            firsts.append(share[:keep])
+            held += share[keep:]
+        held.sort(key=order.__getitem__)
+        # a weight set that several tasks share (one round's global model) goes to every worker once
         uses: dict[int, int] = {}
         for t in tasks:
             uses[id(t.weights)] = uses.get(id(t.weights), 0) + 1
-        groups: list[int] = []  # ids of the weight dicts this worker gets once
-        specs, frames = [], []
-        for t in tasks:
-            key = id(t.weights)
-            g = -1
-            if uses[key] > 1 and t.weights:
-                if key not in groups:
-                    groups.append(key)
-                    if key not in encoded_shared:
-                        encoded_shared[key] = encode_weights(t.weights)
-                g = groups.index(key)
-            specs.append({"round": t.round, "client": t.client_id, "shared": g})
-            frames.append(encode_task(dataclasses.replace(t, weights={})) if g >= 0 else encode_task(t))
-            frames.append(store.get_encoded(t.client_id))
-        return [dumps_state({"shared": len(groups), "tasks": specs}), *(encoded_shared[k] for k in groups), *frames]
+        groups = list(dict.fromkeys(id(t.weights) for t in tasks if uses[id(t.weights)] > 1 and t.weights))
+        # every message is encoded before any is sent: a task that cannot be encoded stops the
+        # round before a worker holds half a message
+        encoded_groups = [encode_weights(next(t.weights for t in tasks if id(t.weights) == key)) for key in groups]
+        encoded = {i: self._task_frames(tasks[i], store, groups) for i in range(len(tasks))}
+        self._held = [(tasks[i], encoded[i]) for i in held]
+        for w, first in enumerate(firsts):
+            head = dumps_state({"shared": len(groups), "tasks": [encoded[i][0] for i in first], "more": bool(held)})
+            frames = [head, *encoded_groups, *(f for i in first for f in encoded[i][1:])]
+            self._pending.append((w, [tasks[i] for i in first], self._send(w, frames)))
+
+    def _task_frames(self, t: ClientTask, store: ClientStore, groups: list[int]) -> tuple[dict[str, Any], bytes, bytes]:
+        """A task's spec, its bytes (without the weights when they are a shared set) and its client's state."""
+        g = groups.index(id(t.weights)) if id(t.weights) in groups else -1
+        spec = {"round": t.round, "client": t.client_id, "shared": g}
+        return spec, encode_task(dataclasses.replace(t, weights={}) if g >= 0 else t), store.get_encoded(t.client_id)
 
     def _send(self, w: int, frames: list[bytes]) -> BaseException | None:
         conn = self._pool[w].conn
@@ -430,7 +506,7 @@ class ParallelClients:
             if err is not None:
                 out.update(self._dead(w, share, err))
             else:
-                waiting[self._pool[w].conn] = _Answers(w, share)
+                waiting[self._pool[w].conn] = _Answers(w, list(share))
         try:
             while waiting:
                 for conn in wait(list(waiting)):
@@ -440,10 +516,14 @@ class ParallelClients:
                         del waiting[conn]
                         out.update(done)
         except BaseException:  # e.g. Ctrl-C: workers still training would answer the next round with this one's outcomes
+            self._held = []
             for answers in waiting.values():
                 self._pool[answers.worker].proc.kill()
             self.close()
             raise
+        held, self._held = self._held, []
+        for task, _ in held:  # no worker asked for them: every worker failed
+            out[task.client_id] = ClientFailure(task.round, task.client_id, "error", "no client worker could take this client: every worker failed")
         return out
 
     def discard(self, *, wait: bool = True) -> None:
@@ -457,6 +537,7 @@ class ParallelClients:
             self.collect(None)
             return
         pending, self._pending = self._pending, []
+        self._held = []
         if pending:
             for w, _, _ in pending:
                 self._pool[w].proc.kill()
@@ -513,6 +594,15 @@ class ParallelClients:
                         store.put_encoded(task.client_id, state)
                     out[task.client_id] = outcome
                 return out
+            if head.get("need"):
+                if self._held and store is not None:
+                    task, (spec, task_frame, state_frame) = self._held.pop(0)
+                    answers.add(task)
+                    for frame in (dumps_state({"task": spec}), task_frame, state_frame):
+                        conn.send_bytes(frame)
+                else:  # nothing left (or the round is dropped)
+                    conn.send_bytes(dumps_state({"none": True}))
+                return None
             cid = int(head["client"])
             blob, state = conn.recv_bytes(), conn.recv_bytes()
             task = answers.tasks.get(cid)

@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
-from worker_testing import CrashingRuntime, DyingAfterFirstOutcome
+from worker_testing import CrashingRuntime, DyingAfterFirstOutcome, SlowWorker
 
 from lightning_fedprune.config import RecipeConfig
 from lightning_fedprune.core.client_store import ClientStore
@@ -114,6 +114,47 @@ def test_results_come_client_by_client_and_a_worker_that_dies_midway_fails_its_w
         assert all(isinstance(o, bytes) for o in pool.collect(store).values())
     finally:
         pool.close()
+
+
+def test_held_back_tasks_go_to_the_workers_that_ask_and_train_bit_identically(tiny_module, tiny_data_factory, monkeypatch):
+    # Prepare: 8 clients on 2 workers, shares of 4: each worker starts with 3, 2 are handed out on request
+    handed = []
+    real_add = parallel._Answers.add
+    monkeypatch.setattr(parallel._Answers, "add", lambda self, task: handed.append((self.worker, task.client_id)) or real_add(self, task))
+    data = tiny_data_factory(sizes=(20, 30, 40, 25, 35, 22, 28, 33))
+    seq = _engine(tiny_module, data, Scaffold(seed=1), workers=1)
+    par = _engine(tiny_module, data, Scaffold(seed=1), workers=2)
+    try:
+        # Execute
+        seq.run(3)
+        par.run(3)
+    finally:
+        par.close()
+    # Assert: the two smallest clients of each round were handed out, and nothing changed
+    assert len(handed) == 6 and all(c in (0, 5) for _, c in handed)
+    _same(seq, par)
+    assert [r["num_results"] for r in par.history] == [8, 8, 8]
+
+
+def test_held_back_tasks_go_to_the_worker_that_needs_one_first(tiny_module, tiny_data_factory, monkeypatch):
+    # Prepare: 8 equal clients on 2 workers (3 each to start with, 2 held back); worker 1 takes
+    # 0.4 s per client, so worker 0 runs out first, twice
+    handed = []
+    real_add = parallel._Answers.add
+    monkeypatch.setattr(parallel._Answers, "add", lambda self, task: handed.append(self.worker) or real_add(self, task))
+    data = tiny_data_factory(sizes=(20,) * 8)
+    strategy = FedAvg(seed=0)
+    initialize_strategy(strategy, tiny_module(), num_clients=8)
+    runtime = ClientRuntime(tiny_module(), data=data, seed=0, callbacks=[SlowWorker(1, 0.4)])
+    pool = ParallelClients(runtime, workers=2)
+    try:
+        # Execute
+        out = pool.run_many(strategy.configure_round(0, list(range(8))), ClientStore())
+    finally:
+        pool.close()
+    # Assert
+    assert handed == [0, 0]
+    assert [o.client_id for o in out] == list(range(8)) and all(o.metrics.num_samples == 20 for o in out)
 
 
 def test_workers_setting():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from typing import Any
+
+from lightning_fedprune.callbacks import FederatedCallback
 
 
 class CrashingRuntime:
@@ -45,3 +48,15 @@ class DyingAfterFirstOutcome:
             os._exit(9)
 
         return self.inner.run_many(tasks, store, on_outcome=die_after)
+
+
+class SlowWorker(FederatedCallback):
+    """Client callback that makes the worker process named ``lfp-client-worker-<worker>`` slow
+    (``seconds`` per client); other processes are not slowed."""
+
+    def __init__(self, worker: int, seconds: float) -> None:
+        self.name, self.seconds = f"lfp-client-worker-{worker}", seconds
+
+    def on_client_start(self, trainer: Any, pl_module: Any, ctx: Any) -> None:
+        if multiprocessing.current_process().name == self.name:
+            time.sleep(self.seconds)
