@@ -16,17 +16,17 @@ of all engine runs are identical (they must be); the peak RSS of this process an
 ``uptime`` before and after, since other processes share the cores. Where they do, wall times say
 little; the *critical path* does (the round's wall time on idle cores, from CPU seconds), against
 the plain loop's CPU seconds per round. The engine runs as a user runs it (``engine.run``), and
-its critical path per round is counted per *cycle*, from one wait for the workers' answers to
-the next (each cycle holds one of each piece of the engine's work):
+its critical path per round is counted per *cycle*, from the handling of one round's last result
+to the next round's (each cycle holds one of each piece of the engine's work):
 
     critical path = serial + max(concurrent, busiest worker, (concurrent + all workers) / cores)
 
 where ``concurrent`` is this process's CPU seconds from the moment the round's tasks are with the
-workers to the moment it waits for their answers (with the overlap: the previous round's
+workers to the moment it handles the round's last result (with the overlap: the previous round's
 evaluation, record and checkpoint; without it, only the encoding of the tasks that charges their
 bytes), ``serial`` the rest of this process's CPU seconds in the cycle (decoding results,
-aggregating, configuring and sending the next round: the decoding of one worker's answer while
-another still trains is counted as serial too), ``busiest worker`` / ``all workers`` the workers'
+aggregating, configuring and sending the next round; the decoding of each result that comes while
+other clients still train is concurrent), ``busiest worker`` / ``all workers`` the workers'
 CPU seconds for the round, and ``cores`` the usable cores (this process evaluating beside two
 busy workers on two cores shares them). Median over the cycles after the first. Also printed,
 "nothing overlapped": this process's CPU seconds of the cycle plus the busiest worker's (the
@@ -109,13 +109,16 @@ def _load() -> str:
 class _Cycles:
     """Marks of one engine run, for its critical path (see :func:`engine_rounds`).
 
-    A *cycle* ends when this process starts waiting for a round's answers (``collect``): cycle
-    ``r`` runs from ``collect`` of round ``r - 1`` to ``collect`` of round ``r``, and holds one of
-    each piece of the engine's work whatever the order: decoding and aggregating round ``r - 1``,
-    configuring and sending round ``r``, evaluating, recording and checkpointing round ``r - 1``.
-    Its *concurrent* part runs from the moment round ``r``'s tasks are with the workers (``submit``
-    returned) to ``collect``: with the overlap this holds round ``r - 1``'s evaluation, record and
-    checkpoint; without it, only the encoding of round ``r``'s tasks that charges their bytes.
+    A *cycle* ends when this process starts handling a round's last result (the workers answer
+    client by client and ``collect`` hands each result over as it comes; where none is handed over,
+    when ``collect`` starts): cycle ``r`` runs from there in round ``r - 1`` to there in round
+    ``r``, and holds one of each piece of the engine's work whatever the order: decoding the last
+    result of round ``r - 1`` and aggregating it, configuring and sending round ``r``, evaluating,
+    recording and checkpointing round ``r - 1``, decoding round ``r``'s other results. Its
+    *concurrent* part runs from the moment round ``r``'s tasks are with the workers (``submit``
+    returned) to the end of the cycle: with the overlap this holds round ``r - 1``'s evaluation,
+    record and checkpoint; without it, only the encoding of round ``r``'s tasks that charges their
+    bytes; and the decoding of each result but the last while the workers train the others.
     """
 
     def __init__(self, engine: SimulationEngine) -> None:
@@ -134,11 +137,20 @@ class _Cycles:
             submit(tasks, store)
             marks["p_sent"] = time.process_time()
 
-        def _collect(store):
+        def _collect(store, **kwargs):
             p = time.process_time()
-            self.parent.append(p)
-            self.concurrent.append(p - marks.pop("p_sent", p))
-            out = collect(store)
+            on_result = kwargs.get("on_result")
+            if on_result is not None:  # results handled as they come: the last one ends the cycle
+
+                def _on_result(cid, blob):
+                    marks["last"] = time.process_time()
+                    on_result(cid, blob)
+
+                kwargs["on_result"] = _on_result
+            out = collect(store, **kwargs)
+            end = marks.pop("last", p)
+            self.parent.append(end)
+            self.concurrent.append(end - marks.pop("p_sent", end))
             w0, w1 = marks.pop("w0", {}), _worker_cpu()
             self.workers.append([w1[pid] - w0.get(pid, 0.0) for pid in w1])
             return out

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,16 @@ __all__ = [
 LOCAL_STATE_KEY = "module.local"
 #: ``Trainer`` arguments the runtime sets itself (local work comes from each task)
 RESERVED_TRAINER_KWARGS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "callbacks", "max_time")
+
+
+#: ``on_outcome(task, outcome)`` of :meth:`ClientRuntime.run_many`
+OutcomeCallback = Callable[[ClientTask, "ClientResult | ClientFailure"], None]
+#: ``more()`` of :meth:`ClientRuntime.run_many`: the next task to train, ``None`` when there is none
+MoreTasks = Callable[[], "ClientTask | None"]
+
+
+class _MoreFailed(Exception):
+    """``more()`` raised (its error is the cause): not a client's failure."""
 
 
 class ClientError(FedPruneError, RuntimeError):
@@ -181,15 +191,18 @@ class _ScheduledBatches:
 class _RoundController(pl.Callback):
     """Switches clients at epoch boundaries inside one ``fit`` (see module docstring)."""
 
-    def __init__(self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore) -> None:
+    def __init__(
+        self, runtime: ClientRuntime, tasks: Sequence[ClientTask], store: ClientStore, on_outcome: OutcomeCallback | None = None,
+        more: MoreTasks | None = None,
+    ) -> None:
         self.runtime = runtime
-        self.tasks = list(tasks)
+        self.tasks: list[ClientTask] = []
         self.store = store
+        self.on_outcome = on_outcome
+        self.more = more
         self.schedule: list[_Segment] = []
-        for i, task in enumerate(self.tasks):
-            n = task.local_epochs if task.local_epochs is not None else 1
-            for e in range(n):
-                self.schedule.append(_Segment(i, e, e == 0, e == n - 1))
+        for task in tasks:
+            self._add(task)
         self.loader = _ScheduledBatches()
         self.results: dict[int, ClientResult] = {}
         self.running: _Running | None = None
@@ -198,6 +211,13 @@ class _RoundController(pl.Callback):
         self._epoch = 0
         if self.schedule:
             self._point_loader(0)
+
+    def _add(self, task: ClientTask) -> None:
+        i = len(self.tasks)
+        self.tasks.append(task)
+        n = task.local_epochs if task.local_epochs is not None else 1
+        for e in range(n):
+            self.schedule.append(_Segment(i, e, e == 0, e == n - 1))
 
     @property
     def current_task(self) -> ClientTask | None:
@@ -265,6 +285,15 @@ class _RoundController(pl.Callback):
         self._epoch += 1
         # finish at the next epoch start (or at train end) so the module's own epoch-end hooks ran
         self._pending_end = seg.last
+        if seg.last and self._epoch == len(self.schedule) and self.more is not None:
+            # the last scheduled client is trained: take the next one into this fit, if any
+            try:
+                task = self.more()
+            except Exception as err:  # not the client's failure
+                raise _MoreFailed() from err
+            if task is not None:
+                self._add(task)
+                trainer.fit_loop.max_epochs = len(self.schedule)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending_end:
@@ -343,6 +372,8 @@ class _RoundController(pl.Callback):
             config=dict(run.ctx.result_config),
         )
         self.running = None
+        if self.on_outcome is not None:
+            self.on_outcome(task, self.results[task.client_id])
 
 
 def _probe_loss(module: Any, batch: Any) -> float:
@@ -449,23 +480,44 @@ class ClientRuntime:
             raise ClientError(out.reason)
         return out
 
-    def run_many(self, tasks: Sequence[ClientTask], store: ClientStore) -> list[ClientResult | ClientFailure]:
+    def run_many(
+        self, tasks: Sequence[ClientTask], store: ClientStore, *, on_outcome: OutcomeCallback | None = None,
+        more: MoreTasks | None = None,
+    ) -> list[ClientResult | ClientFailure]:
         """Run several tasks in as few ``Trainer.fit`` calls as possible (one if none fails).
 
         Returns one outcome per task, in order: a result, or a failure whose reason holds the
         exception's type, message and the innermost frame.
+
+        ``on_outcome(task, outcome)`` is called once per task as soon as its outcome is final (a
+        result right after its client's training, with the client's state already in ``store``,
+        while the next clients still train), in the order the clients finish. ``more()``: once
+        the given tasks are trained, further tasks to train in the same fit, one per call, until
+        it returns ``None`` (their states must be in ``store``; their outcomes follow the given
+        tasks' in the returned list). An exception either raises is not a client's failure: it
+        stops the call.
         """
         ids = [t.client_id for t in tasks]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
         outcomes: dict[int, ClientResult | ClientFailure] = {}
+        every = list(tasks)
         pending = list(tasks)
-        while pending:
-            ctrl = _RoundController(self, pending, store)
+        while True:
+            if not pending and more is not None:
+                nxt = more()
+                if nxt is not None:
+                    pending = [nxt]
+                    every.append(nxt)
+            if not pending:
+                break
+            ctrl = _RoundController(self, pending, store, on_outcome, more)
             try:
                 trainer = self._make_trainer(ctrl)
                 with quiet_lightning(), self._extra_loss_terms(trainer):
                     trainer.fit(self.module, train_dataloaders=ctrl.loader)
+            except _MoreFailed as err:
+                raise err.__cause__ from None  # type: ignore[misc]
             except Exception as err:  # a client's code failed: count it, go on with the others
                 failed = ctrl.current_task
                 if failed is None:
@@ -475,9 +527,12 @@ class ClientRuntime:
                 reason = f"{type(err).__name__}: {err}{where}"
                 log.warning("client %d failed in round %d: %s", failed.client_id, failed.round, reason)
                 outcomes[failed.client_id] = ClientFailure(failed.round, failed.client_id, "error", reason)
+                if on_outcome is not None:
+                    on_outcome(failed, outcomes[failed.client_id])
             outcomes.update(ctrl.results)
-            pending = [t for t in pending if t.client_id not in outcomes]
-        return [outcomes[t.client_id] for t in tasks]
+            every.extend(ctrl.tasks[len(pending):])  # the tasks more() gave during the fit
+            pending = [t for t in ctrl.tasks if t.client_id not in outcomes]
+        return [outcomes[t.client_id] for t in every]
 
     def use_device(self, device: str) -> None:
         """Train on ``device`` from now on: ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"`` (the ``Trainer``'s

@@ -247,6 +247,68 @@ def test_a_failing_client_is_reported_and_the_others_still_train(tiny_module, ti
     assert counter.fits == 2  # the fit broke at client 1; client 2 ran in a new one
 
 
+def test_outcomes_are_reported_as_each_client_finishes(tiny_module, tiny_data, client_probe):
+    # Prepare: client 1 fails; SCAFFOLD gives every client a state to save
+    module = tiny_module()
+    module.fail_clients = frozenset({1})
+    tasks = _strategy("scaffold", module).configure_round(0, [0, 1, 2])
+    rt = ClientRuntime(module, data=tiny_data, seed=3, client_callbacks=("scaffold",), callbacks=[client_probe])
+    store = ClientStore()
+    seen = []
+
+    def on_outcome(task, outcome):
+        # reported while run_many still runs, with the client's state already saved
+        seen.append((task.client_id, outcome, store.client_ids()))
+
+    # Execute
+    outcomes = rt.run_many(tasks, store, on_outcome=on_outcome)
+    # Assert: once per task, in the order they finished, the same objects run_many returns
+    assert [(c, type(o)) for c, o, _ in seen] == [(0, ClientResult), (1, ClientFailure), (2, ClientResult)]
+    assert [o for _, o, _ in seen] == outcomes
+    assert [ids for _, _, ids in seen] == [[0], [0], [0, 2]]
+
+
+def test_an_error_of_on_outcome_stops_run_many(tiny_module, tiny_data):
+    module = tiny_module()
+    tasks = _strategy("fedavg", module).configure_round(0, [0, 1, 2])
+
+    def on_outcome(task, outcome):
+        raise OSError("the pipe is gone")
+
+    with pytest.raises(OSError, match="the pipe is gone"):
+        ClientRuntime(module, data=tiny_data, seed=3).run_many(tasks, ClientStore(), on_outcome=on_outcome)
+
+
+def test_more_tasks_join_the_same_fit_and_train_as_if_given_at_once(tiny_module, tiny_data):
+    # Prepare
+    module = tiny_module(momentum=0.9)
+    strategy = _strategy("scaffold", module, local_epochs=2)
+    tasks = strategy.configure_round(0, [0, 1, 2])
+    counter = _Counter()
+    rt = ClientRuntime(module, data=tiny_data, seed=3, client_callbacks=("scaffold",), callbacks=[counter])
+    ref = ClientRuntime(tiny_module(momentum=0.9), data=tiny_data, seed=3, client_callbacks=("scaffold",)).run_many(tasks, ClientStore())
+    later = list(tasks[1:])
+    # Execute: one task given, two more handed out one at a time
+    out = rt.run_many(tasks[:1], ClientStore(), more=lambda: later.pop(0) if later else None)
+    # Assert
+    assert counter.fits == 1 and counter.epochs == 6
+    assert [o.client_id for o in out] == [0, 1, 2]
+    for a, b in zip(out, ref):
+        _assert_same_weights(a.weights, b.weights)
+        _assert_same_weights(a.extras, b.extras)
+
+
+def test_an_error_of_more_stops_run_many_and_is_no_client_failure(tiny_module, tiny_data):
+    module = tiny_module()
+    tasks = _strategy("fedavg", module).configure_round(0, [0, 1])
+
+    def more():
+        raise OSError("the pipe is gone")
+
+    with pytest.raises(OSError, match="the pipe is gone"):
+        ClientRuntime(module, data=tiny_data, seed=3).run_many(tasks, ClientStore(), more=more)
+
+
 def test_run_raises_client_error_for_a_failing_client(tiny_module, tiny_data, client_probe):
     module = tiny_module()
     module.fail_clients = frozenset({0})

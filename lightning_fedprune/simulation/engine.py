@@ -199,9 +199,27 @@ class SimulationTransport:
     def finish(self, started: _Started) -> RoundOutcome:
         """Collect a round from :meth:`start`: validate the results, end the round by the rules."""
         rnd, rules, tasks = started.round, started.rules, started.tasks
-        replies = started.replies if started.replies is not None else self.executor.collect(self.store)
+        decoded: dict[int, tuple[bytes, ClientResult | PayloadError]] = {}
+        if started.replies is not None:
+            replies = started.replies
+        else:
+            # each result is decoded as it comes, while the workers train the other clients
+            by_client = {t.client_id: t for t in started.to_run}
+
+            def decode_early(cid: int, blob: bytes) -> None:
+                task = by_client.get(cid)
+                if task is None:
+                    return
+                try:
+                    decoded[cid] = (blob, self._decode(rnd, task, blob))
+                except Exception:  # decoded again (and raised) where a late decode would be
+                    pass
+
+            replies = self.executor.collect(self.store, on_result=decode_early)
         failures, bytes_down = started.failures, started.bytes_down
-        rejected_up, arrivals = self._receive(rnd, started.to_run, replies, bytes_down, failures, keep_in_flight=rules.mode == "async")
+        rejected_up, arrivals = self._receive(
+            rnd, started.to_run, replies, bytes_down, failures, keep_in_flight=rules.mode == "async", decoded=decoded,
+        )
         if rules.mode == "async":
             out = self._async_collect(rnd, rules, failures)
         else:
@@ -231,10 +249,12 @@ class SimulationTransport:
     def _receive(
         self, rnd: int, to_run: Sequence[ClientTask], replies: Mapping[int, bytes | ClientFailure], bytes_down: Mapping[int, int],
         failures: list[ClientFailure], *, keep_in_flight: bool,
+        decoded: Mapping[int, tuple[bytes, ClientResult | PayloadError]] | None = None,
     ) -> tuple[dict[int, int], list[tuple[ClientResult, int, float]]]:
-        """Receive and validate the results (each decoded once, whoever trained it).
+        """Receive and validate the results (each decoded once, whoever trained it), in task order.
 
-        Failures go to ``failures``. Returns the bytes of rejected uploads and
+        Failures go to ``failures``. ``decoded``: results already decoded as they came (client ->
+        the bytes and what :meth:`_decode` gave for them). Returns the bytes of rejected uploads and
         ``(result, bytes_up, seconds)`` per valid result (seconds: download + compute + upload on
         the client's device).
         """
@@ -246,13 +266,10 @@ class SimulationTransport:
             if isinstance(blob, ClientFailure):
                 failures.append(blob)
                 continue
-            w_spec, x_spec = self.expected(task)
-            try:
-                res = decode_result(
-                    blob, expect_round=rnd, expect_client=cid, expect_weights=w_spec, expect_extras=x_spec,
-                    max_bytes=self.max_message_bytes,
-                )
-            except PayloadError as err:
+            early = decoded.get(cid) if decoded else None
+            res = early[1] if early is not None and early[0] is blob else self._decode(rnd, task, blob)
+            if isinstance(res, PayloadError):
+                err = res
                 log.warning("round %d: result of client %d rejected: %s", rnd, cid, err)
                 failures.append(ClientFailure(rnd, cid, "rejected", str(err)))
                 rejected_up[cid] = len(blob)
@@ -262,6 +279,17 @@ class SimulationTransport:
                 self._inflight[cid] = _Flight(rnd, cid, self._now, self._now + seconds, len(blob), blob)
             arrivals.append((res, len(blob), seconds))
         return rejected_up, arrivals
+
+    def _decode(self, rnd: int, task: ClientTask, blob: bytes) -> ClientResult | PayloadError:
+        """A result validated against its task (what the strategy expects back), or why it is refused."""
+        w_spec, x_spec = self.expected(task)
+        try:
+            return decode_result(
+                blob, expect_round=rnd, expect_client=task.client_id, expect_weights=w_spec, expect_extras=x_spec,
+                max_bytes=self.max_message_bytes,
+            )
+        except PayloadError as err:
+            return err
 
     def _async_collect(self, rnd: int, rules: RoundRules, failures: list[ClientFailure]) -> RoundOutcome:
         """The first ``async_m`` arrivals among all tasks in flight."""

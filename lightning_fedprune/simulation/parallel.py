@@ -13,10 +13,15 @@ message to a worker is a sequence of frames on its pipe:
   it uses a shared set) and the client's persistent state exactly as the store holds it
   (:meth:`~lightning_fedprune.core.client_store.ClientStore.get_encoded`, never re-encoded).
 
-The answer: a header (per task a failure, or a result), then each result as the client would send
-it (:func:`~lightning_fedprune.core.messages.encode_result`) and each client's updated state bytes.
-The parent decodes each result once, validated (:meth:`ParallelClients.collect` gives the bytes to
-the transport, which decodes them as any received result).
+The answer comes client by client, as each client's training ends (a thread of the worker sends
+it, so the worker trains on while the parent is busy): a header (the client; a failure, or a
+result), the result as the client would send it
+(:func:`~lightning_fedprune.core.messages.encode_result`) and the client's updated state bytes;
+then a last header, ``done`` (or ``error``: every client of the share fails). The parent decodes
+each result once, validated: :meth:`ParallelClients.collect` hands each result to the transport as
+it comes, so it is decoded while the workers train the other clients, and returns the bytes, which
+the transport validates as any received result. A worker's clients' states are saved once it has
+answered them all.
 
 The client store stays in the parent, so a client may be served by any worker in any round (its
 SCAFFOLD control variate, personalized layers or gates travel with its task). Every random choice
@@ -26,8 +31,12 @@ the sequential runtime's (only ``compute_seconds`` differ), whichever worker tra
 Scheduling: each worker trains its share in one ``Trainer.fit`` (Lightning's fixed cost is paid
 once per worker and round). Shares are balanced by estimated work, longest first (LPT): a task's
 work is its local passes (epochs x the client's samples, or steps x batch size) times its model's
-tensor elements, so sub-models and small clients are packed around large ones. Answers are
-collected in the order workers finish, so decoding one overlaps the others' training; the caller
+tensor elements, so sub-models and small clients are packed around large ones. A worker starts
+with the first two thirds of its share (longest first); the rest are held back and handed out,
+longest first, to whichever worker asks first (a worker asks once the last task it holds has
+started, and takes the answer into the same fit): a worker that gets less of the CPU (it shares a
+core with this process's evaluation, or with another job) trains fewer clients. Answers are
+collected in the order clients finish, so decoding one overlaps the others' training; the caller
 may do its own work between :meth:`~ParallelClients.submit` and :meth:`~ParallelClients.collect`
 (the round driver evaluates the previous round's model there), or drop the round with
 :meth:`~ParallelClients.discard`.
@@ -46,11 +55,15 @@ initialized here. This path is written for GPU machines but has not yet been mea
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import math
 import multiprocessing as mp
 import os
+import queue
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -77,6 +90,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ParallelClients", "resolve_workers", "resolve_devices", "cuda_device_count", "balanced_shares"]
 
 _STOP = b"stop"
+_NEED = dumps_state({"need": True})  # a worker asks for one more task of the round
 
 
 def resolve_workers(workers: int | str | None) -> int:
@@ -155,8 +169,68 @@ def balanced_shares(costs: Sequence[float], workers: int) -> list[list[int]]:
     return [sorted(s) for s in shares if s]
 
 
+def _accepts(runtime: Any, name: str) -> bool:
+    """Whether ``runtime.run_many`` takes the keyword ``name`` (a wrapper of the runtime may not)."""
+    try:
+        params = inspect.signature(runtime.run_many).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class _Sender:
+    """Sends a worker's answers from a thread, message by message, in order; also asks for more tasks.
+
+    A frame larger than the pipe's buffer blocks its writer until the parent reads it, and the
+    parent reads only when it waits for the round (after its own work, e.g. an evaluation): the
+    worker's training goes on meanwhile. The parent's answer to a request for one more task is
+    read here too, as soon as it comes (the parent must never wait for a worker that trains).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.queue: queue.SimpleQueue[tuple[bytes, ...] | None] = queue.SimpleQueue()
+        #: the parent's answers to :meth:`ask`: ``(header, frames)``, ``None`` when the pipe broke
+        self.answers: queue.SimpleQueue[tuple[Any, list[bytes]] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="lfp-client-worker-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, *frames: bytes) -> None:
+        self.queue.put(frames)
+
+    def ask(self) -> None:
+        """Ask the parent for one more task; its answer comes in :attr:`answers`."""
+        self.queue.put(())
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        broken = False
+        while True:
+            frames = self.queue.get()
+            if frames is None:
+                return
+            if broken:
+                if not frames:
+                    self.answers.put(None)
+                continue
+            try:
+                for frame in frames or (_NEED,):
+                    self.conn.send_bytes(frame)
+                if not frames:  # a request: its answer, then the task's two frames if there is one
+                    head = loads_state(self.conn.recv_bytes())
+                    self.answers.put((head, [self.conn.recv_bytes(), self.conn.recv_bytes()] if "task" in head else []))
+            except Exception:  # the parent is gone: the worker's next read ends it
+                broken = True
+                if not frames:
+                    self.answers.put(None)
+
+
 def _worker_main(conn: Any, runtime: Any, device: str) -> None:
-    """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer."""
+    """A worker's loop: read a round's frames, train the tasks with the inherited runtime, answer
+    each client's outcome as soon as it is known, ask for more tasks while the round has some."""
     torch.set_num_threads(1)
     unusable = None  # why this worker cannot train: every client it is given fails with it
     if device != "cpu":
@@ -164,55 +238,116 @@ def _worker_main(conn: Any, runtime: Any, device: str) -> None:
             runtime.use_device(device)
         except Exception as err:
             unusable = f"worker device {device!r}: {_describe(err)}"
-    while True:
-        try:
-            head = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        if head == _STOP:
-            return
-        try:
-            plan = loads_state(head)
-            frames = [conn.recv_bytes() for _ in range(int(plan["shared"]) + 2 * len(plan["tasks"]))]
-        except Exception as err:  # the frames cannot be told apart any more: answer, then stop
-            conn.send_bytes(dumps_state({"error": _describe(err)}))
-            return
-        out_frames: list[bytes] = []
-        try:
-            if unusable is not None:
-                raise RuntimeError(unusable)
-            shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
-            rest = frames[len(shared):]
-            tasks, store = [], ClientStore()
-            for k, spec in enumerate(plan["tasks"]):
-                task = decode_task(rest[2 * k], expect_round=int(spec["round"]), expect_client=int(spec["client"]))
-                if int(spec["shared"]) >= 0:
-                    task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
-                store.put_encoded(task.client_id, rest[2 * k + 1])
-                tasks.append(task)
-            del frames, rest
-            outcomes = runtime.run_many(tasks, store)
-            head_out: dict[str, Any] = {"outcomes": []}
-            for task, o in zip(tasks, outcomes):
-                if isinstance(o, ClientFailure):
-                    head_out["outcomes"].append({"failure": {"kind": o.kind, "reason": o.reason}})
-                    out_frames.append(b"")
+    streams = _accepts(runtime, "on_outcome")
+    sender = _Sender(conn)
+    try:
+        while True:
+            try:
+                head = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            if head == _STOP:
+                return
+            try:
+                plan = loads_state(head)
+                frames = [conn.recv_bytes() for _ in range(int(plan["shared"]) + 2 * len(plan["tasks"]))]
+            except Exception as err:  # the frames cannot be told apart any more: answer, then stop
+                sender.send(dumps_state({"error": _describe(err)}))
+                return
+            # a request for one more task is on its way ("out"); tasks held and answered this round;
+            # no more to get ("over")
+            asking = {"out": False, "held": 0, "answered": 0, "over": not (streams and plan.get("more"))}
+
+            def ask_ahead() -> None:
+                # one task ahead: ask once the last task held has started, so that the task goes
+                # to whichever worker needs one first
+                if not asking["out"] and not asking["over"] and asking["answered"] >= asking["held"] - 1:
+                    sender.ask()
+                    asking["out"] = True
+
+            try:
+                if unusable is not None:
+                    raise RuntimeError(unusable)
+                shared = [decode_weights(frames[g]) for g in range(int(plan["shared"]))]
+                rest = frames[len(shared):]
+                store = ClientStore()
+
+                def receive(spec: Any, task_frame: bytes, state_frame: bytes, store: ClientStore = store, shared: list = shared) -> ClientTask:
+                    task = decode_task(task_frame, expect_round=int(spec["round"]), expect_client=int(spec["client"]))
+                    if int(spec["shared"]) >= 0:
+                        task = dataclasses.replace(task, weights=shared[int(spec["shared"])])
+                    store.put_encoded(task.client_id, state_frame)
+                    return task
+
+                tasks = [receive(spec, rest[2 * k], rest[2 * k + 1]) for k, spec in enumerate(plan["tasks"])]
+                asking["held"] = len(tasks)
+                del frames, rest
+
+                def report(task: ClientTask, outcome: ClientResult | ClientFailure, store: ClientStore = store) -> None:
+                    if isinstance(outcome, ClientFailure):
+                        head, blob = {"client": task.client_id, "failure": {"kind": outcome.kind, "reason": outcome.reason}}, b""
+                    else:
+                        head, blob = {"client": task.client_id, "result": True}, encode_result(outcome)
+                    sender.send(dumps_state(head), blob, store.get_encoded(task.client_id))
+                    asking["answered"] += 1
+                    ask_ahead()
+
+                def more(receive: Any = receive) -> ClientTask | None:
+                    # the answer to the request sent one task ahead (asked now if it was not yet)
+                    ask_ahead()
+                    if not asking["out"]:
+                        return None
+                    answer = sender.answers.get()
+                    asking["out"] = False
+                    if answer is None:
+                        raise OSError("the pipe to the parent broke")
+                    head, task_frames = answer
+                    if "task" not in head:
+                        asking["over"] = True
+                        return None
+                    task = receive(head["task"], *task_frames)
+                    asking["held"] += 1
+                    ask_ahead()
+                    return task
+
+                if not asking["over"]:
+                    ask_ahead()
+                    runtime.run_many(tasks, store, on_outcome=report, more=more)
+                    asking["over"] = True
+                    while (extra := more()) is not None:  # handed out but left untrained: the parent waits for it
+                        report(extra, ClientFailure(extra.round, extra.client_id, "error", "the worker's runtime did not train it"))
+                elif streams:
+                    runtime.run_many(tasks, store, on_outcome=report)
                 else:
-                    head_out["outcomes"].append({"result": True})
-                    out_frames.append(encode_result(o))
-                out_frames.append(store.get_encoded(task.client_id))
-            reply = dumps_state(head_out)
-        except Exception as err:  # report, never die: the parent counts the failure
-            reply, out_frames = dumps_state({"error": _describe(err)}), []
-        conn.send_bytes(reply)
-        for frame in out_frames:
-            conn.send_bytes(frame)
+                    for task, outcome in zip(tasks, runtime.run_many(tasks, store)):
+                        report(task, outcome)
+                sender.send(dumps_state({"done": True}))
+            except Exception as err:  # report, never die: the parent counts the failure
+                if asking["out"] and sender.answers.get() is None:  # the answer to a request is read first
+                    return
+                sender.send(dumps_state({"error": _describe(err)}))
+    finally:
+        sender.close()
 
 
 def _describe(err: BaseException) -> str:
     tb = traceback.extract_tb(err.__traceback__)
     where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
     return f"{type(err).__name__}: {err}{where}"[:2000]
+
+
+class _Answers:
+    """What one worker answered so far for its share of a round."""
+
+    def __init__(self, worker: int, share: list[ClientTask]) -> None:
+        self.worker = worker
+        self.share = share
+        self.tasks = {t.client_id: t for t in share}
+        self.got: dict[int, tuple[bytes | ClientFailure, bytes]] = {}
+
+    def add(self, task: ClientTask) -> None:
+        self.share.append(task)
+        self.tasks[task.client_id] = task
 
 
 class _Worker:
@@ -263,6 +398,9 @@ class ParallelClients:
         self._ctx = mp.get_context("fork")
         self._pool: list[_Worker] = []
         self._pending: list[tuple[int, list[ClientTask], BaseException | None]] = []
+        self._held: list[tuple[ClientTask, tuple[dict[str, Any], bytes, bytes]]] = []  # tasks to hand out on request
+        # workers ask for more tasks only with a runtime that takes them mid-fit (a wrapper may not)
+        self._hands_out = _accepts(runtime, "more") and _accepts(runtime, "on_outcome")
 
     # the runtime's own attributes (module, data, seed) read through
     def __getattr__(self, name: str) -> Any:
@@ -296,7 +434,12 @@ class ParallelClients:
 
     # -------------------------------------------------------------- the round
     def submit(self, tasks: Sequence[ClientTask], store: ClientStore) -> None:
-        """Hand a round's tasks to the workers (returns once they have them; :meth:`collect` the outcomes)."""
+        """Hand a round's tasks to the workers (returns once they have them; :meth:`collect` the outcomes).
+
+        Each worker gets its share (see the module docstring) but the last third of it, longest
+        task first; the tasks held back are handed out, longest first, to the workers that ask
+        for more while :meth:`collect` runs.
+        """
         if self._pending:
             raise RuntimeError("collect() the previous tasks before submitting new ones")
         tasks = list(tasks)
@@ -305,36 +448,37 @@ class ParallelClients:
         ids = [t.client_id for t in tasks]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"one task per client and round: duplicate client ids in {ids}")
-        shares = balanced_shares([self.task_cost(t) for t in tasks], min(self.workers, len(tasks)))
+        costs = [self.task_cost(t) for t in tasks]
+        shares = balanced_shares(costs, min(self.workers, len(tasks)))
         self._ensure(len(shares))
-        encoded_shared: dict[int, bytes] = {}  # id(weights dict) -> its bytes, encoded once per round
-        # every message is encoded before any is sent: a task that cannot be encoded stops the
-        # round before a worker holds half a message
-        messages = [(w, [tasks[i] for i in share]) for w, share in enumerate(shares)]
-        encoded = [self._frames(share_tasks, store, encoded_shared) for _, share_tasks in messages]
-        for (w, share_tasks), frames in zip(messages, encoded):
-            self._pending.append((w, share_tasks, self._send(w, frames)))
-
-    def _frames(self, tasks: list[ClientTask], store: ClientStore, encoded_shared: dict[int, bytes]) -> list[bytes]:
-        """A worker's message: the header, each shared weight set once, then per task its bytes and its client's state."""
+        order = {i: k for k, i in enumerate(sorted(range(len(tasks)), key=lambda i: (-costs[i], i)))}  # longest first
+        firsts, held = [], []
+        for share in shares:
+            share = sorted(share, key=order.__getitem__)
+            keep = max(1, math.ceil(len(share) * 2 / 3)) if self._hands_out else len(share)
+            firsts.append(share[:keep])
+            held += share[keep:]
+        held.sort(key=order.__getitem__)
+        # a weight set that several tasks share (one round's global model) goes to every worker once
         uses: dict[int, int] = {}
         for t in tasks:
             uses[id(t.weights)] = uses.get(id(t.weights), 0) + 1
-        groups: list[int] = []  # ids of the weight dicts this worker gets once
-        specs, frames = [], []
-        for t in tasks:
-            key = id(t.weights)
-            g = -1
-            if uses[key] > 1 and t.weights:
-                if key not in groups:
-                    groups.append(key)
-                    if key not in encoded_shared:
-                        encoded_shared[key] = encode_weights(t.weights)
-                g = groups.index(key)
-            specs.append({"round": t.round, "client": t.client_id, "shared": g})
-            frames.append(encode_task(dataclasses.replace(t, weights={})) if g >= 0 else encode_task(t))
-            frames.append(store.get_encoded(t.client_id))
-        return [dumps_state({"shared": len(groups), "tasks": specs}), *(encoded_shared[k] for k in groups), *frames]
+        groups = list(dict.fromkeys(id(t.weights) for t in tasks if uses[id(t.weights)] > 1 and t.weights))
+        # every message is encoded before any is sent: a task that cannot be encoded stops the
+        # round before a worker holds half a message
+        encoded_groups = [encode_weights(next(t.weights for t in tasks if id(t.weights) == key)) for key in groups]
+        encoded = {i: self._task_frames(tasks[i], store, groups) for i in range(len(tasks))}
+        self._held = [(tasks[i], encoded[i]) for i in held]
+        for w, first in enumerate(firsts):
+            head = dumps_state({"shared": len(groups), "tasks": [encoded[i][0] for i in first], "more": bool(held)})
+            frames = [head, *encoded_groups, *(f for i in first for f in encoded[i][1:])]
+            self._pending.append((w, [tasks[i] for i in first], self._send(w, frames)))
+
+    def _task_frames(self, t: ClientTask, store: ClientStore, groups: list[int]) -> tuple[dict[str, Any], bytes, bytes]:
+        """A task's spec, its bytes (without the weights when they are a shared set) and its client's state."""
+        g = groups.index(id(t.weights)) if id(t.weights) in groups else -1
+        spec = {"round": t.round, "client": t.client_id, "shared": g}
+        return spec, encode_task(dataclasses.replace(t, weights={}) if g >= 0 else t), store.get_encoded(t.client_id)
 
     def _send(self, w: int, frames: list[bytes]) -> BaseException | None:
         conn = self._pool[w].conn
@@ -345,30 +489,41 @@ class ParallelClients:
             return err
         return None
 
-    def collect(self, store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
+    def collect(self, store: ClientStore | None, on_result: Callable[[int, bytes], None] | None = None) -> dict[int, bytes | ClientFailure]:
         """Wait for the submitted tasks: per client, its encoded result (as the client sent it) or a failure.
 
-        Workers' answers are read in the order they finish; the clients' updated states go to
-        ``store`` (``None``: they are dropped, see :meth:`discard`).
+        A worker answers each client as soon as its training ends; answers are read in the order
+        they come. ``on_result(client_id, blob)`` is called with each result as it comes (while
+        other clients still train), a hint to process it early: the returned outcomes are what
+        counts (a worker that fails after answering some clients fails its whole share). The
+        clients' updated states go to ``store`` once a worker has answered all its clients
+        (``None``: they are dropped, see :meth:`discard`).
         """
         pending, self._pending = self._pending, []
         out: dict[int, bytes | ClientFailure] = {}
-        waiting = {}
+        waiting: dict[Any, _Answers] = {}
         for w, share, err in pending:
             if err is not None:
                 out.update(self._dead(w, share, err))
             else:
-                waiting[self._pool[w].conn] = (w, share)
+                waiting[self._pool[w].conn] = _Answers(w, list(share))
         try:
             while waiting:
                 for conn in wait(list(waiting)):
-                    w, share = waiting.pop(conn)
-                    out.update(self._receive(w, share, store))
+                    answers = waiting[conn]
+                    done = self._receive(answers, store, on_result if store is not None else None)
+                    if done is not None:
+                        del waiting[conn]
+                        out.update(done)
         except BaseException:  # e.g. Ctrl-C: workers still training would answer the next round with this one's outcomes
-            for w, _ in waiting.values():
-                self._pool[w].proc.kill()
+            self._held = []
+            for answers in waiting.values():
+                self._pool[answers.worker].proc.kill()
             self.close()
             raise
+        held, self._held = self._held, []
+        for task, _ in held:  # no worker asked for them: every worker failed
+            out[task.client_id] = ClientFailure(task.round, task.client_id, "error", "no client worker could take this client: every worker failed")
         return out
 
     def discard(self, *, wait: bool = True) -> None:
@@ -382,6 +537,7 @@ class ParallelClients:
             self.collect(None)
             return
         pending, self._pending = self._pending, []
+        self._held = []
         if pending:
             for w, _, _ in pending:
                 self._pool[w].proc.kill()
@@ -417,24 +573,49 @@ class ParallelClients:
         reason = f"the worker process training this client died (exit code {code}: {type(err).__name__})"
         return {t.client_id: ClientFailure(t.round, t.client_id, "error", reason) for t in share}
 
-    def _receive(self, w: int, share: list[ClientTask], store: ClientStore | None) -> dict[int, bytes | ClientFailure]:
+    def _receive(
+        self, answers: _Answers, store: ClientStore | None, on_result: Callable[[int, bytes], None] | None
+    ) -> dict[int, bytes | ClientFailure] | None:
+        """Read one message of a worker's answer; the share's outcomes once it is complete, else ``None``."""
+        w, share = answers.worker, answers.share
         conn = self._pool[w].conn
         try:
-            reply = loads_state(conn.recv_bytes())
-            if "error" in reply:
-                return {t.client_id: ClientFailure(t.round, t.client_id, "error", str(reply["error"])) for t in share}
-            frames = [conn.recv_bytes() for _ in range(2 * len(share))]
-        except (EOFError, OSError, PayloadError) as err:
+            head = loads_state(conn.recv_bytes())
+            if "error" in head:
+                return {t.client_id: ClientFailure(t.round, t.client_id, "error", str(head["error"])) for t in share}
+            if head.get("done"):
+                missing = [t.client_id for t in share if t.client_id not in answers.got]
+                if missing:
+                    raise PayloadError(f"the worker answered no outcome for clients {missing}")
+                out: dict[int, bytes | ClientFailure] = {}
+                for task in share:
+                    outcome, state = answers.got[task.client_id]
+                    if store is not None:
+                        store.put_encoded(task.client_id, state)
+                    out[task.client_id] = outcome
+                return out
+            if head.get("need"):
+                if self._held and store is not None:
+                    task, (spec, task_frame, state_frame) = self._held.pop(0)
+                    answers.add(task)
+                    for frame in (dumps_state({"task": spec}), task_frame, state_frame):
+                        conn.send_bytes(frame)
+                else:  # nothing left (or the round is dropped)
+                    conn.send_bytes(dumps_state({"none": True}))
+                return None
+            cid = int(head["client"])
+            blob, state = conn.recv_bytes(), conn.recv_bytes()
+            task = answers.tasks.get(cid)
+            if task is None or cid in answers.got:
+                raise PayloadError(f"the worker answered client {cid}, which it was not training or had answered")
+            failure = head.get("failure")
+            outcome = blob if failure is None else ClientFailure(task.round, cid, str(failure["kind"]), str(failure["reason"]))
+        except (EOFError, OSError, PayloadError, KeyError, TypeError, ValueError) as err:
             return self._dead(w, share, err)
-        out: dict[int, bytes | ClientFailure] = {}
-        for k, (task, o) in enumerate(zip(share, reply["outcomes"])):
-            if store is not None:
-                store.put_encoded(task.client_id, frames[2 * k + 1])
-            if "failure" in o:
-                out[task.client_id] = ClientFailure(task.round, task.client_id, str(o["failure"]["kind"]), str(o["failure"]["reason"]))
-            else:
-                out[task.client_id] = frames[2 * k]
-        return out
+        answers.got[cid] = (outcome, state)
+        if on_result is not None and failure is None:
+            on_result(cid, blob)
+        return None
 
     def close(self) -> None:
         """Stop the workers (they are started again on the next :meth:`submit`)."""

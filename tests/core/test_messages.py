@@ -475,3 +475,24 @@ def test_shared_weights_round_trip_alone_and_are_validated_like_a_tasks():
         decode_weights(encode_task(ClientTask(round=0, client_id=0, weights=w)))
     with pytest.raises(PayloadError, match="exceeds the limit of 10 bytes"):
         decode_weights(encode_weights(w), max_bytes=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_by_hand(dtype):
+    from lightning_fedprune.core.messages import all_finite
+
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.tensor([1.0, -2.0, 3.5], dtype=dtype))
+    assert all_finite(torch.zeros(0, dtype=dtype))
+    # finite elements whose sum overflows are finite: the exact check settles it
+    assert all_finite(torch.tensor([big, big, big], dtype=dtype))
+    assert all_finite(torch.tensor([-big, -big], dtype=dtype))
+    for bad in ([1.0, math.nan], [math.inf, 1.0], [-math.inf, 2.0], [math.inf, -math.inf], [big, math.nan, -big]):
+        assert not all_finite(torch.tensor(bad, dtype=dtype)), bad
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    w = _weights()
+    w["body.weight"].fill_(3.0e38)
+    res = decode_result(encode_result(_result(weights=w)))
+    assert torch.equal(res.weights["body.weight"], w["body.weight"])

@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
-from worker_testing import CrashingRuntime
+from worker_testing import CrashingRuntime, DyingAfterFirstOutcome, SlowWorker
 
 from lightning_fedprune.config import RecipeConfig
 from lightning_fedprune.core.client_store import ClientStore
@@ -82,6 +82,79 @@ def test_a_worker_that_dies_is_a_counted_client_failure_and_is_replaced(tiny_mod
         assert r1["num_results"] == 3
     finally:
         engine.close()
+
+
+def test_results_come_client_by_client_and_a_worker_that_dies_midway_fails_its_whole_share(tiny_module, tiny_data_factory):
+    # Prepare: 4 clients on 2 workers (2 each); in round 1 both workers die after their first answer
+    data = tiny_data_factory(sizes=(20, 30, 40, 25))
+    strategy = Scaffold(seed=1)
+    initialize_strategy(strategy, tiny_module(), num_clients=4)
+    runtime = ClientRuntime(tiny_module(), data=data, seed=4, client_callbacks=strategy.client_callbacks)
+    pool = ParallelClients(DyingAfterFirstOutcome(runtime, round=1), workers=2)
+    store = ClientStore()
+    try:
+        # Execute: round 0, each result handed over as it comes
+        seen = []
+        pool.submit(strategy.configure_round(0, [0, 1, 2, 3]), store)
+        out = pool.collect(store, on_result=lambda cid, blob: seen.append((cid, blob)))
+        # Assert: every result was handed over once, as the very bytes collect returns
+        assert sorted(c for c, _ in seen) == [0, 1, 2, 3]
+        assert all(out[c] is blob for c, blob in seen)
+        saved = {c: store.get_encoded(c) for c in range(4)}
+        assert all(saved.values())
+        # Execute: round 1, the workers die after answering one client each
+        pool.submit(strategy.configure_round(1, [0, 1, 2, 3]), store)
+        out = pool.collect(store)
+        # Assert: all clients fail, no state changes (a share counts only once it is complete)
+        assert sorted(out) == [0, 1, 2, 3]
+        assert all(o.kind == "error" and "exit code 9" in o.reason for o in out.values())
+        assert {c: store.get_encoded(c) for c in range(4)} == saved
+        # the replaced workers train the next round
+        pool.submit(strategy.configure_round(2, [0, 1, 2, 3]), store)
+        assert all(isinstance(o, bytes) for o in pool.collect(store).values())
+    finally:
+        pool.close()
+
+
+def test_held_back_tasks_go_to_the_workers_that_ask_and_train_bit_identically(tiny_module, tiny_data_factory, monkeypatch):
+    # Prepare: 8 clients on 2 workers, shares of 4: each worker starts with 3, 2 are handed out on request
+    handed = []
+    real_add = parallel._Answers.add
+    monkeypatch.setattr(parallel._Answers, "add", lambda self, task: handed.append((self.worker, task.client_id)) or real_add(self, task))
+    data = tiny_data_factory(sizes=(20, 30, 40, 25, 35, 22, 28, 33))
+    seq = _engine(tiny_module, data, Scaffold(seed=1), workers=1)
+    par = _engine(tiny_module, data, Scaffold(seed=1), workers=2)
+    try:
+        # Execute
+        seq.run(3)
+        par.run(3)
+    finally:
+        par.close()
+    # Assert: the two smallest clients of each round were handed out, and nothing changed
+    assert len(handed) == 6 and all(c in (0, 5) for _, c in handed)
+    _same(seq, par)
+    assert [r["num_results"] for r in par.history] == [8, 8, 8]
+
+
+def test_held_back_tasks_go_to_the_worker_that_needs_one_first(tiny_module, tiny_data_factory, monkeypatch):
+    # Prepare: 8 equal clients on 2 workers (3 each to start with, 2 held back); worker 1 takes
+    # 0.4 s per client, so worker 0 runs out first, twice
+    handed = []
+    real_add = parallel._Answers.add
+    monkeypatch.setattr(parallel._Answers, "add", lambda self, task: handed.append(self.worker) or real_add(self, task))
+    data = tiny_data_factory(sizes=(20,) * 8)
+    strategy = FedAvg(seed=0)
+    initialize_strategy(strategy, tiny_module(), num_clients=8)
+    runtime = ClientRuntime(tiny_module(), data=data, seed=0, callbacks=[SlowWorker(1, 0.4)])
+    pool = ParallelClients(runtime, workers=2)
+    try:
+        # Execute
+        out = pool.run_many(strategy.configure_round(0, list(range(8))), ClientStore())
+    finally:
+        pool.close()
+    # Assert
+    assert handed == [0, 0]
+    assert [o.client_id for o in out] == list(range(8)) and all(o.metrics.num_samples == 20 for o in out)
 
 
 def test_workers_setting():
