@@ -8,7 +8,7 @@ rounds (500 by default). It reports per cell E-UCB's speed-up against Syn-FL nex
 (and the fraction of the oracle's speed-up E-UCB reaches), and how close the learned ratios come
 to the matched ones: the median ratio per cluster per 100 rounds.
 
-    python recipes/fedmp/sensitivity.py                     # the whole grid (3 x 3 x 4 FedMP runs; hours)
+    python recipes/fedmp/sensitivity.py                     # the whole grid (3 x 3 x 6 FedMP runs; hours)
     python recipes/fedmp/sensitivity.py --quick             # one cell, 3 rounds (a smoke run)
     python recipes/fedmp/sensitivity.py --scenarios high --taus 5 --discounts 0.99 --thetas 0.05
 
@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installi
 from lightning_fedprune.config import RecipeConfig  # noqa: E402
 from lightning_fedprune.experiments import compare_fedmp, format_table, plot_variants  # noqa: E402
 
-GRID = {"scenarios": ["low", "medium", "high"], "taus": [5, 20, 50], "discounts": [0.95, 0.99], "thetas": [0.01, 0.05]}
-QUICK = {"scenarios": ["high"], "taus": [5], "discounts": [0.99], "thetas": [0.05]}
+GRID = {"scenarios": ["low", "medium", "high"], "taus": [5, 20, 50], "discounts": [0.95, 0.99, 0.995], "thetas": [0.01, 0.05]}
+QUICK = {"scenarios": ["high"], "taus": [5], "discounts": [0.995], "thetas": [0.05]}
 
 
 def _label(discount: float, theta: float) -> str:
@@ -100,7 +100,7 @@ def run_cell(scenario: str, tau: int, args: argparse.Namespace, grid: dict) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one cell (high, tau 5, lambda 0.99, theta 0.05), 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="one cell (high, tau 5, lambda 0.995, theta 0.05), 3 rounds")
     parser.add_argument("--scenarios", nargs="+", choices=GRID["scenarios"], default=None)
     parser.add_argument("--taus", nargs="+", type=int, default=None)
     parser.add_argument("--discounts", nargs="+", type=float, default=None)

@@ -334,3 +334,19 @@ def test_fedmp_prunes_a_two_layer_lstm_language_model_end_to_end():
     sent = eng.strategy.configure_round(2, [0, 1, 2])
     assert [t.weights["model.lstm.weight_hh_l0"].shape for t in sent] == [(16, 4), (24, 6), (32, 8)]
     assert [t.weights["model.classifier.weight"].shape for t in sent] == [(30, 4), (30, 6), (30, 8)]
+
+
+def test_fedmp_final_loss_progress_prefers_the_paired_probe():
+    # running losses after: 0.5 and 0.8; the probe's: 0.8 and 0.4 -> shares 0.4/0.8 and 1 (probe wins)
+    strategy = FedMP(seed=3)
+    strategy.initialize(_spec(Hidden3()), num_clients=3)
+    tasks = strategy.configure_round(0, [0, 1])
+    results = [_result(tasks[0], 0.1, after=0.5, time=1.0), _result(tasks[1], 0.1, after=0.8, time=3.0)]
+    for r, probe in zip(results, (0.8, 0.4)):
+        r.metrics.extra.update(probe_loss_before=1.0, probe_loss_after=probe)
+    metrics = strategy.aggregate(0, results, [])
+    assert metrics["reward_mean"] == pytest.approx((0.5 * 0.1 + 1.0 * 0.1) / 2)
+    # a result without any finite loss gets the round's worst share (0.4 / 0.8); equal times fit fully
+    tasks = strategy.configure_round(1, [0, 1, 2])
+    results = [_result(t, 0.1, after=a, time=2.0) for t, a in zip(tasks, (math.nan, 0.4, 0.8))]
+    assert strategy.aggregate(1, results, [])["reward_mean"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
