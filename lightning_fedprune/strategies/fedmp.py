@@ -311,8 +311,9 @@ class FedMP(SubModelStrategy):
             ``"loss_decrease"`` (the default, and the only choice, with the printed reward:
             Eq. 8's ΔLoss, in the bounded form as a share of the round's best, which late in
             training rewards pruning); see :mod:`lightning_fedprune.core.bandit`.
-        inherit: a leaf created by a split starts from its parent's estimate instead of being
-            unexplored (default ``True``; see :class:`~lightning_fedprune.core.bandit.EUCBAgent`).
+        inherit: a new leaf starts from the nearest data (its parent's estimate, or a
+            neighbour's first observation) instead of being unexplored (default ``True``; see
+            :class:`~lightning_fedprune.core.bandit.EUCBAgent`).
             ``FedMP(reward="printed", progress="loss_decrease", inherit=False, exploration=1.0,
             discount=0.95)`` is Algorithm 1 and Eq. 8 as printed.
         late_reward: the reward of a decision whose result missed the round's deadline (failure

@@ -134,31 +134,41 @@ def _first_seed_with_a_low_first_draw() -> int:
 
 
 @pytest.mark.parametrize("inherit", [False, True])
-def test_an_inherited_leaf_starts_from_its_parents_estimate_by_hand(inherit):
+def test_inherited_estimates_by_hand(inherit):
     # theta 0.5, lambda 0.5. Round 0 draws a0 < 0.5 and splits [0, 1) into [0, a0) and [a0, 1);
-    # reward 1 at a0. Round 1 explores the empty [0, a0) (too narrow to split); reward 0.
-    # Round 2: the discounted total 0.25 + 0.5 < 1, so no padding: [a0, 1) has the best mean and is
-    # split at its draw a2 into [a0, a2) (the observation at a0) and [a2, 1) (empty).
+    # reward 1 at a0. Inherited, the blank neighbour [0, a0) takes that first observation as its
+    # estimate (count 1 at round 0, mean 1); read literally it stays unexplored.
     lam = 0.5
     agent = EUCBAgent(theta=0.5, discount=lam, seed=_first_seed_with_a_low_first_draw(), inherit=inherit)
     a0 = agent.choose(0)
     agent.observe(0, a0, 1.0)
+    low, high = agent.statistics(1)
+    assert high.count == pytest.approx(lam) and high.mean == 1.0
+    if inherit:
+        assert low.count == pytest.approx(lam) and low.mean == 1.0 and low.padding == 0.0  # total 2 lambda = 1: log 1 = 0
+    else:
+        assert low.count == 0.0 and low.ucb == math.inf
+    # Round 1: inherited, the two leaves tie on the mean 1 and the lower edge wins; literally, the
+    # blank leaf is forced. Either way [0, a0) (narrower than theta, so not split); reward 0.
     a1 = agent.choose(1)
     assert 0.0 <= a1 < a0 and agent.leaves == [(0.0, a0), (a0, 1.0)]
     agent.observe(1, a1, 0.0)
+    # Round 2: [0, a0) has the mean 0 (literal) or (0 + lambda * 1) / (1 + lambda) = 1/3
+    # (inherited); the total count is below 1, so no padding and [a0, 1) (mean 1) is chosen and
+    # split at a2 into [a0, a2) (the observation at a0) and [a2, 1) (none).
     a2 = agent.choose(2)
     assert a0 < a2 and agent.leaves == [(0.0, a0), (a0, a2), (a2, 1.0)]
     stats = agent.statistics(3)
     assert stats[1].count == pytest.approx(lam**3) and stats[1].mean == 1.0
     if inherit:
-        # the new leaf: the parent's count lambda^3 times its share of the width, the parent's mean
-        share = (1.0 - a2) / (1.0 - a0)
-        assert stats[2].count == pytest.approx(share * lam**3) and stats[2].mean == pytest.approx(1.0)
-        assert stats[2].padding == 0.0  # total lambda^2 + lambda^3 (1 + share) < 1
+        assert stats[0].count == pytest.approx((1 + lam) * lam**2) and stats[0].mean == pytest.approx(1 / 3)
+        # the new leaf: the parent's count lambda^3 and mean 1
+        assert stats[2].count == pytest.approx(lam**3) and stats[2].mean == pytest.approx(1.0)
+        assert stats[2].padding == 0.0  # total (1 + lambda) lambda^2 + 2 lambda^3 < 1
     else:
         assert stats[2].count == 0.0 and stats[2].ucb == math.inf
-    # round 3 (round 2's result still out): inherited, the two leaves tie on the mean 1 and the
-    # lower edge wins; read literally, the unexplored [a2, 1) is forced
+    # round 3 (round 2's result still out): inherited, [a0, a2) and [a2, 1) tie on the mean 1 and
+    # the lower edge wins; literally, the blank [a2, 1) is forced
     a3 = agent.choose(3)
     assert (a0 <= a3 < a2) if inherit else (a2 <= a3 < 1.0)
 
