@@ -506,13 +506,14 @@ def test_one_hundred_workers_decide_and_observe_fast():
     bandit = EUCB(seed=0)
     rng = np.random.default_rng(0)
     worst = 0.0
-    start = time.perf_counter()
+    # CPU seconds of this process: the bandit's own cost, not the time other processes take the core
+    start = time.process_time()
     for k in range(200):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         ratios = bandit.decide(k, range(100))
         bandit.observe(k, {w: (float(rng.random()), float(1.0 + x)) for w, x in ratios.items()})
-        worst = max(worst, time.perf_counter() - t0)
-    per_round = (time.perf_counter() - start) / 200
+        worst = max(worst, time.process_time() - t0)
+    per_round = (time.process_time() - start) / 200
     print(f"E-UCB 100 workers: {per_round * 1e3:.2f} ms per round (worst {worst * 1e3:.2f} ms)")
     assert per_round < 1.0 and worst < 1.0
 
