@@ -92,14 +92,17 @@ def _sigint_requests_stop(driver: RoundDriver) -> Iterator[None]:
         yield  # not ours to change (a thread, or a program with its own handler)
         return
 
+    def stop_at_once(code: int) -> None:
+        sys.stderr.write("interrupted again: stopped at once; --resume continues from the last checkpoint\n")
+        sys.stderr.flush()
+        os._exit(code)
+
     def handler(signum: int, frame: Any) -> None:
         if driver.stop_requested:
             code = _ABORT["exit_code"]
             if code is None:
                 raise KeyboardInterrupt
-            sys.stderr.write("interrupted again: stopped at once; --resume continues from the last checkpoint\n")
-            sys.stderr.flush()
-            os._exit(code)
+            stop_at_once(code)
         driver.stop_requested = True
         log.warning("Ctrl-C: stopping after round %d and writing the checkpoint (Ctrl-C again stops at once)", driver.next_round)
 
@@ -107,7 +110,14 @@ def _sigint_requests_stop(driver: RoundDriver) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        code = _ABORT["exit_code"]
+        if driver.stop_requested and code is not None:
+            # the process winds down after the interrupted run: a second Ctrl-C that comes now (even
+            # while the interpreter shuts down) still ends it at once with the same code, instead of
+            # a KeyboardInterrupt traceback out of some exit handler
+            signal.signal(signal.SIGINT, lambda signum, frame: stop_at_once(code))
+        else:
+            signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
