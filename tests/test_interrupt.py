@@ -64,15 +64,20 @@ def _check_consistent(run_dir: Path) -> int:
     return nxt
 
 
-def test_sigint_stops_after_the_round_with_a_checkpoint_and_exit_130_then_resumes(tmp_path):
+def _interrupted_after_round_one(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A 500-round run, sent one SIGINT once its first round is written: (process, run dir, recipe)."""
     run_dir = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(rounds=500, run_dir=run_dir))
-
-    # 1. one SIGINT while round 1 runs: the round finishes, is checkpointed, exit 130
     proc = _start(recipe)
     _wait_for_rounds(proc, run_dir, 1)
     proc.send_signal(signal.SIGINT)
+    return proc, run_dir, recipe
+
+
+def test_sigint_stops_after_the_round_with_a_checkpoint_and_exit_130_then_resumes(tmp_path):
+    # 1. one SIGINT while round 1 runs: the round finishes, is checkpointed, exit 130
+    proc, run_dir, recipe = _interrupted_after_round_one(tmp_path)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted after round" in err and "continue the run with --resume" in err
@@ -134,12 +139,7 @@ def test_more_ctrl_c_while_an_interrupted_run_winds_down_exit_130_without_a_trac
     # After the first SIGINT the run stops after its round; SIGINTs that keep coming while the
     # process writes the checkpoint, returns and shuts the interpreter down (exit handlers
     # included) must still end it with 130 and no KeyboardInterrupt traceback.
-    run_dir = tmp_path / "run"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.format(rounds=500, run_dir=run_dir))
-    proc = _start(recipe)
-    _wait_for_rounds(proc, run_dir, 1)
-    proc.send_signal(signal.SIGINT)
+    proc, run_dir, _ = _interrupted_after_round_one(tmp_path)
     time.sleep(0.3)  # the round ends and the run winds down meanwhile
     while proc.poll() is None:
         proc.send_signal(signal.SIGINT)

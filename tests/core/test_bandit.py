@@ -516,8 +516,8 @@ def test_one_hundred_workers_decide_and_observe_fast():
     per_round = (time.process_time() - start) / 200
     print(f"E-UCB 100 workers: {per_round * 1e3:.2f} ms per round (worst {worst * 1e3:.2f} ms)")
     # FedMP's budget for all of a round's decisions is 1 s; measured here: 4-5 ms per round, worst
-    # 7 ms. The bounds leave a 10x margin for slower machines and still catch a quadratic slip.
-    assert per_round < 0.05 and worst < 0.25
+    # 7 ms. The bounds leave about a 10x margin for slower machines and still catch a quadratic slip.
+    assert per_round < 0.05 and worst < 0.1
 
 
 @pytest.mark.parametrize(
