@@ -4,7 +4,9 @@ One deployment (server + 3 client processes, 4 rounds of FedMP with fixed ratios
 local work that a round takes seconds):
 
 1. client rank 3 is killed (SIGKILL) while it trains round 1: the server drops it at the round's
-   deadline and round 1 completes with the other two;
+   deadline and round 1 completes with the other two. The kill waits a moment after the client
+   says it trains: a process killed before its GRPC reply to the task reached the server is one
+   the task never provably reached, which the server reports as a dropout at once instead;
 2. the server is killed (SIGKILL) right after it sent round 2's tasks, and rank 3 is restarted;
 3. the server is restarted with ``--resume``: it continues from its round-1 checkpoint, the live
    clients (which wait for it) and the restarted one join, and rounds 2 and 3 run with all three.
@@ -16,6 +18,8 @@ client runtime.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from fedml_testing import RECIPES, need_fedml, read_jsonl, replay, secure_overrides, start_cli, wait_rounds
@@ -26,6 +30,8 @@ from lightning_fedprune.fedml_adapters.settings import DeploymentConfig, GrpcAdd
 torch.set_num_threads(1)
 
 ROUNDS, TIMEOUT_S = 4, 8.0
+LOCAL_EPOCHS = 40  # 1-2 s of local work per round with three clients on 2 cores (15 epochs: 0.44 s)
+KILL_AFTER_S = 0.5  # after "training": the task's GRPC reply is long back, the training far from done
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def crashed(tmp_path_factory):
     cfg = DeploymentConfig.from_yaml(
         RECIPES / "digits_grpc.yaml",
         overrides=[
-            f"rounds={ROUNDS}", f"run_dir={base / 'run'}", "strategy.local_epochs=15", f"train_args.round_timeout_s={TIMEOUT_S}",
+            f"rounds={ROUNDS}", f"run_dir={base / 'run'}", f"strategy.local_epochs={LOCAL_EPOCHS}", f"train_args.round_timeout_s={TIMEOUT_S}",
             f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5", *secure_overrides(base / "credentials"),
         ],
     )
@@ -53,6 +59,7 @@ def crashed(tmp_path_factory):
             procs[f"client_{r}"] = start_cli(f"client_{r}", ["client", str(config), "--rank", str(r)], logs)
         # 1. kill rank 3 while it trains round 1
         procs["client_3"].wait_for("round 1: training clients [2]", timeout_s=180)
+        time.sleep(KILL_AFTER_S)
         procs["client_3"].kill()
         wait_rounds(metrics, 2)
         # 2. kill the server right after it sent round 2's tasks; restart rank 3

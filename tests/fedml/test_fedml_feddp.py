@@ -15,6 +15,8 @@ gate-related goes on the wire, and the end state is the simulator's.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from fedml_testing import RECIPES, LoopbackHub, need_fedml, read_jsonl, run_deployment, secure_overrides, session, simulate, start_cli
@@ -136,10 +138,10 @@ def test_feddp_over_grpc_a_killed_and_restarted_client_recovers_its_gates(tmp_pa
     from lightning_fedprune.simulation import build_run
 
     ipconfig = write_grpc_ipconfig(tmp_path / "ip.csv", {r: GrpcAddress(r, "127.0.0.1", free_port(), "127.0.0.1") for r in range(4)})
-    # 6 local epochs: a client's round takes about a second, long enough to kill it mid-training
+    # 12 local epochs: a client's round takes about 1.2 s (6: 0.6 s), long enough to kill it mid-training
     cfg = _cfg(
         tmp_path / "run", f"comm_args.grpc_ipconfig_path={ipconfig}", "comm_args.hello_interval_s=0.5",
-        "train_args.round_timeout_s=180", "strategy.local_epochs=6", *secure_overrides(tmp_path / "tls"),
+        "train_args.round_timeout_s=180", "strategy.local_epochs=12", *secure_overrides(tmp_path / "tls"),
     )
     config = tmp_path / "deployment.yaml"
     config.write_text(cfg.to_yaml())
@@ -151,6 +153,7 @@ def test_feddp_over_grpc_a_killed_and_restarted_client_recovers_its_gates(tmp_pa
             procs[f"client_{rank}"] = start_cli(f"client_{rank}", ["client", str(config), "--rank", str(rank)], logs)
         # Execute: kill rank 3 (client 2) while it trains round 1, then start it again
         procs["client_3"].wait_for("round 1: training clients [2]", timeout_s=240)
+        time.sleep(0.3)  # its GRPC reply to the task is back at the server: the task provably arrived
         procs["client_3"].kill()
         after_round0 = _client_gates(cfg, 3, 2)
         procs["client_3b"] = start_cli("client_3b", ["client", str(config), "--rank", "3"], logs)
