@@ -14,8 +14,11 @@ to the matched ones: the median ratio per cluster per 100 rounds.
 
 Options: ``--seed``, ``--rounds N``, ``--target``, ``--out runs/fedmp_sensitivity``,
 ``--resume`` (finished runs are reused), ``--set key=value`` (every variant).
-Writes ``table.txt``, one accuracy-vs-time plot per cell and ``ratios_<scenario>_tau<tau>.png``
-(learned per-cluster medians against the matched ratios) under ``--out``.
+Writes under ``--out`` one folder per cell (``<scenario>_tau<tau>``) with its ``table.txt``, an
+accuracy-vs-time plot and ``ratios_<scenario>_tau<tau>.png`` (learned per-cluster medians against
+the matched ratios), and ``table.txt`` with every cell of the invocation. Cells can run in
+separate invocations (side by side, or a few variants at a time with ``--resume``): each cell's
+own table is written by the invocation that ran it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ QUICK = {"scenarios": ["high"], "taus": [5], "discounts": [0.995], "thetas": [0.
 
 def _label(discount: float, theta: float) -> str:
     return f"FedMP l={discount} th={theta}"
+
+
+def _speedup(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "- (target not reached)"
+
+
+def _share(value: float, oracle: float) -> str:
+    return f", {value / oracle:.0%} of it" if math.isfinite(value) and math.isfinite(oracle) and oracle > 0 else ""
 
 
 def _plot_ratios(cmp, path: Path, title: str) -> Path:
@@ -90,11 +101,11 @@ def run_cell(scenario: str, tau: int, args: argparse.Namespace, grid: dict) -> l
     lines.append("  matched median ratio: " + ", ".join(f"{k} {v:.2f}" for k, v in matched.items()))
     for label in variants:
         s = cmp.speedups.get(label, math.nan)
-        share = s / oracle if math.isfinite(s) and math.isfinite(oracle) and oracle > 0 else math.nan
-        lines.append(f"  {label}: speed-up {s:.2f}x (oracle {oracle:.2f}x, {share:.0%} of it)")
+        lines.append(f"  {label}: speed-up {_speedup(s)} (oracle {_speedup(oracle)}{_share(s, oracle)})")
         for row in cmp.learned.get(label, []):
             lines.append(f"    rounds {row['rounds']}: " + ", ".join(
                 f"{k} {row[k]:.2f} ({row[k] - matched[k]:+.2f})" if row[k] is not None else f"{k} -" for k in cmp.clusters))
+    (out / "table.txt").write_text("\n".join(lines) + "\n")
     return lines
 
 
