@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -101,6 +102,8 @@ GRPC_SERVER_WORKERS = 4
 #: RPCs a GRPC server takes at once (the others are refused at once and their senders retry)
 GRPC_MAX_CONCURRENT_RPCS = 2 * GRPC_SERVER_WORKERS
 _BUSY = "Concurrent RPC limit exceeded"
+#: a send waiting for its peer's connection looks again at its channel this often (seconds)
+_CONNECT_STEP_S = 0.2
 
 
 def _grpc_limit(max_message_bytes: int) -> int:
@@ -241,7 +244,11 @@ def _make_grpc_comm_manager_class() -> type:
             self.on_reject = on_reject
             self._observers: list[Any] = []
             self._inbox: queue.Queue[tuple[Envelope, int] | None] = queue.Queue()
-            self._channels: dict[int, tuple[Any, Any]] = {}
+            # rank -> (channel, stub, when it was made); ranks whose channel is known connected;
+            # when each rank was last heard from (see _peer)
+            self._channels: dict[int, tuple[Any, Any, float]] = {}
+            self._connected: set[int] = set()
+            self._heard_at: dict[int, float] = {}
             self._lock = threading.Lock()
             self._stopped = threading.Event()
             limit = _grpc_limit(self.max_message_bytes)
@@ -291,6 +298,8 @@ def _make_grpc_comm_manager_class() -> type:
             except PayloadError as err:
                 self._refused(f"refused a {len(data)}-byte GRPC message from {peer}: {err}")
                 return
+            with self._lock:
+                self._heard_at[claimed] = time.monotonic()
             self._inbox.put((env, len(data)))
 
         def _refused(self, reason: str) -> None:
@@ -321,15 +330,28 @@ def _make_grpc_comm_manager_class() -> type:
             # grace: RPCs in flight complete (or are cancelled after 1 s); nothing hangs
             self.server.stop(grace=1.0).wait(5.0)
             with self._lock:
-                for channel, _ in self._channels.values():
+                for channel, _, _ in self._channels.values():
                     channel.close()
                 self._channels.clear()
+                self._connected.clear()
             self._inbox.put(None)
 
         # ---------------------------------------------------------- sending
-        def _stub(self, receiver: int) -> Any:
+        def _peer(self, receiver: int) -> tuple[Any, Any]:
+            """The channel and stub to ``receiver``.
+
+            A channel that is not known to be connected is replaced by a fresh one when
+            ``receiver`` has spoken since it was made: the peer is up now, and the old channel may
+            be waiting out a reconnect backoff (GRPC's, up to ``grpc.max_reconnect_backoff_ms``
+            plus 20% jitter) from before the peer's process listened. The old channel is released
+            once no call uses it.
+            """
             with self._lock:
-                if receiver not in self._channels:
+                known = self._channels.get(receiver)
+                if known is not None and receiver not in self._connected and self._heard_at.get(receiver, -math.inf) > known[2]:
+                    log.debug("rank %d spoke since its channel was made: connecting anew", receiver)
+                    known = None
+                if known is None:
                     addr = self.addresses.get(receiver)
                     if addr is None:
                         raise TransportError(f"no GRPC address for rank {receiver}")
@@ -341,8 +363,19 @@ def _make_grpc_comm_manager_class() -> type:
                             root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
                         )
                         channel = grpc.secure_channel(target, creds, options=self.opts)
-                    self._channels[receiver] = (channel, grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel))
-                return self._channels[receiver][1]
+                    known = (channel, grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel), time.monotonic())
+                    self._channels[receiver] = known
+                return known[0], known[1]
+
+        def _mark(self, receiver: int, channel: Any, connected: bool) -> None:
+            with self._lock:
+                current = self._channels.get(receiver)
+                if current is None or current[0] is not channel:
+                    return
+                if connected:
+                    self._connected.add(receiver)
+                else:
+                    self._connected.discard(receiver)
 
         def send_message(self, msg: Any, wait_s: float = 0.0, timeout_s: float = 60.0) -> int:
             """Send the envelope bytes of ``msg``; wait up to ``wait_s`` for the peer to come up.
@@ -350,6 +383,10 @@ def _make_grpc_comm_manager_class() -> type:
             A peer that cannot be connected to fails the send after ``wait_s`` (at once when 0);
             once connected, the transfer itself may take up to ``timeout_s``. A peer busy with
             other calls (GRPC's concurrent-call limit) is tried again until ``timeout_s``.
+
+            The wait is for the connection alone (not for the peer to answer a call, which a busy
+            peer may take long to do), in short steps, so a channel replaced meanwhile (the peer
+            spoke: :meth:`_peer`) is used at once.
 
             Returns:
                 The bytes put on the wire (the protobuf request).
@@ -360,32 +397,37 @@ def _make_grpc_comm_manager_class() -> type:
             data = msg.get(WIRE_KEY)
             receiver = int(msg.get_receiver_id())
             request = grpc_comm_manager_pb2.CommRequest(client_id=self.rank, message=data)
-            stub = self._stub(receiver)
-            # waiting for the peer: an empty call of FedML's other method, which GRPC holds until
-            # the connection is up (or the wait is over)
-            probe = grpc_comm_manager_pb2.CommRequest(client_id=self.rank)
             start = time.monotonic()
             reach_by = start + max(0.0, float(wait_s))
             give_up = start + max(float(timeout_s), float(wait_s))
             while True:
-                probing = wait_s > 0
+                channel, stub = self._peer(receiver)
+                if wait_s > 0 and receiver not in self._connected:
+                    left = reach_by - time.monotonic()
+                    if left <= 0:
+                        raise TransportError(f"GRPC send to rank {receiver} failed: rank {receiver} is not reachable (waited {wait_s:g} s)")
+                    ready = grpc.channel_ready_future(channel)
+                    try:
+                        ready.result(timeout=min(_CONNECT_STEP_S, left))
+                    except grpc.FutureTimeoutError:
+                        ready.cancel()
+                        continue
+                    self._mark(receiver, channel, True)
                 try:
-                    if probing:
-                        stub.handleReceiveMessage(probe, timeout=max(0.001, reach_by - time.monotonic()), wait_for_ready=True)
-                        probing = False
                     stub.sendMessage(request, timeout=float(timeout_s), wait_for_ready=False)
+                    self._mark(receiver, channel, True)
                     return int(request.ByteSize())
                 except grpc.RpcError as err:
                     code = err.code() if hasattr(err, "code") else None
                     detail = err.details() if hasattr(err, "details") else str(err)
                     now = time.monotonic()
-                    if probing and code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise TransportError(f"GRPC send to rank {receiver} failed: rank {receiver} is not reachable (waited {wait_s:g} s)") from None
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        self._mark(receiver, channel, False)
                     unreachable = code == grpc.StatusCode.UNAVAILABLE and now < reach_by
                     busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in str(detail) and now < give_up
                     if self._stopped.is_set() or not (unreachable or busy):
                         raise TransportError(f"GRPC send to rank {receiver} failed: {code}: {detail}") from None
-                    time.sleep(0.2)
+                    time.sleep(0.2 if busy else 0.05)
 
         def add_observer(self, observer: Any) -> None:
             self._observers.append(observer)
