@@ -25,12 +25,18 @@ strategy: {{name: fedavg, local_epochs: 1}}
 """
 
 
+def _sigint_default() -> None:
+    # the run is started as from a terminal: a suite launched in the background by a shell without
+    # job control inherits an ignored SIGINT, which the run (rightly) keeps ignoring
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(recipe: Path, *extra: str, quiet: bool = True) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     env.pop("PYTHONWARNINGS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "lightning_fedprune", "run", str(recipe), *(["--quiet"] if quiet else []), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
     )
 
 
@@ -119,6 +125,7 @@ def test_ctrl_c_to_the_whole_process_group_with_overlapped_worker_rounds(tmp_pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_fedprune", "run", str(recipe), "--quiet"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_sigint_default,
     )
     _wait_for_rounds(proc, run_dir, 2)
     os.killpg(proc.pid, signal.SIGINT)

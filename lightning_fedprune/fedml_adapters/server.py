@@ -329,7 +329,7 @@ class FedMLTransport:
             _, rnd, rank, cid, reason = event
             col = self._collector
             if col is not None and cid in col.slots and col.slots[cid].task.round == rnd:
-                col.fail(cid, "dropout", f"could not deliver its task to rank {rank}: {reason}")
+                col.fail(cid, "dropout", f"sending its task to rank {rank} failed: {reason}")
             if self._online.pop(rank, None) is not None:
                 log.warning("rank %d is unreachable; it is asked again once it says hello", rank)
 
