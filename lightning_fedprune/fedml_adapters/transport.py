@@ -401,6 +401,8 @@ def _make_grpc_comm_manager_class() -> type:
             reach_by = start + max(0.0, float(wait_s))
             give_up = start + max(float(timeout_s), float(wait_s))
             while True:
+                if self._stopped.is_set():
+                    raise TransportError(f"GRPC send to rank {receiver} failed: this process's transport is stopped")
                 channel, stub = self._peer(receiver)
                 if wait_s > 0 and receiver not in self._connected:
                     left = reach_by - time.monotonic()
