@@ -316,6 +316,10 @@ class FedMP(SubModelStrategy):
             :class:`~lightning_fedprune.core.bandit.EUCBAgent`).
             ``FedMP(reward="printed", progress="loss_decrease", inherit=False, exploration=1.0,
             discount=0.95)`` is Algorithm 1 and Eq. 8 as printed.
+        start_low: each agent's first decision is the low end of ``ratio_range`` (the unpruned
+            model) instead of a uniform draw (default ``False``, as printed). It pays where the
+            target takes few rounds (many local steps); see
+            :class:`~lightning_fedprune.core.bandit.EUCBAgent`.
         late_reward: the reward of a decision whose result missed the round's deadline (failure
             kind ``"deadline"``); decisions of workers that dropped out or failed otherwise are
             discarded.
@@ -339,6 +343,7 @@ class FedMP(SubModelStrategy):
         gap_floor: float = 0.05,
         progress: str | None = None,
         inherit: bool = True,
+        start_low: bool = False,
         late_reward: float = 0.0,
         fixed_ratios: Mapping[int, float] | None = None,
         aggregation: str = "r2sp",
@@ -352,7 +357,7 @@ class FedMP(SubModelStrategy):
         self.bandit = EUCB(
             low=lo, high=hi, theta=theta, discount=discount, seed=self.seed, exploration=exploration, reward=reward, gap_floor=gap_floor,
             progress=progress if progress is not None else ("final_loss" if reward == "bounded" else "loss_decrease"),
-            inherit=inherit,
+            inherit=inherit, start_low=start_low,
         )
         if isinstance(late_reward, bool) or not isinstance(late_reward, (int, float)) or not math.isfinite(late_reward):
             raise ConfigError(f"`late_reward` must be a finite number, got {late_reward!r}")

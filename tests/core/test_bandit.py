@@ -173,6 +173,49 @@ def test_inherited_estimates_by_hand(inherit):
     assert (a0 <= a3 < a2) if inherit else (a2 <= a3 < 1.0)
 
 
+def test_start_low_by_hand():
+    # lambda 0.5, theta 0.05, inherited estimates. A blank agent starts at the low end of its arm
+    # space (here 0.2) without splitting; its next decision is Line 6's draw, as printed.
+    lam = 0.5
+    literal = EUCBAgent(low=0.2, theta=0.05, discount=lam, seed=3, inherit=True)
+    agent = EUCBAgent(low=0.2, theta=0.05, discount=lam, seed=3, inherit=True, start_low=True)
+    drawn = literal.choose(0)
+    assert drawn > 0.2 and len(literal.leaves) == 2  # as printed: a draw, and a split at it
+    assert agent.choose(0) == 0.2 and agent.leaves == [(0.2, 1.0)]
+    agent.observe(0, 0.2, 1.0)
+    # round 1: one leaf, count lambda < 1, so no padding; the draw is the one a blank literal
+    # agent makes in round 1, and the leaf splits at it
+    a1 = agent.choose(1)
+    assert a1 == EUCBAgent(low=0.2, theta=0.05, discount=lam, seed=3, inherit=True).choose(1)
+    assert 0.2 < a1 < 1.0 and agent.leaves == [(0.2, a1), (a1, 1.0)]
+    agent.observe(1, a1, 0.5)
+    low, high = agent.statistics(2)
+    # [0.2, a1) holds the observation at 0.2 (weight lambda^2; the parent had no prior to pass on);
+    # the blank [a1, 1) took the parent's estimate at the split (count lambda at round 1, mean 1),
+    # then got round 1's 0.5 at a1
+    assert low.count == pytest.approx(lam**2) and low.mean == pytest.approx(1.0)
+    assert high.count == pytest.approx(lam**2 + lam) and high.mean == pytest.approx((lam**2 * 1.0 + lam * 0.5) / (lam**2 + lam))
+    # a decision still outstanding (asynchronous rounds): the next one is a draw, not the low end
+    waiting = EUCBAgent(low=0.2, seed=3, start_low=True)
+    assert waiting.choose(0) == 0.2
+    assert waiting.choose(1) == a1
+    # a discarded first decision (the worker failed) leaves the agent blank: it starts low again
+    failed = EUCBAgent(low=0.2, seed=3, start_low=True)
+    failed.choose(0)
+    failed.discard(0)
+    assert failed.choose(1) == 0.2
+    # the option is part of the checkpoint's hyper-parameters and of every agent of EUCB
+    with pytest.raises(ConfigError, match="saved with start_low=True, this agent has start_low=False"):
+        EUCBAgent(low=0.2, theta=0.05, discount=lam, seed=3, inherit=True).load_state_dict(agent.state_dict())
+    bandit = EUCB(seed=3, start_low=True)
+    assert bandit.decide(0, [0, 5]) == {0: 0.0, 5: 0.0}
+    with pytest.raises(ConfigError, match="saved with start_low=True, this bandit has start_low=False"):
+        EUCB(seed=3).load_state_dict(bandit.state_dict())
+    for cls in (EUCB, EUCBAgent):
+        with pytest.raises(ConfigError, match="`start_low` must be true or false, got 1"):
+            cls(start_low=1)
+
+
 def test_eucb_bounded_rewards_and_deadline_penalty():
     bandit = EUCB(seed=0, reward="bounded")
     ratios = bandit.decide(0, [0, 1, 2])

@@ -181,6 +181,20 @@ def test_fedmp_penalizes_a_late_workers_decision(late_reward):
     assert metrics["reward_mean"] == pytest.approx(1.0)
 
 
+def test_start_low_is_a_recipe_key_and_round_zero_trains_unpruned_models():
+    from pathlib import Path
+
+    from lightning_fedprune.config import RecipeConfig
+    from lightning_fedprune.config.build import build_strategy
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "fedmp" / "cnn_mnist.yaml"
+    cfg = RecipeConfig.from_yaml(recipe)
+    assert build_strategy(cfg).bandit.start_low is False  # the recipe's default: Algorithm 1 as printed
+    strategy = build_strategy(cfg.apply_overrides(["strategy.options.start_low=true"]))
+    strategy.initialize(_spec(Hidden3()), num_clients=3)
+    assert [t.config["pruning_ratio"] for t in strategy.configure_round(0, [0, 1, 2])] == [0.0, 0.0, 0.0]
+
+
 def test_fedmp_options_are_checked():
     with pytest.raises(ConfigError, match="`reward` can be bounded, printed"):
         FedMP(reward="eq8")
