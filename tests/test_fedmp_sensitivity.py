@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "fedmp" / "sensitivity.py"
@@ -37,3 +38,10 @@ def test_cells_run_in_separate_invocations_keep_their_own_tables(tmp_path, capsy
     assert mod.main([*one, *SMALL, "--resume"]) == 0
     assert (out / "high_tau5" / "table.txt").read_text().split("\n")[-6:] == high.split("\n")[-6:]
     assert "speed-up" in capsys.readouterr().out
+    # options of the FedMP variants alone are part of their labels (and run folders): the baselines
+    # are reused, the plain variant's run is left alone, and round 0 of the new one trains unpruned
+    assert mod.main([*one, *SMALL, "--resume", "--fedmp-set", "strategy.options.start_low=true"]) == 0
+    table = (out / "high_tau5" / "table.txt").read_text()
+    assert "FedMP l=0.995 th=0.05 start_low=true: speed-up" in table
+    first = json.loads((out / "high_tau5" / "FedMP_l_0.995_th_0.05_start_low_true" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k: v for k, v in first.items() if k.startswith("agg/ratio/")} == {f"agg/ratio/{c}": 0.0 for c in range(10)}

@@ -51,7 +51,11 @@ Conventions:
       round 0 reached 21% against Syn-FL's 58%, and FedMP reached 90% in 16 rounds against 10
       (0.76x Syn-FL's time). With ``start_low`` a blank agent with no decision outstanding
       chooses ``low`` (the unpruned model) and does not split; its next decision is Line 6's
-      draw. Measured in the same setting: 90% in 11 rounds, 1.02x Syn-FL's time.
+      draw. Measured (seed 0, same runs otherwise): Low, 50 local steps, 90% in 11 rounds,
+      1.02x Syn-FL's time (0.76x without); Low, 20 local steps, 1.08x (0.87x); Medium, 50 local
+      steps, 0.84x (0.83x): there the later explorations cost more than round 0 did. With 5
+      local steps, where 90% takes about 100-200 rounds, it costs: High 3.00x (3.41x without),
+      Low 1.18x (1.23x). Hence off by default.
     * Lazy decay: a leaf stores its sums ``n, r`` as of a reference round ``t`` (``n = sum
       lambda^(t-s)``); at round ``k`` its count is ``n * lambda^(k-t)`` and its mean ``r / n``.
       A decision costs O(leaves), an observation O(log leaves), a split O(observations in the

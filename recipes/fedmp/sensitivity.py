@@ -15,7 +15,9 @@ to the matched ones: the median ratio per cluster per 100 rounds. Runs evaluate 
     python recipes/fedmp/sensitivity.py --scenarios high --taus 5 --discounts 0.99 --thetas 0.05
 
 Options: ``--seed``, ``--rounds N``, ``--target``, ``--out runs/fedmp_sensitivity``,
-``--resume`` (finished runs are reused), ``--set key=value`` (every variant).
+``--resume`` (finished runs are reused), ``--set key=value`` (every variant), ``--fedmp-set
+key=value`` (the FedMP variants only, and part of their labels), e.g. ``--fedmp-set
+strategy.options.start_low=true``.
 Writes under ``--out`` one folder per cell (``<scenario>_tau<tau>``) with its ``table.txt``, an
 accuracy-vs-time plot and ``ratios_<scenario>_tau<tau>.png`` (learned per-cluster medians against
 the matched ratios), and ``table.txt`` with every cell of the invocation. Cells can run in
@@ -43,8 +45,8 @@ GRID = {"scenarios": ["low", "medium", "high"], "taus": [5, 20, 50], "discounts"
 QUICK = {"scenarios": ["high"], "taus": [5], "discounts": [0.995], "thetas": [0.05]}
 
 
-def _label(discount: float, theta: float) -> str:
-    return f"FedMP l={discount} th={theta}"
+def _label(discount: float, theta: float, extra: list[str]) -> str:
+    return " ".join([f"FedMP l={discount} th={theta}", *(kv.split(".")[-1] for kv in extra)])
 
 
 def eval_every(tau: int) -> int:
@@ -95,7 +97,7 @@ def run_cell(scenario: str, tau: int, args: argparse.Namespace, grid: dict) -> l
         *(["data.eval_batch_size=2000"] if args.quick else []), *args.set,
     ]
     variants = {
-        _label(d, t): [f"strategy.options.discount={d}", f"strategy.options.theta={t}"]
+        _label(d, t, args.fedmp_set): [f"strategy.options.discount={d}", f"strategy.options.theta={t}", *args.fedmp_set]
         for d in grid["discounts"] for t in grid["thetas"]
     }
     out = Path(args.out) / f"{scenario}_tau{tau}"
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.90)
     parser.add_argument("--out", default="runs/fedmp_sensitivity")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="every variant")
+    parser.add_argument("--fedmp-set", action="append", default=[], metavar="KEY=VALUE", help="the FedMP variants only (named in their labels)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
